@@ -1,0 +1,400 @@
+r"""common.py - the plumbing every script shares (CLI, device, data, outputs, progress, evaluation); no models.
+Image tensors are float32 (N, 1, 28, 28) with pixels in [0, 1]; each script maps to its own model range
+(e.g. [-1, 1]) and back before saving or evaluating. 2-D data are float32 (N, 2).
+"""
+import argparse, dataclasses, functools, gzip, hashlib, json, math, os, random, struct, sys, time, urllib.request
+
+import matplotlib.image, numpy as np, torch
+import torch.nn as nn, torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
+
+CACHE = os.environ.get("GENMODELS_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+
+# ----------------------------------------------------------------------------- errors and CLI
+class UserError(ValueError):
+    """Bad input from the person running a script: printed as one line by run(), no traceback."""
+
+def check(ok, message):
+    if not ok:
+        raise UserError(message)
+
+def arg(default, help, choices=None):
+    """A config field that becomes a command-line flag with this help text."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+@dataclasses.dataclass
+class Config:
+    """Flags every script has; a script subclasses this and adds (or re-defaults) its own."""
+    device: str = arg("auto", "auto = cuda, then mps, then cpu", ["auto", "cpu", "cuda", "mps"])
+    data: str = arg("digits", "dataset")
+    data_dir: str = arg("", "folder with the IDX files of mnist/fashion (default: download to .cache/)")
+    steps: int = arg(1000, "training steps (optimizer updates)")
+    batch_size: int = arg(128, "examples per training step")
+    lr: float = arg(1e-3, "learning rate")
+    seed: int = arg(0, "random seed for python, numpy and torch")
+    out: str = arg("", "output folder (default runs/<script>)")
+    sample_only: bool = arg(False, "skip training: load the checkpoint in --out, sample and evaluate")
+
+def parse_config(cls, argv, script, doc=""):
+    """Build an argparse parser from the dataclass `cls`, parse argv and check the shared flags."""
+    p = argparse.ArgumentParser(prog=f"python {script}.py", description=(doc or "").strip().split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else \
+            {"type": type(f.default), "choices": meta["choices"]}
+        p.add_argument(flag, default=f.default, help=meta["help"], **kind)
+    cfg = cls(**vars(p.parse_args(argv)))
+    check(cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
+    check(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
+    check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    cfg.out = cfg.out or os.path.join("runs", script)
+    return cfg
+
+def run(main):
+    """`if __name__ == "__main__": common.run(main)`: bad input ends in one line, exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+# ----------------------------------------------------------------------------- device and seed
+def get_device(name="auto"):
+    """auto: cuda, then mps (Apple), then cpu. Asking for a device that is not there is an error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    check(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    check(name != "mps" or has_mps, "--device mps: Apple's MPS backend is not available here; use --device cpu")
+    return torch.device(name)
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+# ----------------------------------------------------------------------------- 2-D data
+MODES = {  # name -> (means, std per axis)
+    "ring8": (torch.tensor([[2 * math.cos(math.pi * k / 4), 2 * math.sin(math.pi * k / 4)] for k in range(8)]), 0.02),
+    "grid25": (torch.tensor([[a, b] for a in range(-4, 5, 2) for b in range(-4, 5, 2)]).float(), 0.05)}
+POINT_DATA = ("ring8", "grid25", "checkerboard", "moons", "swissroll", "gaussian", "banana")
+
+def sample_2d(name, n, gen=None):
+    r"""n points (n, 2) float32 from a built-in 2-D distribution; `gen` is an optional torch.Generator.
+
+    ring8        mixture of 8 Gaussians, means 2(cos 2pi k/8, sin 2pi k/8), std 0.02 per axis
+    grid25       mixture of 25 Gaussians, means {-4,-2,0,2,4}^2, std 0.05
+    checkerboard uniform (density 1/32) on the 8 squares of side 2 in [-4,4]^2 with floor(x/2)+floor(y/2) even
+    moons        two interleaved half circles (noise 0.1), shifted and scaled by 2.5 to about [-4,4]^2
+    swissroll    t = 1.5pi(1 + 2u), u ~ U[0,1], point (t cos t, t sin t)/3.5 + N(0, 0.05^2 I)
+    gaussian     N(0, I)
+    banana       x, y ~ N(0,1); y <- y + x^2 - 0.5; then rotated counter-clockwise by a = pi/5:
+                 (x, y) <- (x cos a - y sin a, x sin a + y cos a)   (the mgn.py target)"""
+    check(name in POINT_DATA, f"unknown 2-D dataset {name!r}; choose from {', '.join(POINT_DATA)}")
+    randn = lambda *s: torch.randn(*s, generator=gen)
+    rand = lambda *s: torch.rand(*s, generator=gen)
+    if name in MODES:
+        means, std = MODES[name]
+        return means[torch.randint(len(means), (n,), generator=gen)] + std * randn(n, 2)
+    if name == "checkerboard":
+        k = torch.randint(8, (n,), generator=gen)
+        row = k // 2                                       # 4 rows of squares, 2 per row
+        col = 2 * (k % 2) + row % 2                        # keeps col + row even
+        return torch.stack([col, row], 1).float() * 2 - 4 + 2 * rand(n, 2)
+    if name == "moons":
+        th, upper = math.pi * rand(n), rand(n) < 0.5
+        x = torch.where(upper, torch.cos(th), 1 - torch.cos(th))
+        y = torch.where(upper, torch.sin(th), 0.5 - torch.sin(th))
+        return (torch.stack([x - 0.5, y - 0.25], 1) + 0.1 * randn(n, 2)) * 2.5
+    if name == "swissroll":
+        t = 1.5 * math.pi * (1 + 2 * rand(n))
+        return torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 3.5 + 0.05 * randn(n, 2)
+    if name == "gaussian":
+        return randn(n, 2)
+    x = randn(n)                                           # banana
+    y = randn(n) + x ** 2 - 0.5
+    a = math.pi / 5
+    return torch.stack([x * math.cos(a) - y * math.sin(a), x * math.sin(a) + y * math.cos(a)], 1)
+
+# ----------------------------------------------------------------------------- image data
+IMAGE_DATA = ("digits", "mnist", "fashion", "mnist10k")
+DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
+
+def digit_fonts():
+    """matplotlib's bundled TrueType fonts whose glyphs at '0'..'9' really are digits (by glyph name)."""
+    folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".ttf")]
+    is_digit = lambda ft, k: ft.get_glyph_name(ft.get_char_index(ord(str(k)))).startswith(DIGIT_NAMES[k])
+    return [p for p in paths if all(is_digit(FT2Font(p), k) for k in range(10))]
+
+@functools.lru_cache(maxsize=1)
+def _glyphs():
+    """Every digit of every font, 64x64, its ink box scaled to 44 px high and centred; 4 stroke widths.
+    Returns (4, n_fonts * 10, 1, 64, 64) in [0, 1]; glyph index = font * 10 + digit."""
+    out = []
+    for path in digit_fonts():
+        ft = FT2Font(path)
+        for k in range(10):
+            ft.set_size(96, 72)
+            ft.set_text(str(k))
+            ft.draw_glyphs_to_bitmap()
+            g = torch.from_numpy(np.asarray(ft.get_image(), dtype=np.float32) / 255)
+            rows, cols = g.sum(1).nonzero(), g.sum(0).nonzero()
+            g = g[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            h, w = g.shape
+            s = 44 / max(h, w * 44 / 40)                           # fit a 44 (high) x 40 (wide) box
+            g = F.interpolate(g[None, None], size=(max(1, round(h * s)), max(1, round(w * s))),
+                              mode="bilinear", antialias=True, align_corners=False)[0, 0]
+            top, left = (64 - g.shape[0]) // 2, (64 - g.shape[1]) // 2
+            out.append(F.pad(g, (left, 64 - g.shape[1] - left, top, 64 - g.shape[0] - top)))  # centred in 64x64
+    x = torch.stack(out)[:, None]                                   # (G, 1, 64, 64)
+    thin = -F.max_pool2d(-x, 3, 1, 1)                               # erosion
+    return torch.stack([thin, x, F.max_pool2d(x, 3, 1, 1), F.max_pool2d(x, 5, 1, 2)]).clamp(0, 1)
+
+def render_digits(n, seed):
+    r"""n digit images (n, 1, 28, 28) in [0, 1] and labels 0-9 (balanced, shuffled), deterministic in seed.
+    Each is a font glyph with random stroke width (erode, none, dilate 3, dilate 5), then one affine map:
+    rotation +-15 deg, height 15-20 px, width x0.75-1.1, shear +-0.3, shift +-1.5 px; drawn at 56x56
+    by bilinear sampling and averaged 2x2 down to 28x28 (anti-aliasing)."""
+    gen = torch.Generator().manual_seed(seed)
+    glyphs = _glyphs()
+    n_fonts = glyphs.shape[1] // 10
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen)
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=gen)]
+    idx = torch.randint(n_fonts, (n,), generator=gen) * 10 + labels
+    width = torch.randint(4, (n,), generator=gen)
+    rot, height, aspect, shear = u(-0.26, 0.26), u(15, 20), u(0.75, 1.1), u(-0.3, 0.3)
+    shift = torch.stack([u(-1.5, 1.5), u(-1.5, 1.5)], 1) * 2 / 28             # pixels -> normalised coords
+    sy = (44 / 64) / (height / 28)                                       # output units -> glyph units
+    sx = sy / aspect                                                     # (44 px glyph in 64, height px in 28)
+    c, s = torch.cos(rot), torch.sin(rot)
+    # theta maps output coords to glyph coords: A = scale . shear . rotation, then shift
+    A = torch.stack([torch.stack([sx * c, sx * (shear * c - s)], 1), torch.stack([sy * s, sy * c], 1)], 1)  # (n, 2, 2)
+    theta = torch.cat([A, -A @ shift[:, :, None]], 2)                                                      # (n, 2, 3)
+    images = []
+    for i in range(0, n, 4096):
+        src = glyphs[width[i:i + 4096], idx[i:i + 4096]]                # (b, 1, 64, 64)
+        grid = F.affine_grid(theta[i:i + 4096], (len(src), 1, 56, 56), align_corners=False)
+        images.append(F.avg_pool2d(F.grid_sample(src, grid, align_corners=False), 2))
+    return torch.cat(images).clamp(0, 1), labels
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+MIRRORS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+           "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+MD5 = {  # of the published .gz files, in the order train images, train labels, test images, test labels
+    "mnist": "f68b3c2dcbeaaa9fbdd348bbdeb94873 d53e105ee54ea40749a09fcbcd1e9432 9fb629c4189551a2d022fa330f9573f3 "
+             "ec29112dd5afa0611ce80d1b7f02629c",
+    "fashion": "8d4fb7e6c68d591d4c3dfef9ec88bf0d 25c81989df183df01b3e8a0aad5dffbe bef4ecab320f06d8554ea6380940ec79 "
+               "bb300cfdad3c16e7a12a480ee83cd310"}
+
+def read_idx(path):
+    """One IDX file (gzipped or not) as a numpy uint8 array; magic number and size are checked."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+        magic, n = struct.unpack(">II", raw[:8])
+    except (OSError, EOFError, struct.error) as e:
+        raise UserError(f"{path} is corrupt or truncated ({e}); delete it and fetch it again")
+    check(magic in (2049, 2051), f"{path}: bad magic number {magic} (2049 = labels, 2051 = images), not an IDX file")
+    dims, start = ((n,) + struct.unpack(">II", raw[8:16]), 16) if magic == 2051 else ((n,), 8)
+    check(len(raw) - start == int(np.prod(dims)), f"{path}: header says {dims} but the file holds "
+          f"{len(raw) - start} bytes of data (truncated or corrupt); delete it and fetch it again")
+    return np.frombuffer(raw, np.uint8, offset=start).reshape(dims)
+
+def load_idx_dataset(name, split, data_dir=""):
+    """mnist / fashion from the standard IDX files in data_dir (or .cache/<name>, downloaded once)."""
+    folder = data_dir or os.path.join(CACHE, name)
+    files = IDX_FILES[split]
+    missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            for f in missing:
+                with urllib.request.urlopen(MIRRORS[name] + f, timeout=20) as r:
+                    raw = r.read()
+                if hashlib.md5(raw).hexdigest() not in MD5[name].split():
+                    raise OSError(f"checksum mismatch for downloaded {f}")
+                with open(os.path.join(folder, f), "wb") as out:  # written only once verified
+                    out.write(raw)
+        except OSError as e:
+            raise UserError(f"{name}: {', '.join(missing)} not found in {os.path.abspath(folder)} and the download "
+                            f"failed ({e}); put the files there (--data-dir FOLDER) or use --data digits, which needs no files")
+    x, y = (read_idx(os.path.join(folder, f)) for f in files)
+    check(len(x) == len(y), f"{name} {split}: {len(x)} images but {len(y)} labels")
+    return torch.from_numpy(x.astype(np.float32) / 255)[:, None], torch.from_numpy(y.astype(np.int64))
+
+@functools.lru_cache(maxsize=8)
+def load_images(name, split="train", data_dir=""):
+    """(x, y): x (N, 1, 28, 28) float32 in [0, 1], y (N,) int64. Cached in memory: do not modify in place.
+    digits    rendered here: train 60000 (seed 0), test 10000 (seed 1); no files, no network
+    mnist, fashion   the standard IDX files (train 60000 / test 10000)
+    mnist10k  only the 10000-image MNIST test files (t10k-*), permuted with seed 0: train 8000 / test 2000"""
+    check(name in IMAGE_DATA, f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATA)}")
+    check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
+    if name == "digits":
+        return render_digits(60000 if split == "train" else 10000, 0 if split == "train" else 1)
+    if name == "mnist10k":
+        x, y = load_idx_dataset("mnist", "test", data_dir)
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        keep = keep[:8000] if split == "train" else keep[8000:]
+        return x[keep], y[keep]
+    return load_idx_dataset(name, split, data_dir)
+
+# ----------------------------------------------------------------------------- outputs
+def save_images(x, path, labels=None, nrow=10):
+    """Image grid of x (N, C, H, W) in [0, 1]; with labels, one row per class (first nrow of each)."""
+    x = x.detach().float().cpu().clamp(0, 1)
+    if labels is not None:
+        labels = labels.cpu()
+        x = torch.cat([x[labels == c][:nrow] for c in labels.unique()])
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2) * 0.5
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
+    grid = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
+    matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
+
+def save_points(x, path, ref=None, title=""):
+    """Scatter plot of 2-D samples x (N, 2), over reference data ref (grey) if given."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    if ref is not None:
+        ax.scatter(*ref.cpu().T, s=2, c="0.7", label="data")
+    ax.scatter(*x.detach().cpu().T, s=2, c="tab:blue", label="samples")
+    ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_aspect("equal"), ax.legend(loc="upper right"), ax.set_title(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+def save_losses(history, path):
+    """history: {name: [values per step]} -> one curve per name."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name, values in history.items():
+        ax.plot(values, label=name, lw=0.8)
+    ax.set_xlabel("step"), ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+def save_metrics(out, metrics, cfg, steps, seconds, device):
+    """Write out/metrics.json: the run's numbers plus steps, seconds, device, seed, torch version, config."""
+    record = dict(metrics, steps=steps, seconds=round(seconds, 2), device=str(device), seed=cfg.seed,
+                  torch_version=torch.__version__, config=dataclasses.asdict(cfg))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+def save_checkpoint(path, **state):
+    """torch.save to path.tmp, then rename: an interrupted save never spoils the last good checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def load_checkpoint(path):
+    check(os.path.exists(path), f"no checkpoint at {path}: train first (without --sample-only) or set --out to a run folder")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """Call once per step with the loss: raises on NaN/inf, prints a line 20 times per run."""
+    def __init__(self, total, start=0, lines=20):
+        self.total, self.start, self.every, self.t0 = total, start, max(1, total // lines), time.time()
+
+    def __call__(self, step, loss, checkpoint=""):
+        loss = float(loss)
+        if not math.isfinite(loss):
+            kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
+            raise UserError(f"loss became {loss} at step {step}: training diverged{kept}; try a smaller --lr")
+        if step % self.every == 0 or step == self.total:
+            rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s  "
+                  f"ETA {(self.total - step) / max(rate, 1e-9):.0f}s", flush=True)
+
+# ----------------------------------------------------------------------------- evaluation
+def make_classifier():
+    """Small CNN: 28x28 -> 14 -> 7 with strided convs, a 128-d feature layer net[:-1] (for fd), 10 logits."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 49, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+def train_classifier(x, y, epochs, seed=0, batch_size=128):
+    """Adam, random +-2 px shifts as augmentation; deterministic in seed (CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = make_classifier()
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * math.ceil(len(x) / batch_size))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            loss = F.cross_entropy(net(torch.roll(x[idx], (dx, dy), (2, 3))), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+CLASSIFIER_EPOCHS = {"digits": 1, "mnist": 3, "fashion": 5, "mnist10k": 20}  # >= 98% test accuracy
+
+def get_classifier(data, data_dir=""):
+    """The shared evaluator for an image dataset: trained once on its train split, cached in .cache/."""
+    path = os.path.join(CACHE, f"classifier_{data}_v1.pt")
+    if not os.path.exists(path):
+        x, y = load_images(data, "train", data_dir)
+        with torch.random.fork_rng():                  # training it must not change the caller's random stream
+            os.makedirs(CACHE, exist_ok=True)
+            save_checkpoint(path, **train_classifier(x, y, CLASSIFIER_EPOCHS[data]).state_dict())
+    net = make_classifier()
+    net.load_state_dict(load_checkpoint(path))
+    return net.eval()
+
+@torch.no_grad()
+def classify(net, x, batch_size=1000):
+    """(features (N, 128), class probabilities (N, 10)) of images x (N, 1, 28, 28) in [0, 1]."""
+    feats = torch.cat([net[:-1](b.float().cpu()) for b in x.split(batch_size)])
+    return feats, net[-1](feats).softmax(1)
+
+def frechet_distance(f1, f2):
+    r"""||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), the FID formula, in float64.
+    Tr (S_1 S_2)^{1/2} = sum sqrt(eig(S_1^{1/2} S_2 S_1^{1/2})), which is symmetric PSD."""
+    f1, f2 = f1.double(), f2.double()
+    m1, m2, s1, s2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
+    e, v = torch.linalg.eigh(s1)
+    r1 = v @ torch.diag(e.clamp(min=0).sqrt()) @ v.T                  # S_1^{1/2}
+    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return float((m1 - m2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+def image_metrics(x, data, labels=None, data_dir="", n_real=10000):
+    """fd (vs held-out test images), digit_confidence, class_entropy (nats), and class_accuracy if labels."""
+    net = get_classifier(data, data_dir)
+    feats, probs = classify(net, x)
+    real_feats, _ = classify(net, load_images(data, "test", data_dir)[0][:n_real])
+    hist = torch.bincount(probs.argmax(1), minlength=10).float() / len(x)
+    out = {"fd": frechet_distance(feats, real_feats),
+           "digit_confidence": float((probs.max(1).values >= 0.9).float().mean()),
+           "class_entropy": float(-(hist * hist.clamp(min=1e-12).log()).sum())}
+    if labels is not None:
+        out["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
+    return out
+
+def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):
+    r"""Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) over the bandwidths h."""
+    x, y = x.double().cpu(), y.double().cpu()
+    k = lambda a, b: sum(torch.exp(-torch.cdist(a, b) ** 2 / (2 * h * h)) for h in bandwidths)
+    within = lambda a: (k(a, a).sum() - len(a) * len(bandwidths)) / (len(a) * (len(a) - 1))  # drop k(a_i, a_i) = 1
+    return float(within(x) + within(y) - 2 * k(x, y).mean())
+
+def mode_metrics(x, name):
+    """A sample is high quality if within 3 std of its nearest mode; a mode is covered if it is the nearest
+    mode of at least one high-quality sample (the VEEGAN / PacGAN protocol, on 2500 samples)."""
+    means, std = MODES[name]
+    d, nearest = torch.cdist(x.detach().float().cpu(), means).min(1)
+    good = d < 3 * std
+    return {"modes_covered": int(nearest[good].unique().numel()), "high_quality_frac": float(good.float().mean())}
+
+def point_metrics(x, name, seed=12345):
+    """2-D metrics: mmd against 2500 fresh data points, plus the mode metrics on ring8 / grid25."""
+    out = {"mmd": mmd(x[:2500], sample_2d(name, 2500, torch.Generator().manual_seed(seed)))}
+    return dict(out, **mode_metrics(x[:2500], name)) if name in MODES else out

@@ -1,0 +1,291 @@
+"""Tests of common.py: CLI, device, seeding, the 2-D distributions, digits, the IDX loader, outputs, metrics."""
+import dataclasses, gzip, json, math, os, shutil
+
+import pytest
+import torch
+
+import common
+
+SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+needs_mnist = pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_MNIST, "t10k-images-idx3-ubyte.gz")),
+                                 reason="../shared/data/mnist (the real MNIST test set) is not present")
+
+
+# ----------------------------------------------------------------------------- CLI, device, seed
+@dataclasses.dataclass
+class DemoConfig(common.Config):
+    data: str = common.arg("ring8", "dataset", common.POINT_DATA)
+    width: int = common.arg(64, "hidden units")
+    flip: bool = common.arg(False, "a switch")
+
+
+def test_parse_config_defaults_flags_and_out():
+    cfg = common.parse_config(DemoConfig, ["--steps", "7", "--width", "3", "--flip", "--batch-size", "5"], "demo")
+    assert (cfg.steps, cfg.width, cfg.flip, cfg.batch_size, cfg.data) == (7, 3, True, 5, "ring8")
+    assert cfg.out == os.path.join("runs", "demo")
+
+
+@pytest.mark.parametrize("argv, words", [(["--steps", "0"], "--steps"), (["--batch-size", "-1"], "--batch-size"),
+                                          (["--lr", "0"], "--lr")])
+def test_parse_config_rejects_non_positive(argv, words):
+    with pytest.raises(common.UserError, match=words):
+        common.parse_config(DemoConfig, argv, "demo")
+
+
+def test_unknown_dataset_is_a_clear_cli_error(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_config(DemoConfig, ["--data", "nope"], "demo")
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_run_turns_user_errors_into_one_line(capsys):
+    def main():
+        raise common.UserError("what went wrong; what to do")
+    with pytest.raises(SystemExit) as e:
+        common.run(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: what went wrong; what to do"
+
+
+def test_device_resolution():
+    assert common.get_device("cpu").type == "cpu"
+    auto = common.get_device("auto").type
+    assert auto == ("cuda" if torch.cuda.is_available() else auto)
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UserError, match="--device cuda"):
+            common.get_device("cuda")
+
+
+def test_seed_all_reproducible():
+    common.seed_all(3)
+    a = torch.randn(5), common.sample_2d("ring8", 4)
+    common.seed_all(3)
+    b = torch.randn(5), common.sample_2d("ring8", 4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- 2-D distributions
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_ring8_radii_and_angles():
+    x = common.sample_2d("ring8", 20000, gen())
+    r = x.norm(dim=1)
+    assert abs(r.mean() - 2) < 0.01 and r.std() < 0.03
+    k = torch.round(torch.atan2(x[:, 1], x[:, 0]) / (2 * math.pi / 8)) % 8       # nearest of the 8 angles
+    counts = torch.bincount(k.long(), minlength=8).float()
+    assert counts.min() > 0.11 * len(x) and counts.max() < 0.14 * len(x)
+    means = common.MODES["ring8"][0]
+    assert torch.allclose(means.norm(dim=1), torch.full((8,), 2.0)) and torch.allclose(means[1], torch.tensor([2 ** 0.5] * 2))
+
+
+def test_grid25_means_and_std():
+    x = common.sample_2d("grid25", 50000, gen())
+    nearest = torch.round(x / 2) * 2
+    assert set(nearest.flatten().tolist()) <= {-4.0, -2.0, 0.0, 2.0, 4.0}
+    assert abs((x - nearest).std() - 0.05) < 0.003
+    assert len(torch.unique(nearest, dim=0)) == 25
+
+
+def test_checkerboard_support_parity_and_density():
+    x = common.sample_2d("checkerboard", 40000, gen())
+    assert x.abs().max() <= 4
+    cells = torch.floor(x / 2).long()
+    assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()
+    counts = torch.unique(cells, dim=0, return_counts=True)[1]
+    assert len(counts) == 8 and counts.min() > 0.115 * len(x)     # 1/8 of the mass each: density 1/(8*4) = 1/32
+
+
+def test_banana_formula():
+    x = common.sample_2d("banana", 5, gen(7))
+    g = gen(7)
+    a, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    b = b + a ** 2 - 0.5
+    c, s = math.cos(math.pi / 5), math.sin(math.pi / 5)
+    assert torch.allclose(x, torch.stack([c * a - s * b, s * a + c * b], 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", common.POINT_DATA)
+def test_every_2d_set_shape_range_and_seed(name):
+    x = common.sample_2d(name, 1000, gen(1))
+    assert x.shape == (1000, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, common.sample_2d(name, 1000, gen(1)))
+    if name not in ("gaussian", "banana"):           # these two have unbounded support
+        assert x.abs().max() < 6
+
+
+# ----------------------------------------------------------------------------- digits
+def test_digit_fonts_are_real_digit_fonts():
+    names = [os.path.basename(p) for p in common.digit_fonts()]
+    assert "DejaVuSans.ttf" in names and "cmr10.ttf" in names
+    assert not {"cmsy10.ttf", "cmex10.ttf", "LastResortHE-Regular.ttf", "DejaVuSansDisplay.ttf"} & set(names)
+
+
+def test_digits_shapes_range_balance_determinism():
+    x, y = common.load_images("digits", "test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() >= 0 and x.max() <= 1 and 0.05 < x.mean() < 0.3
+    assert torch.bincount(y).tolist() == [1000] * 10
+    x2, y2 = common.render_digits(10000, 1)                           # the test split is seed 1
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    assert not torch.equal(common.render_digits(10000, 2)[0], x2)
+    edge = torch.cat([x[:, 0, :2], x[:, 0, -2:], x[:, 0, :, :2].mT, x[:, 0, :, -2:].mT], 1).amax((1, 2))
+    assert (edge > 0.3).float().mean() < 0.02                # like MNIST, digits keep a margin to the frame
+
+
+def test_classifier_accuracy_on_digits():
+    net = common.get_classifier("digits")
+    x, y = common.load_images("digits", "test")
+    _, p = common.classify(net, x)
+    assert (p.argmax(1) == y).float().mean() >= 0.98
+
+
+# ----------------------------------------------------------------------------- the IDX loader
+@needs_mnist
+def test_idx_loader_on_real_mnist_test_set():
+    x, y = common.load_images("mnist", "test", SHARED_MNIST)
+    assert x.shape == (10000, 1, 28, 28) and y[:5].tolist() == [7, 2, 1, 0, 4]
+    assert x.min() == 0 and x.max() == 1 and torch.bincount(y).min() > 800
+    raw = gzip.open(os.path.join(SHARED_MNIST, "t10k-images-idx3-ubyte.gz")).read(16)
+    assert int.from_bytes(raw[:4], "big") == 2051 and int.from_bytes(raw[4:8], "big") == 10000
+    xa, _ = common.load_images("mnist10k", "train", SHARED_MNIST)
+    xb, _ = common.load_images("mnist10k", "test", SHARED_MNIST)
+    assert len(xa) == 8000 and len(xb) == 2000
+
+
+def write_idx(path, magic, dims, payload):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + payload)
+
+
+def test_idx_loader_detects_corrupt_and_truncated(tmp_path):
+    good = tmp_path / "good.gz"
+    write_idx(good, 2051, (2, 28, 28), bytes(2 * 784))
+    assert common.read_idx(str(good)).shape == (2, 28, 28)
+    write_idx(tmp_path / "short.gz", 2051, (3, 28, 28), bytes(2 * 784))
+    with pytest.raises(common.UserError, match="truncated or corrupt"):
+        common.read_idx(str(tmp_path / "short.gz"))
+    write_idx(tmp_path / "magic.gz", 1234, (2,), bytes(2))
+    with pytest.raises(common.UserError, match="bad magic number 1234"):
+        common.read_idx(str(tmp_path / "magic.gz"))
+    (tmp_path / "cut.gz").write_bytes(good.read_bytes()[:30])              # gzip stream cut short
+    with pytest.raises(common.UserError, match="corrupt or truncated"):
+        common.read_idx(str(tmp_path / "cut.gz"))
+
+
+def test_offline_error_names_files_folder_and_alternative(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(common.urllib.request, "urlopen", no_network)
+    with pytest.raises(common.UserError) as e:
+        common.load_idx_dataset("fashion", "train", str(tmp_path))
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte.gz" in msg and str(tmp_path) in msg and "--data digits" in msg
+    assert "\n" not in msg
+
+
+def test_download_checks_md5(tmp_path, monkeypatch):
+    class Fake:
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+        def read(self): return b"not the real file"
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda *a, **k: Fake())
+    with pytest.raises(common.UserError, match="checksum mismatch"):
+        common.load_idx_dataset("mnist", "test", str(tmp_path))
+    assert not any(tmp_path.iterdir())                                    # nothing unverified is kept
+
+
+# ----------------------------------------------------------------------------- outputs and progress
+def test_checkpoint_round_trip(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, model=net.state_dict(), step=5, config={"lr": 0.1})
+    state = common.load_checkpoint(path)
+    other = torch.nn.Linear(3, 2)
+    other.load_state_dict(state["model"])
+    assert torch.equal(other.weight, net.weight) and state["step"] == 5 and state["config"]["lr"] == 0.1
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        common.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_outputs_and_metrics_json(tmp_path):
+    cfg = common.parse_config(DemoConfig, ["--seed", "4"], "demo")
+    rec = common.save_metrics(str(tmp_path), {"mmd": 0.5}, cfg, steps=10, seconds=1.234, device="cpu")
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved == json.loads(json.dumps(rec))
+    for key in ("mmd", "steps", "seconds", "device", "seed", "torch_version", "config"):
+        assert key in saved
+    assert saved["seed"] == 4 and saved["config"]["width"] == 64
+    x, y = common.load_images("digits", "test")
+    common.save_images(x[:50], str(tmp_path / "grid.png"), labels=y[:50])
+    common.save_images(x[:8].repeat(1, 3, 1, 1), str(tmp_path / "rgb.png"), nrow=4)
+    common.save_points(torch.randn(100, 2), str(tmp_path / "pts.png"), ref=torch.randn(50, 2))
+    common.save_losses({"loss": [3, 2, 1]}, str(tmp_path / "loss.png"))
+    for f in ("grid.png", "rgb.png", "pts.png", "loss.png"):
+        assert (tmp_path / f).stat().st_size > 1000
+
+
+def test_progress_guards_nan(capsys):
+    p = common.Progress(total=4)
+    p(1, 0.5)
+    with pytest.raises(common.UserError, match="loss became nan at step 2.*kept at ck.pt"):
+        p(2, float("nan"), checkpoint="ck.pt")
+    p(4, torch.tensor(0.25))
+    assert "step 4/4  loss 0.2500" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_mode_metrics_all_one_and_off_modes():
+    full = common.sample_2d("ring8", 2500, gen())
+    assert common.mode_metrics(full, "ring8")["modes_covered"] == 8
+    assert common.mode_metrics(full, "ring8")["high_quality_frac"] > 0.98
+    one = common.MODES["grid25"][0][3] + 0.05 * torch.randn(2500, 2, generator=gen())
+    m = common.mode_metrics(one, "grid25")
+    assert m["modes_covered"] == 1 and m["high_quality_frac"] > 0.98
+    off = torch.full((2500, 2), 1.0)                      # half-way between grid modes: far from all of them
+    assert common.mode_metrics(off, "grid25") == {"modes_covered": 0, "high_quality_frac": 0.0}
+
+
+def test_mmd_small_for_same_large_for_different():
+    a, b = common.sample_2d("moons", 1000, gen(1)), common.sample_2d("moons", 1000, gen(2))
+    c = common.sample_2d("gaussian", 1000, gen(3))
+    assert abs(common.mmd(a, b)) < 0.01 and common.mmd(a, c) > 0.1
+
+
+def test_frechet_distance_closed_form_and_zero():
+    torch.manual_seed(0)
+    f = torch.randn(20000, 3)
+    assert common.frechet_distance(f[:10000], f[10000:]) < 0.01
+    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
+    g = 2 * torch.randn(20000, 3) + torch.tensor([1.0, 0, 0])
+    assert abs(common.frechet_distance(f, g) - 4.0) < 0.15
+
+
+def test_fd_zero_for_halves_of_data_large_for_noise():
+    x, _ = common.load_images("digits", "test")
+    net = common.get_classifier("digits")
+    fa, _ = common.classify(net, x[:5000])
+    fb, _ = common.classify(net, x[5000:])
+    fn, _ = common.classify(net, torch.rand(5000, 1, 28, 28))
+    same, noise = common.frechet_distance(fa, fb), common.frechet_distance(fa, fn)
+    assert same < 0.02 * noise and noise > 10
+
+
+def test_image_metrics_on_real_images_and_labels():
+    x, y = common.load_images("digits", "test")
+    m = common.image_metrics(x[:2000], "digits", labels=y[:2000])
+    assert m["digit_confidence"] > 0.95 and m["class_entropy"] > 2.29 and m["class_accuracy"] > 0.98
+    blank = common.image_metrics(torch.zeros(500, 1, 28, 28), "digits")
+    assert blank["class_entropy"] < 0.01                  # every blank image gets the same class
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_classifier_accuracy_on_real_mnist_halves():
+    x, y = common.load_images("mnist", "test", SHARED_MNIST)
+    perm = torch.randperm(10000, generator=gen(0))
+    net = common.train_classifier(x[perm[:5000]], y[perm[:5000]], epochs=20)
+    _, p = common.classify(net, x[perm[5000:]])
+    assert (p.argmax(1) == y[perm[5000:]]).float().mean() >= 0.98
