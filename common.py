@@ -270,13 +270,13 @@ def save_points(x, path, ref=None, title=""):
     ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_aspect("equal"), ax.legend(loc="upper right"), ax.set_title(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
-def save_losses(history, path):
-    """history: {name: [values per step]} -> one curve per name."""
+def save_losses(history, path, logy=False):
+    """history: {name: [values per step]} -> one curve per name (log y axis if logy)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for name, values in history.items():
         ax.plot(values, label=name, lw=0.8)
-    ax.set_xlabel("step"), ax.legend()
+    ax.set_xlabel("step"), ax.legend(), ax.set_yscale("log" if logy else "linear")
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 def save_metrics(out, metrics, cfg, steps, seconds, device):

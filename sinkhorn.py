@@ -1,0 +1,300 @@
+r"""sinkhorn.py - discrete optimal transport you can trust, and the OT library of this repository.
+
+Lectures: 000 Part B section 2 (Monge, Kantorovich LP, W vs KL, the Sinkhorn pseudo-code, sliced
+Wasserstein); 004 "Optimal transport" (Monge, Kantorovich relaxation, "Special case: 1D distribution",
+Kantorovich-Rubinstein); 002 (W and its transport interpretation).
+
+Entropic OT: OT_eps = min_P <P, C> + eps KL(P | a b^T) s.t. P 1 = a, P^T 1 = b. Its plan is P = diag(u) K diag(v),
+K = exp(-C/eps) (the lecture's scaling form), i.e. P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps) (log domain):
+    scaling:  u = a / (K v),  v = b / (K^T u)                                   (000, "Sinkhorn Algorithm")
+    log:      f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps),  g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)
+K underflows for small eps or far-apart clouds and the scaling form then returns garbage; `sinkhorn` uses the
+log domain there. It evaluates each logsumexp as log(K_ref @ w), K_ref the kernel at reference potentials,
+moved when the potentials drift by tau*eps: logsumexp's numbers at a matrix-vector product's cost.
+eps-scaling solves eps_0 > eps_0/2 > ... > eps, each warm-started from the last.
+
+Also here: the debiased Sinkhorn divergence S_eps (the loss of mgn.py), exact baselines (1-D W_p by
+sorting, sliced Wasserstein, an exact assignment solver by auction), and three demos:
+    python sinkhorn.py                    # --demo plan: plan, convergence, OT_eps -> exact as eps -> 0
+    python sinkhorn.py --demo kl-vs-w     # KL blows up, JSD saturates, W tracks the distance
+    python sinkhorn.py --demo color       # colour transfer of a photograph (matplotlib's grace_hopper.jpg)
+"""
+import dataclasses, math, os, sys, time, warnings
+
+import matplotlib.image
+import torch
+from matplotlib.figure import Figure
+
+import common
+
+@dataclasses.dataclass
+class Config(common.Config):
+    demo: str = common.arg("plan", "which demo to run", ["plan", "kl-vs-w", "color"])
+    data: str = common.arg("moons", "target cloud of the plan demo (the source is N(0, I))", common.POINT_DATA)
+    steps: int = common.arg(10000, "maximum Sinkhorn iterations")
+    batch_size: int = common.arg(300, "points per cloud (plan demo) or sampled pixels per image (color demo)")
+    lr: float = common.arg(1.0, "unused: nothing is trained here")
+    eps: str = common.arg("3,1,0.3,0.1,0.03,0.01", "comma-separated eps values of the plan demo")
+    tol: float = common.arg(1e-6, "stop when the L1 marginal error is below this")
+    pixels: int = common.arg(1000, "color demo: pixels sampled from each image for the OT problem")
+    target: str = common.arg("", "color demo: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
+
+# ----------------------------------------------------------------------------- entropic OT
+def check_problem(a, b, C, eps):
+    check = common.check
+    check(C.dim() in (2, 3) and a.shape == C.shape[:-1] and b.shape == C.shape[:-2] + C.shape[-1:],
+          f"shape mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}; need a (..., n), b (..., m), C (..., n, m)")
+    check(eps > 0, f"eps must be positive, got {eps}")
+    check(bool((a >= 0).all() and (b >= 0).all()), "weights a and b must be non-negative")
+    for w, name in ((a, "a"), (b, "b")):
+        check(bool(((w.sum(-1) - 1).abs() < 1e-5).all()), f"weights {name} must sum to 1, got {w.sum(-1).tolist()}")
+
+def _mv(K, w):
+    return (K @ w[..., None])[..., 0]                                   # batched matrix-vector product
+
+def _scaling_loop(a, b, C, eps, tol, max_iter, hist):
+    K = torch.exp(-C / eps)                                             # Gibbs kernel (000, "Sinkhorn Algorithm")
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    for it in range(1, max_iter + 1):
+        u = a / _mv(K, v)                                               # u = a / (K v)
+        Ktu = _mv(K.mT, u)
+        err = float((v * Ktu - b).abs().sum(-1).max())                  # column error of diag(u) K diag(v)
+        hist.append(err)
+        if not math.isfinite(err) or err < tol:
+            break
+        v = b / Ktu                                                     # v = b / (K^T u)
+    return eps * torch.log(u / a), eps * torch.log(v / b), it, err      # as potentials: u = a e^{f/eps}
+
+def _log_loop(a, b, C, eps, tol, max_iter, f, g, hist, tau=30.0):
+    kernel = lambda fr, gr: torch.exp((fr[..., :, None] + gr[..., None, :] - C) / eps)
+    fr, gr, K = f, g, kernel(f, g)                                      # K_ij = exp((fr_i + gr_j - C_ij)/eps)
+    for it in range(1, max_iter + 1):
+        # f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps) = fr_i - eps log sum_j K_ij b_j exp((g_j - gr_j)/eps)
+        s = _mv(K, b * torch.exp((g - gr) / eps))
+        f = fr - eps * torch.log(s)
+        if not torch.isfinite(f).all():                                 # a row underflowed: exact logsumexp
+            f = -eps * torch.logsumexp((g[..., None, :] - C) / eps + torch.log(b)[..., None, :], -1)
+        t = _mv(K.mT, a * torch.exp((f - fr) / eps))                    # sum_i K_ij a_i exp((f_i - fr_i)/eps)
+        g_new = gr - eps * torch.log(t)                                 # g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)
+        if not torch.isfinite(g_new).all():
+            g_new = -eps * torch.logsumexp((f[..., :, None] - C) / eps + torch.log(a)[..., :, None], -2)
+        err = float((b * torch.expm1((g - g_new) / eps)).abs().sum(-1).max())  # column error of P(f, g)
+        hist.append(err)
+        if err < tol:
+            break
+        g = g_new
+        if max(float((f - fr).abs().max()), float((g - gr).abs().max())) > tau * eps:
+            fr, gr, K = f, g, kernel(f, g)                              # move the reference: no exponent > tau
+    return f, g, it, err
+
+def sinkhorn(a, b, C, eps, tol=1e-6, max_iter=10000, method="auto", eps_scaling=None):
+    r"""Entropic OT. a (..., n), b (..., m) non-negative weights summing to 1, C (..., n, m); batched if C is 3-D.
+    method: "scaling" (the lecture's u, v loop), "log" (potentials), "auto" (scaling while exp(-C/eps) is safe,
+    else log). eps_scaling (default: on in the log domain when C/eps spans > 50) first solves eps_k = max(C)/2^k.
+    Stops when the L1 marginal error < tol, or after max_iter iterations, and then warns and sets converged False.
+    Returns a dict: plan P, potentials f, g, cost <P, C>, objective <P, C> + eps KL(P | ab^T), iterations,
+    err (final marginal error), converged, method, history (error per iteration)."""
+    check_problem(a, b, C, eps)
+    common.check(method in ("auto", "scaling", "log"), f"method must be auto, scaling or log, got {method!r}")
+    single, auto = C.dim() == 2, method == "auto"
+    a, b, C = (a[None], b[None], C[None]) if single else (a, b, C)
+    span = float(C.amax() - C.amin()) / eps
+    if method == "auto":  # exp(-C/eps) keeps >= half of the exponent range free for u and v
+        method = "scaling" if span < -0.5 * math.log(torch.finfo(C.dtype).tiny) else "log"
+    hist, iters = [], 0
+    if method == "scaling":
+        f, g, iters, err = _scaling_loop(a, b, C, eps, tol, max_iter, hist)
+        if auto and not math.isfinite(err):                             # u or v overflowed: redo in the log domain
+            method, hist = "log", []
+    if method == "log":
+        f, g = torch.zeros_like(a), torch.zeros_like(b)
+        if eps_scaling if eps_scaling is not None else span > 50:
+            e = float(C.amax())
+            while e > 2 * eps:                                          # warm starts, loose tolerance
+                f, g, it, _ = _log_loop(a, b, C, e, max(tol, 1e-3), max_iter, f, g, [])
+                iters, e = iters + it, e / 2
+        f, g, it, err = _log_loop(a, b, C, eps, tol, max_iter, f, g, hist)
+        iters += it
+    P = a[..., :, None] * b[..., None, :] * torch.exp((f[..., :, None] + g[..., None, :] - C) / eps)
+    converged = math.isfinite(err) and err < tol
+    if not converged:
+        warnings.warn(f"sinkhorn ({method}) did not converge: marginal error {err:.3g} > tol {tol:g} after "
+                      f"{iters} iterations; raise max_iter or eps" + (", or use method='log'" if method == "scaling" else ""))
+    out = dict(plan=P, f=f, g=g, cost=(P * C).sum((-2, -1)),
+               objective=(P * (f[..., :, None] + g[..., None, :])).sum((-2, -1)))  # = <P,C> + eps KL(P | ab^T)
+    out = {k: v[0] if single else v for k, v in out.items()}
+    return dict(out, iterations=iters, err=err, converged=converged, method=method, history=hist)
+
+def sq_dist(x, y):  # C_ij = |x_i - y_j|^2 written out (no sqrt), so its gradient is exact everywhere
+    return (x[..., :, None, :] - y[..., None, :, :]).pow(2).sum(-1)
+
+def ot_eps(x, y, eps, **kw):
+    r"""OT_eps between uniform clouds x (n, d), y (m, d), cost |x - y|^2, differentiable in x and y.
+    Envelope theorem: at the optimal plan P, dOT_eps/dC = P, so the gradient is sum_ij P_ij dC_ij; P is
+    computed without autograd and <P, C> carries the gradient (value: the entropic objective)."""
+    C = sq_dist(x, y)
+    a = torch.full(C.shape[:-1], 1 / C.shape[-2], dtype=C.dtype, device=C.device)
+    b = torch.full(C.shape[:-2] + C.shape[-1:], 1 / C.shape[-1], dtype=C.dtype, device=C.device)
+    with torch.no_grad():
+        out = sinkhorn(a, b, C.detach(), eps, **kw)
+    pc = (out["plan"] * C).sum((-2, -1))
+    return pc + (out["objective"] - pc).detach()
+
+def sinkhorn_divergence(x, y, eps, **kw):
+    r"""Debiased S_eps(alpha, beta) = OT_eps(alpha, beta) - 1/2 OT_eps(alpha, alpha) - 1/2 OT_eps(beta, beta):
+    >= 0, = 0 iff the clouds are equal (Feydy et al. 2019), differentiable in the point positions."""
+    return ot_eps(x, y, eps, **kw) - 0.5 * ot_eps(x, x, eps, **kw) - 0.5 * ot_eps(y, y, eps, **kw)
+
+# ----------------------------------------------------------------------------- exact baselines
+def w1d(x, y, p=1):
+    r"""W_p between equal-size uniform 1-D samples by sorting (004, "Special case: 1D distribution"): the optimal
+    plan is the monotone rearrangement, W_p^p = mean_i |x_(i) - y_(i)|^p. Columns of (n, d) inputs separately."""
+    common.check(x.shape == y.shape, f"w1d needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return (torch.sort(x, 0)[0] - torch.sort(y, 0)[0]).abs().pow(p).mean(0).pow(1 / p)
+
+def sliced_wasserstein(x, y, n_proj=200, p=1, gen=None):
+    r"""SW_p = (E_theta W_p^p(P_theta#mu, P_theta#nu))^{1/p}, theta uniform on the sphere (000, "Sliced
+    Wasserstein"; p = 1 is the lecture's E_theta W_1), with n_proj random directions."""
+    theta = torch.nn.functional.normalize(torch.randn(x.shape[1], n_proj, generator=gen, dtype=x.dtype), dim=0)
+    return w1d(x @ theta, y @ theta, p).pow(p).mean().pow(1 / p)
+
+def assignment(C, eps_final=None, factor=5.0):
+    r"""Exact min-cost assignment for a square C (n, n): perm with perm[i] = j, by Bertsekas' auction with
+    eps-scaling. Person i values object j at -C_ij - price_j; every unassigned person bids for its best object,
+    raising its price by (best - second best value + eps); each object goes to its highest bidder, whose
+    previous owner is freed. At the end all persons are within eps of their best value, so the total cost is
+    within n * eps of the optimum; eps_final = 1e-9 max|C| / n makes that a 1e-9 relative certificate."""
+    common.check(C.dim() == 2 and C.shape[0] == C.shape[1], f"assignment needs a square cost matrix, got {tuple(C.shape)}")
+    C, n = C.double().cpu(), C.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    scale = float(C.abs().max()) or 1.0
+    eps_final = eps_final or 1e-9 * scale / n
+    price, eps = torch.zeros(n, dtype=torch.float64), scale / 2
+    while True:
+        obj_of, owner = torch.full((n,), -1), torch.full((n,), -1)
+        while (free := (obj_of < 0).nonzero()[:, 0]).numel():
+            top = (-C[free] - price).topk(2, dim=1)                    # best and second-best values (k, 2)
+            j = top.indices[:, 0]
+            bid = price[j] + top.values[:, 0] - top.values[:, 1] + eps
+            best = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, j, bid, "amax")
+            winner = torch.full((n,), -1)
+            won = bid >= best[j]
+            winner[j[won]] = free[won]                                  # one winner per object
+            objs = (winner >= 0).nonzero()[:, 0]
+            old = owner[objs]
+            obj_of[old[old >= 0]] = -1
+            owner[objs], obj_of[winner[objs]], price[objs] = winner[objs], objs, best[objs]
+        if eps <= eps_final:
+            return obj_of
+        eps = max(eps / factor, eps_final)
+
+def w_exact(x, y, p=2):
+    """W_p between two uniform clouds of equal size: (mean_i |x_i - y_perm(i)|^p)^{1/p}, perm from `assignment`."""
+    C = torch.cdist(x.double(), y.double()) ** p
+    return float(C[torch.arange(len(x)), assignment(C)].mean() ** (1 / p))
+
+# ----------------------------------------------------------------------------- demos
+def parse_eps(text):
+    """'3,1,0.3' -> [3.0, 1.0, 0.3], or a clear error."""
+    try:
+        values = [float(e) for e in text.split(",")]
+    except ValueError:
+        values = []
+    common.check(values and all(v > 0 for v in values), f"--eps must be comma-separated positive numbers, got {text!r}")
+    return values
+
+def demo_plan(cfg, out):
+    gen, n = torch.Generator().manual_seed(cfg.seed), cfg.batch_size
+    x = (common.sample_2d("gaussian", n, gen) - torch.tensor([2.0, 0])).double()
+    y = common.sample_2d(cfg.data, n, gen).double()
+    C, w = torch.cdist(x, y) ** 2, torch.full((n,), 1.0 / n, dtype=torch.float64)
+    t0 = time.time()
+    exact, t_exact = float(C[torch.arange(n), assignment(C)].mean()), time.time() - t0   # W_2^2, exact
+    epsilons, runs = parse_eps(cfg.eps), {}
+    for e in epsilons:
+        t0 = time.time()
+        runs[e] = sinkhorn(w, w, C, e, tol=cfg.tol, max_iter=cfg.steps)
+        runs[e]["seconds"] = time.time() - t0
+        print(f"eps {e:g}: cost {float(runs[e]['cost']):.5f} (exact {exact:.5f}), {runs[e]['iterations']} iterations, "
+              f"{runs[e]['method']}, {runs[e]['seconds']:.3f}s")
+    small = runs[min(epsilons)]
+    bary = n * small["plan"] @ y                                         # barycentric map T(x_i) = sum_j P_ij y_j / a_i
+    fig, P = Figure(figsize=(11, 5)), small["plan"]
+    ax, ax2 = fig.subplots(1, 2)
+    for i, j in (P > 0.2 / n).nonzero().tolist():
+        ax.plot([x[i, 0], y[j, 0]], [x[i, 1], y[j, 1]], c="0.6", lw=0.5, alpha=min(1.0, float(P[i, j]) * n))
+    ax.scatter(*x.T, s=6, label="source N((-2,0), I)"), ax.scatter(*y.T, s=6, label=f"target {cfg.data}")
+    ax.set_aspect("equal"), ax.legend(), ax.set_title(f"entropic plan, eps = {min(epsilons):g}")
+    ax2.semilogx(epsilons, [float(runs[e]["cost"]) for e in epsilons], "o-", label="<P_eps, C>")
+    ax2.axhline(exact, c="k", ls="--", label="exact W_2^2 (auction)")
+    ax2.set_xlabel("eps"), ax2.legend(), ax2.set_title("entropic cost -> exact cost as eps -> 0")
+    fig.savefig(os.path.join(out, "samples.png"), dpi=100, bbox_inches="tight")
+    common.save_losses({f"eps {e:g}": r["history"] for e, r in runs.items()}, os.path.join(out, "loss.png"), logy=True)
+    torch.save(bary.float(), os.path.join(out, "samples.pt"))
+    keys = ("cost", "objective", "iterations", "err", "seconds", "converged", "method")
+    entropic = {f"{e:g}": {k: r[k] if k in ("converged", "method") else float(r[k]) for k in keys} for e, r in runs.items()}
+    return {"exact_cost": exact, "exact_seconds": t_exact, "entropic": entropic,
+            "relative_gap_smallest_eps": float(small["cost"]) / exact - 1}
+
+def demo_kl_vs_w(cfg, out):
+    r"""000 section 2.3: mu = N(0, 0.01) vs nu = N(d, 0.01). KL = d^2 / (2 sigma^2) (closed form) blows up,
+    JSD (numerical integration) saturates at log 2, W_1 = W_2 = d (closed form; also W_1 from samples by sorting)."""
+    s, ds = 0.1, torch.linspace(0, 10, 41, dtype=torch.float64)
+    grid = torch.linspace(-1, 11, 120001, dtype=torch.float64)
+    pdf = lambda m: torch.exp(-(grid - m) ** 2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+    p, q = pdf(0.0).expand(len(ds), -1), pdf(ds[:, None])                # (41, G): mu, and nu for each d
+    m = (p + q) / 2                                                      # the mixture of the JSD
+    term = lambda r: torch.where(r > 0, r * torch.log(r / m), torch.zeros_like(r))       # 0 log 0 = 0
+    jsd = (0.5 * torch.trapezoid(term(p), grid) + 0.5 * torch.trapezoid(term(q), grid)).tolist()
+    z = s * torch.randn(2, 20000, 1, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
+    w_samples = w1d(z[0].expand(-1, len(ds)), z[1] + ds).tolist()      # one column per d
+    fig = Figure(figsize=(12, 3.5))
+    for ax, vals, name in zip(fig.subplots(1, 3), (ds ** 2 / (2 * s * s), jsd, w_samples), ("KL(mu | nu)", "JSD(mu, nu)", "W_1(mu, nu)")):
+        ax.plot(ds, vals, lw=2)
+        ax.set_xlabel("distance d between the means"), ax.set_title(name)
+    fig.axes[1].axhline(math.log(2), c="k", ls="--", label="log 2"), fig.axes[1].legend()
+    fig.axes[2].plot(ds, ds, "k--", label="d (exact)"), fig.axes[2].legend()
+    fig.savefig(os.path.join(out, "samples.png"), dpi=100, bbox_inches="tight")
+    return {"d": ds.tolist(), "kl": (ds ** 2 / (2 * s * s)).tolist(), "jsd": jsd, "w1_sorting": w_samples}
+
+def demo_color(cfg, out):
+    r"""Colour transfer: OT between n sampled source and target pixel colours (cost |x - y|^2 in RGB [0,1]^3,
+    eps = the smallest --eps), then every pixel x moves to the entropic barycentric map
+    T(x) = sum_j y_j softmax_j(log b_j + (g_j - |x - y_j|^2)/eps), which is sum_j P_ij y_j / a_i on the samples."""
+    data = os.path.join(matplotlib.get_data_path(), "sample_data")
+    src = matplotlib.image.imread(os.path.join(data, "grace_hopper.jpg"))
+    tgt = matplotlib.image.imread(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
+    to01 = lambda im: torch.tensor(im.copy(), dtype=torch.float64) / (255.0 if im.dtype.kind == "u" else 1.0)
+    src, tgt = to01(src)[..., :3], to01(tgt)                             # (H, W, 3) in [0, 1]; target maybe RGBA
+    ys = tgt[..., :3][tgt[..., 3] > 0.5] if tgt.shape[-1] == 4 else tgt.reshape(-1, 3)  # opaque pixels only
+    gen, n, eps, xs = torch.Generator().manual_seed(cfg.seed), cfg.pixels, min(parse_eps(cfg.eps)), src.reshape(-1, 3)
+    x, y = xs[torch.randperm(len(xs), generator=gen)[:n]], ys[torch.randperm(len(ys), generator=gen)[:n]]
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    res = sinkhorn(w, w, torch.cdist(x, y) ** 2, eps, tol=cfg.tol, max_iter=cfg.steps)
+    logits = lambda c: torch.log(w) + (res["g"] - torch.cdist(c, y) ** 2) / eps    # (chunk, n)
+    mapped = torch.cat([torch.softmax(logits(c), 1) @ y for c in xs.split(65536)])
+    result = mapped.reshape(src.shape).clamp(0, 1)
+    fig = Figure(figsize=(12, 4))
+    for ax, im, title in zip(fig.subplots(1, 3), (src, tgt.clamp(0, 1), result), ("source", "target palette", "result")):
+        ax.imshow(im.numpy()), ax.set_title(title), ax.axis("off")
+    fig.savefig(os.path.join(out, "color.png"), dpi=100, bbox_inches="tight")
+    matplotlib.image.imsave(os.path.join(out, "samples.png"), result.numpy())
+    torch.save(result.float(), os.path.join(out, "samples.pt"))
+    return {"eps": eps, "pixels": n, "cost": float(res["cost"]), "iterations": res["iterations"],
+            "mean_rgb_source": src.reshape(-1, 3).mean(0).tolist(), "mean_rgb_target": ys.mean(0).tolist(),
+            "mean_rgb_result": result.reshape(-1, 3).mean(0).tolist()}
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "sinkhorn", __doc__)
+    common.check(cfg.pixels > 1 and parse_eps(cfg.eps), f"--pixels must be at least 2, got {cfg.pixels}")
+    common.seed_all(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    t0 = time.time()
+    metrics = {"plan": demo_plan, "kl-vs-w": demo_kl_vs_w, "color": demo_color}[cfg.demo](cfg, cfg.out)
+    record = common.save_metrics(cfg.out, dict(metrics, demo=cfg.demo), cfg, cfg.steps, time.time() - t0, "cpu")
+    print(f"wrote {cfg.out}/ in {record['seconds']}s")
+    return record
+
+if __name__ == "__main__":
+    common.run(main)
