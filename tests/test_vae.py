@@ -1,0 +1,94 @@
+"""Tests of vae.py: the closed-form KL, the reparametrization, the likelihoods, the IW bound, and runs."""
+import json, math
+
+import pytest
+import torch
+
+import common
+import vae
+
+D = torch.distributions
+
+
+def test_closed_form_kl_matches_torch_and_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    q, p = D.Normal(mu, (0.5 * logvar).exp()), D.Normal(torch.zeros(4, 3), torch.ones(4, 3))
+    exact = D.kl_divergence(q, p).sum(1)
+    assert torch.allclose(vae.kl_to_prior(mu, logvar), exact, atol=1e-5)
+    z = q.sample((200000,))                                              # E_q[log q - log p]
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    assert torch.allclose(mc, exact, atol=0.05)
+
+
+def test_reparametrization_moments_and_gradients():
+    torch.manual_seed(1)
+    mu = torch.tensor([1.0, -2.0], requires_grad=True)
+    logvar = torch.tensor([0.0, math.log(0.25)], requires_grad=True)
+    z = vae.reparametrize(mu.expand(100000, 2), logvar.expand(100000, 2))
+    assert torch.allclose(z.mean(0), mu.detach(), atol=0.02) and torch.allclose(z.std(0), torch.tensor([1.0, 0.5]), atol=0.01)
+    z.sum().backward()
+    assert torch.allclose(mu.grad, torch.full((2,), 100000.0))           # dz/dmu = 1
+    assert logvar.grad.abs().min() > 0                                   # dz/dsigma = eps: the gradient reaches sigma
+
+
+@pytest.mark.parametrize("likelihood, sigma_x", [("bernoulli", 0.0), ("gaussian", 0.0), ("gaussian", 0.2)])
+def test_log_likelihood_matches_torch_distributions(likelihood, sigma_x):
+    torch.manual_seed(2)
+    model = vae.VAE(latent_dim=3, hidden=16, likelihood=likelihood, sigma_x=sigma_x)
+    x, z = torch.rand(5, 1, 28, 28), torch.randn(5, 3)
+    out = model.decode(z)
+    if likelihood == "bernoulli":
+        ref = D.Bernoulli(logits=out, validate_args=False).log_prob(x.flatten(1)).sum(1)  # same formula for gray x
+    else:
+        ref = D.Normal(out[0], (0.5 * out[1]).exp()).log_prob(x.flatten(1)).sum(1)
+    assert torch.allclose(vae.log_px_given_z(model, x, z), ref, atol=1e-3)
+
+
+def test_elbo_below_iw_bound_and_bound_grows_with_k():
+    torch.manual_seed(3)
+    model = vae.VAE(latent_dim=4, hidden=32)
+    x = common.load_images("digits", "test")[0][:64]
+    with torch.no_grad():
+        elbo = -torch.stack([vae.negative_elbo(model, x)[0] for _ in range(20)]).mean(0)   # E_q ELBO per image
+    iw = {k: torch.stack([vae.iw_log_likelihood(model, x, k) for _ in range(5)]).mean(0) for k in (1, 10, 100)}
+    assert torch.allclose(iw[1].mean(), elbo.mean(), rtol=0.01)          # K = 1 is the ELBO
+    assert (iw[100] >= elbo - 0.5).all() and iw[100].mean() > elbo.mean()
+    assert iw[1].mean() < iw[10].mean() < iw[100].mean()
+
+
+def test_training_lowers_test_nelbo_and_writes_outputs(tmp_path):
+    args = ["--out", str(tmp_path), "--eval-n", "300", "--iw-k", "10", "--n-samples", "500", "--hidden", "128"]
+    before = vae.main(args + ["--steps", "1"])
+    after = vae.main(args + ["--steps", "300"])
+    assert after["test_nelbo"] < before["test_nelbo"] - 150              # untrained ~545 nats, 300 steps ~ 250
+    assert after["test_nll_iw"] <= after["test_nelbo"] + 1
+    saved = json.load(open(tmp_path / "metrics.json"))
+    for key in ("test_nelbo", "test_nll_iw", "test_kl", "test_recon", "fd", "digit_confidence", "class_entropy",
+                "steps", "seconds", "device"):
+        assert key in saved
+    for f in ("samples.png", "samples.pt", "loss.png", "reconstructions.png", "interpolation.png", "checkpoint.pt"):
+        assert (tmp_path / f).exists()
+    samples = torch.load(tmp_path / "samples.pt")
+    assert samples.shape == (500, 1, 28, 28) and samples.min() >= 0 and samples.max() <= 1
+    again = vae.main(args + ["--sample-only"])                           # reloads the checkpoint
+    assert abs(again["test_nelbo"] - after["test_nelbo"]) < 5 and again["steps"] == 0
+
+
+def test_latent_dim_2_and_gaussian_binarized_runs(tmp_path):
+    vae.main(["--out", str(tmp_path), "--latent-dim", "2", "--steps", "20", "--eval-n", "50", "--iw-k", "4",
+              "--n-samples", "100", "--hidden", "32"])
+    assert (tmp_path / "latent_map.png").exists() and (tmp_path / "latent_scatter.png").exists()
+    rec = vae.main(["--out", str(tmp_path / "g"), "--likelihood", "gaussian", "--binarize", "--steps", "20",
+                    "--eval-n", "50", "--iw-k", "4", "--n-samples", "100", "--hidden", "32"])
+    assert math.isfinite(rec["test_nelbo"])
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(common.UserError, match="--latent-dim must be a positive integer"):
+        vae.main(["--latent-dim", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        vae.main(["--likelihood", "poisson"])
+    assert "invalid choice: 'poisson'" in capsys.readouterr().err
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        vae.main(["--sample-only", "--out", str(tmp_path / "empty")])

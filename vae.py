@@ -1,0 +1,212 @@
+r"""vae.py - the variational autoencoder of Kingma & Welling, straight from the ELBO derivation.
+
+Lectures: 002 "Variational Auto-Encoders" to "VAE - instantiation example"; 004 "Variational autoencoder";
+000 section 7.3. Run: `python vae.py` (digits, ~3 CPU minutes), `python vae.py --latent-dim 2` (latent map),
+`python vae.py --data mnist10k --data-dir ../shared/data/mnist --binarize` (real MNIST test files).
+
+    prior          p(z) = N(0, I)
+    encoder        q_phi(z|x) = N(mu(x), diag sigma^2(x)); the network outputs mu and log sigma^2
+    decoder        p_theta(x|z): Bernoulli(sigmoid(logits(z))) (default), or N(mu(z), diag sigma^2) with
+                   sigma^2 learned per pixel (--likelihood gaussian) or fixed (--sigma-x S)
+    ELBO           V_L = -D_KL(q_phi(z|x) || p(z)) + E_q[log p_theta(x|z)]            (002, "Loss criterion")
+    closed form    -D_KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)   (002, "VAE - instantiation example")
+    reparam.       z = mu + sigma * eps, eps ~ N(0, I)                         (002, "VAE- reparametrization trick")
+    IW bound       log p(x) >= log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q     (002, "Importance sampling ...")
+The loss is -ELBO in nats per image: summed over pixels and latent dimensions, averaged over the batch.
+Differences from the slides: the Gaussian log-likelihood keeps the -1/2 log(2 pi) constant (the slide drops it,
+and its second form has the sign flipped, i.e. it is -log p), so the nats are true log-densities. With gray
+pixels the Bernoulli "likelihood" is the common practice but not a normalized density of gray images;
+--binarize (dynamic binarization) gives the setting of published binarized-MNIST numbers.
+Networks: MLPs 784 -> hidden -> hidden -> 2J (encoder) and J -> hidden -> hidden -> 784 (decoder), ReLU.
+"""
+import dataclasses, math, os, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import common
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("digits", "dataset", common.IMAGE_DATA)
+    steps: int = common.arg(10000, "training steps")
+    lr: float = common.arg(1e-3, "Adam learning rate")
+    latent_dim: int = common.arg(20, "J, the dimension of z (2 draws latent_map.png)")
+    hidden: int = common.arg(512, "hidden units per MLP layer")
+    likelihood: str = common.arg("bernoulli", "decoder p(x|z)", ["bernoulli", "gaussian"])
+    sigma_x: float = common.arg(0.0, "gaussian decoder: fixed std of p(x|z); 0 = learned per pixel")
+    beta: float = common.arg(1.0, "weight of the KL term (beta-VAE); 1 is the ELBO")
+    binarize: bool = common.arg(False, "dynamically binarize pixels (x ~ Bernoulli(gray value))")
+    iw_k: int = common.arg(100, "K, importance samples for test_nll_iw")
+    eval_n: int = common.arg(2000, "test images used for test_nelbo and test_nll_iw")
+    n_samples: int = common.arg(5000, "samples drawn for fd / digit_confidence / class_entropy")
+
+
+# ----------------------------------------------------------------------------- model
+def mlp(d_in, hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+class VAE(nn.Module):
+    def __init__(self, latent_dim=20, hidden=512, likelihood="bernoulli", sigma_x=0.0, d=784):
+        super().__init__()
+        self.likelihood, self.sigma_x = likelihood, sigma_x
+        learned_var = likelihood == "gaussian" and sigma_x == 0
+        self.encoder = mlp(d, hidden, 2 * latent_dim)                     # -> (mu, log sigma^2)
+        self.decoder = mlp(latent_dim, hidden, 2 * d if learned_var else d)
+
+    def encode(self, x):
+        mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=1)           # (B, J) each
+        return mu, logvar
+
+    def decode(self, z):
+        """Parameters of p(x|z): Bernoulli logits (B, D), or Gaussian (mean in [0, 1], log sigma^2)."""
+        out = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            return out
+        if self.sigma_x > 0:
+            return torch.sigmoid(out), torch.full_like(out, 2 * math.log(self.sigma_x))
+        mean, logvar = out.chunk(2, dim=1)
+        return torch.sigmoid(mean), logvar.clamp(min=-9.0)               # sigma >= 0.011: no variance collapse
+
+    def mean(self, z):
+        """E[x|z] as images (B, 1, 28, 28) in [0, 1]."""
+        out = self.decode(z)
+        return (torch.sigmoid(out) if self.likelihood == "bernoulli" else out[0]).view(-1, 1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- loss
+def reparametrize(mu, logvar):
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)           # z = mu + sigma * eps  (002, reparametrization)
+
+
+def kl_to_prior(mu, logvar):
+    return -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)           # D_KL(q(z|x) || N(0,I)), closed form (002)
+
+
+def log_px_given_z(model, x, z):
+    """log p_theta(x|z) summed over pixels, (B,)."""
+    x, out = x.flatten(1), model.decode(z)
+    if model.likelihood == "bernoulli":                                  # sum_j x_j log p_j + (1 - x_j) log(1 - p_j)
+        return -F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
+    mean, logvar = out                                                   # -sum_j 1/2 log(2 pi s_j^2) + (x_j - m_j)^2 / (2 s_j^2)
+    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 / logvar.exp()).sum(1)
+
+
+def negative_elbo(model, x, beta=1.0):
+    """-V_L = -E_q[log p(x|z)] + beta * D_KL(q(z|x) || p(z)), one z sample per image; returns (loss, recon, kl) per image."""
+    mu, logvar = model.encode(x)
+    recon = -log_px_given_z(model, x, reparametrize(mu, logvar))
+    kl = kl_to_prior(mu, logvar)
+    return recon + beta * kl, recon, kl
+
+
+def log_normal(z, mu, logvar):
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
+
+
+@torch.no_grad()
+def iw_log_likelihood(model, x, K=100):
+    r"""log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x); (B,)."""
+    mu, logvar = model.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(K, *mu.shape, device=x.device)       # (K, B, J)
+    log_pxz = log_px_given_z(model, x.repeat(K, 1, 1, 1), z.flatten(0, 1)).view(K, -1)  # (K, B)
+    log_w = log_pxz + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mu, logvar)
+    return torch.logsumexp(log_w, 0) - math.log(K)
+
+
+@torch.no_grad()
+def evaluate(model, x, K, batch=100):
+    """test_nelbo, test_recon, test_kl, test_nll_iw in nats per image (one z for the ELBO: a true ELBO sample)."""
+    parts = [(*[t.sum() for t in negative_elbo(model, xb)], -iw_log_likelihood(model, xb, K).sum()) for xb in x.split(batch)]
+    nelbo, recon, kl, nll = (float(sum(p[i] for p in parts)) / len(x) for i in range(4))
+    return {"test_nelbo": nelbo, "test_recon": recon, "test_kl": kl, "test_nll_iw": nll}
+
+
+# ----------------------------------------------------------------------------- sampling and pictures
+@torch.no_grad()
+def sample(model, n, latent_dim, device):
+    return torch.cat([model.mean(torch.randn(min(1000, n - i), latent_dim, device=device)) for i in range(0, n, 1000)])
+
+
+@torch.no_grad()
+def pictures(model, cfg, x_test, y_test, device):
+    out, J = cfg.out, cfg.latent_dim
+    x = x_test[:10].to(device)
+    common.save_images(torch.cat([x, model.mean(model.encode(x)[0])]), os.path.join(out, "reconstructions.png"))
+    mu = model.encode(x_test[:2].to(device))[0]
+    t = torch.linspace(0, 1, 10, device=device)[:, None]
+    common.save_images(model.mean((1 - t) * mu[0] + t * mu[1]), os.path.join(out, "interpolation.png"))  # straight line in z
+    if J == 2:
+        u = torch.linspace(0.03, 0.97, 20)
+        g = torch.distributions.Normal(0, 1).icdf(u)                      # grid evenly spaced in prior probability
+        z = torch.stack(torch.meshgrid(g, -g, indexing="xy"), -1).view(-1, 2).to(device)   # (400, 2)
+        common.save_images(model.mean(z), os.path.join(out, "latent_map.png"), nrow=20)
+        mu = torch.cat([model.encode(xb.to(device))[0] for xb in x_test[:5000].split(1000)]).cpu()
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
+        s = ax.scatter(mu[:, 0], mu[:, 1], c=y_test[:5000], cmap="tab10", s=3)
+        fig.colorbar(s, ax=ax), ax.set_title("test encodings mu(x), coloured by label")
+        fig.savefig(os.path.join(out, "latent_scatter.png"), dpi=100, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------- training
+def train(model, cfg, x_train, device):
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    progress, history, ckpt = common.Progress(cfg.steps), {"-ELBO (nats/image)": []}, os.path.join(cfg.out, "checkpoint.pt")
+    for step in range(1, cfg.steps + 1):
+        x = x_train[torch.randint(len(x_train), (cfg.batch_size,), generator=gen)].to(device)
+        if cfg.binarize:
+            x = torch.bernoulli(x)                                       # dynamic binarization: a fresh draw each time
+        loss = negative_elbo(model, x, cfg.beta)[0].mean()               # -ELBO, nats per image
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history["-ELBO (nats/image)"].append(loss.item())
+        progress(step, loss.item(), ckpt)
+        if step % 1000 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, model=model.state_dict(), step=step, config=dataclasses.asdict(cfg))
+    return history
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "vae", __doc__)
+    common.check(cfg.latent_dim > 0, f"--latent-dim must be a positive integer, got {cfg.latent_dim}")
+    common.check(cfg.hidden > 0 and cfg.iw_k > 0 and cfg.eval_n > 0 and cfg.n_samples > 1,
+                 "--hidden, --iw-k, --eval-n must be positive and --n-samples at least 2")
+    common.check(cfg.sigma_x >= 0 and cfg.beta >= 0, "--sigma-x and --beta must be non-negative")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    x_train, _ = common.load_images(cfg.data, "train", cfg.data_dir)
+    x_test, y_test = common.load_images(cfg.data, "test", cfg.data_dir)
+    x_eval = x_test[:cfg.eval_n]
+    if cfg.binarize:                                                     # the test set is binarized once, seeded
+        x_eval = torch.bernoulli(x_eval, generator=torch.Generator().manual_seed(1234))
+    model = VAE(cfg.latent_dim, cfg.hidden, cfg.likelihood, cfg.sigma_x).to(device)
+    t0, history = time.time(), {}
+    if cfg.sample_only:
+        model.load_state_dict(common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["model"])
+    else:
+        history = train(model, cfg, x_train, device)
+        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
+    train_seconds = time.time() - t0
+    model.eval()
+    metrics = evaluate(model, x_eval.to(device), cfg.iw_k)
+    samples = sample(model, cfg.n_samples, cfg.latent_dim, device).cpu()
+    metrics.update(common.image_metrics(samples, cfg.data, data_dir=cfg.data_dir))
+    common.save_images(samples[:100], os.path.join(cfg.out, "samples.png"))
+    torch.save(samples, os.path.join(cfg.out, "samples.pt"))
+    pictures(model, cfg, x_test, y_test, device)
+    record = common.save_metrics(cfg.out, dict(metrics, train_seconds=round(train_seconds, 2)), cfg,
+                                 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)
