@@ -35,6 +35,8 @@ class Config:
     seed: int = arg(0, "random seed for python, numpy and torch")
     out: str = arg("", "output folder (default runs/<script>)")
     sample_only: bool = arg(False, "skip training: load the checkpoint in --out, sample and evaluate")
+    def defaults(self, given):
+        """Hook: a script sets defaults that depend on other flags, for the flags not in `given` (e.g. {"--lr"})."""
 
 def parse_config(cls, argv, script, doc=""):
     """Build an argparse parser from the dataclass `cls`, parse argv and check the shared flags."""
@@ -46,6 +48,7 @@ def parse_config(cls, argv, script, doc=""):
             {"type": type(f.default), "choices": meta["choices"]}
         p.add_argument(flag, default=f.default, help=meta["help"], **kind)
     cfg = cls(**vars(p.parse_args(argv)))
+    cfg.defaults({a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")})
     check(cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
     check(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
     check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
@@ -71,9 +74,7 @@ def get_device(name="auto"):
     return torch.device(name)
 
 def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # torch.manual_seed also seeds CUDA
 
 # ----------------------------------------------------------------------------- 2-D data
 MODES = {  # name -> (means, std per axis)
@@ -249,11 +250,9 @@ def save_images(x, path, labels=None, nrow=10):
     """Image grid of x (N, C, H, W) in [0, 1]; with labels, one row per class (first nrow of each)."""
     x = x.detach().float().cpu().clamp(0, 1)
     if labels is not None:
-        labels = labels.cpu()
-        x = torch.cat([x[labels == c][:nrow] for c in labels.unique()])
+        x = torch.cat([x[labels.cpu() == c][:nrow] for c in labels.unique()])
     n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2) * 0.5
+    grid = torch.full((c, math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
@@ -265,8 +264,8 @@ def save_points(x, path, ref=None, title=""):
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
     if ref is not None:
-        ax.scatter(*ref.cpu().T, s=2, c="0.7", label="data")
-    ax.scatter(*x.detach().cpu().T, s=2, c="tab:blue", label="samples")
+        ax.scatter(*ref.cpu().numpy().T, s=2, c="0.7", label="data")
+    ax.scatter(*x.detach().cpu().numpy().T, s=2, c="tab:blue", label="samples")
     ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_aspect("equal"), ax.legend(loc="upper right"), ax.set_title(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
@@ -294,7 +293,7 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path):
     check(os.path.exists(path), f"no checkpoint at {path}: train first (without --sample-only) or set --out to a run folder")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)                 # tensors and plain types only
 
 # ----------------------------------------------------------------------------- progress
 class Progress:

@@ -1,0 +1,332 @@
+r"""ddpm.py - denoising diffusion (Ho et al. 2020): the two algorithms, DDIM (Song et al. 2021) and
+classifier-free guidance (Ho & Salimans 2021), with a small U-Net.
+
+Lectures: 002 "Denoising Diffusion Probabilistic Models" (forward kernel, diffusion kernel, reverse process,
+"Training and sampling algorithms", "Implementation", "Comments"); 000 Part B section 1 (closed form,
+eps-prediction and the score, DDPM and DDIM samplers, classifier-free guidance); 000 section 5 (U-Net).
+Run: `python ddpm.py` (digits, CPU ~10 min), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
+`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50 in one run).
+
+Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning "no noise" (alpha_bar_0 = 1).
+    schedule   beta_t linear from 1e-4 to 0.02, T = 1000; alpha_t = 1 - beta_t; alpha_bar_t = prod_{s<=t} alpha_s
+    forward    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)                 (002, forward process)
+    kernel     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                 (002, diffusion kernel)
+    training   t ~ U{1..T}, eps ~ N(0, I): minimize |eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t)|^2
+    sampling   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps_theta) + sigma_t z, no z at t = 1
+               (002, "Training and sampling algorithms"); sigma_t^2 = beta_t (default) or
+               beta~_t = (1 - ab_{t-1})/(1 - ab_t) beta_t (--sigma beta-tilde)
+    DDIM       x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_theta + sigma z on a sub-sequence of S steps,
+               x0_hat = (x_t - sqrt(1 - ab_t) eps_theta)/sqrt(ab_t),
+               sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)                 (000 1.4; Song et al.)
+    guidance   eps~ = (1 + w) eps_theta(x, t, y) - w eps_theta(x, t, null)  (000 1.5); with w' = 1 + w this is
+               w' eps(y) + (1 - w') eps(null), the (1 - w)/w form that flow_matching.py uses (002); w = 0: plain
+               conditional. Training replaces the label by the null token with probability 0.1, per sample.
+The ancestral update is computed as the posterior mean of q(x_{t-1} | x_t, x0_hat); without clipping this is the
+slide's formula exactly (tested); --clip-x0 (default on) clips x0_hat to [-1, 1] first (Ho et al.'s code does).
+With --sampler ddpm and --sample-steps S < T the update jumps t -> s with alpha_t replaced by ab_t/ab_s and
+sigma^2 = 1 - ab_t/ab_s ("naive" ancestral sampling on skipped steps: the DDIM paper shows it is poor).
+Differences from the slides: the slide writes sigma_t = 1 - alpha_t; Ho et al. use sigma_t^2 = beta_t = 1 - alpha_t.
+The loss is the mean over pixels of the squared error (the slide's squared norm divided by the pixel count).
+Pixels are mapped to [-1, 1] (002, "Comments"). Sampling uses an exponential moving average of the weights.
+"""
+import copy, dataclasses, math, os, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import common
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("digits", "dataset", common.IMAGE_DATA)
+    steps: int = common.arg(5000, "training steps")
+    batch_size: int = common.arg(64, "images per training step")
+    lr: float = common.arg(1e-3, "Adam learning rate")
+    T: int = common.arg(1000, "number of diffusion steps")
+    schedule: str = common.arg("linear", "beta schedule", ["linear", "cosine"])
+    ch: int = common.arg(16, "U-Net base channels (32 or 64 on a GPU)")
+    attn: bool = common.arg(False, "self-attention at the lowest resolution (7x7)")
+    sampler: str = common.arg("ddim", "sampler for samples.png and the metrics", ["ddpm", "ddim"])
+    sample_steps: int = common.arg(50, "S, sampling steps (ddpm with S < T: naive skipping)")
+    eta: float = common.arg(0.0, "DDIM eta: 0 deterministic, 1 ancestral-like")
+    sigma: str = common.arg("beta", "ancestral sigma_t^2", ["beta", "beta-tilde"])
+    clip_x0: bool = common.arg(True, "clip the predicted x0 to [-1, 1] in the samplers")
+    cond: bool = common.arg(False, "class-conditional with classifier-free guidance")
+    guidance: float = common.arg(0.0, "w: eps~ = (1 + w) eps(y) - w eps(null)")
+    p_uncond: float = common.arg(0.1, "probability of dropping the label to the null token (per sample)")
+    ema: float = common.arg(0.999, "EMA decay of the sampling weights")
+    grad_clip: float = common.arg(1.0, "gradient norm clipping")
+    n_samples: int = common.arg(1000, "samples for the metrics")
+    compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
+    bf16: bool = common.arg(False, "bf16 autocast for training (CUDA)")
+    compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
+
+
+# ----------------------------------------------------------------------------- schedule and forward process
+class Schedule:
+    """beta, alpha, alpha_bar as float64 tensors indexed by t = 0..T (index 0: alpha_bar = 1, beta = 0); float64
+    because 1 - alpha_bar_t / alpha_bar_s cancels badly in float32 at small t. sqrt_ab, sqrt_1m_ab: float32, on device."""
+    def __init__(self, T=1000, kind="linear", device="cpu"):
+        if kind == "linear":
+            beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        else:                                                            # cosine (Nichol & Dhariwal 2021), s = 0.008
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+            beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.T = T
+        self.beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
+        self.alpha = 1 - self.beta                                       # alpha_t = 1 - beta_t
+        self.alpha_bar = torch.cumprod(self.alpha, 0)                    # alpha_bar_t = prod_{s=1..t} alpha_s
+        self.sqrt_ab = self.alpha_bar.sqrt().float().to(device)
+        self.sqrt_1m_ab = (1 - self.alpha_bar).sqrt().float().to(device)
+
+
+def q_sample(sch, x0, t, eps):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: the diffusion kernel q(x_t | x_0) (002)."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)                                 # (B, 1, 1, 1)
+    return sch.sqrt_ab[t].view(shape) * x0 + sch.sqrt_1m_ab[t].view(shape) * eps
+
+
+# ----------------------------------------------------------------------------- the U-Net eps_theta(x_t, t, y)
+def time_embedding(t, dim):
+    """Sinusoidal embedding of (possibly fractional) times t (B,), as the transformer's positions (002)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]                            # (B, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, t_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(min(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(min(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(emb)[:, :, None, None]                         # the time (and label) enters every block
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.out = nn.GroupNorm(min(8, c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, C, H * W).unbind(1)  # (B, C, HW) each
+        a = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(C), -1)      # (B, HW, HW)
+        return x + self.out((v @ a.transpose(1, 2)).view(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """28x28 -> 14 -> 7 and back, skip connections by concatenation (000 section 5), ResBlocks with GroupNorm,
+    a sinusoidal time embedding (plus a class embedding with n_classes; index n_classes = the null token)."""
+    def __init__(self, ch=16, attn=False, n_classes=0, in_ch=1):
+        super().__init__()
+        c1, c2, e = ch, 2 * ch, 4 * ch
+        self.ch, self.n_classes = ch, n_classes
+        self.t_mlp = nn.Sequential(nn.Linear(ch, e), nn.SiLU(), nn.Linear(e, e))
+        self.label = nn.Embedding(n_classes + 1, e) if n_classes else None
+        self.inp = nn.Conv2d(in_ch, c1, 3, padding=1)
+        self.down1, self.pool1 = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)       # 28 -> 14
+        self.down2, self.pool2 = ResBlock(c1, c2, e), nn.Conv2d(c2, c2, 3, 2, 1)       # 14 -> 7
+        self.mid1, self.mid2 = ResBlock(c2, c2, e), ResBlock(c2, c2, e)
+        self.attn = Attention(c2) if attn else nn.Identity()
+        self.up2 = ResBlock(2 * c2, c2, e)                                # 7 -> 14 after it
+        self.up1 = ResBlock(c2 + c2, c1, e)                               # 14 -> 28 after it
+        self.up0 = ResBlock(c1 + c1, c1, e)
+        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, in_ch, 3, padding=1))
+
+    def forward(self, x, t, y=None):
+        emb = self.t_mlp(time_embedding(t, self.ch))
+        if self.label is not None:
+            emb = emb + self.label(y if y is not None else torch.full_like(t, self.n_classes, dtype=torch.long))
+        h0 = self.down1(self.inp(x), emb)                                 # (B, c1, 28, 28)
+        h1 = self.down2(self.pool1(h0), emb)                              # (B, c2, 14, 14)
+        h2 = self.pool2(h1)                                               # (B, c2, 7, 7)
+        h = self.mid2(self.attn(self.mid1(h2, emb)), emb)
+        h = F.interpolate(self.up2(torch.cat([h, h2], 1), emb), scale_factor=2.0)      # (B, c2, 14, 14)
+        h = F.interpolate(self.up1(torch.cat([h, h1], 1), emb), scale_factor=2.0)      # (B, c1, 28, 28)
+        return self.out(self.up0(torch.cat([h, h0], 1), emb))
+
+
+# ----------------------------------------------------------------------------- loss
+def diffusion_loss(model, sch, x0, y=None, p_uncond=0.1):
+    """Algorithm 1 (Ho et al.): t ~ U{1..T}, eps ~ N(0, I), |eps - eps_theta(x_t, t)|^2 (mean over pixels)."""
+    t = torch.randint(1, sch.T + 1, (len(x0),), device=x0.device)
+    eps = torch.randn_like(x0)
+    if y is not None:                                                    # classifier-free guidance training:
+        drop = torch.rand(len(y), device=y.device) < p_uncond            # drop the label per sample
+        y = torch.where(drop, torch.full_like(y, model.n_classes), y)
+    return F.mse_loss(model(q_sample(sch, x0, t, eps), t, y), eps)
+
+
+# ----------------------------------------------------------------------------- samplers
+def guided_eps(model, x, t, y, w):
+    """eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null); w = 0 (or no labels): eps(x, t, y)."""
+    tt = torch.full((len(x),), t, device=x.device)
+    if y is None or w == 0:
+        return model(x, tt, y)
+    null = torch.full_like(y, model.n_classes)
+    e = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
+    e_cond, e_null = e.chunk(2)
+    return (1 + w) * e_cond - w * e_null
+
+
+def timesteps(T, S):
+    """S + 1 times T = tau_S > ... > tau_1 > 0, evenly spaced (S = T: every step)."""
+    return [round(i * T / S) for i in range(S, -1, -1)]
+
+
+def predict_x0(sch, x, t, eps, clip):
+    ab = float(sch.alpha_bar[t])
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)                   # x0_hat
+    return x0.clamp(-1, 1) if clip else x0
+
+
+def ancestral_step(sch, x, t, s, eps, z, sigma="beta", clip=True):
+    r"""x_t -> x_s (s < t) with the posterior mean of q(x_s | x_t, x0_hat); for s = t - 1 and no clipping this is
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps) + sigma_t z  (Algorithm 2)."""
+    ab_t, ab_s = float(sch.alpha_bar[t]), float(sch.alpha_bar[s])      # python floats: float64 arithmetic
+    a = ab_t / ab_s                                                       # alpha_t when s = t - 1
+    x0 = predict_x0(sch, x, t, eps, clip)
+    mean = (math.sqrt(ab_s) * (1 - a) / (1 - ab_t)) * x0 + (math.sqrt(a) * (1 - ab_s) / (1 - ab_t)) * x
+    var = (1 - a) if sigma == "beta" else (1 - ab_s) / (1 - ab_t) * (1 - a)   # beta_t or beta~_t
+    return mean + (math.sqrt(var) * z if s > 0 else 0)                   # no noise at the last step
+
+
+def ddim_step(sch, x, t, s, eps, z, eta=0.0, clip=True):
+    """x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, sigma from eta (Song et al. 2021)."""
+    ab_t, ab_s = float(sch.alpha_bar[t]), float(sch.alpha_bar[s])
+    x0 = predict_x0(sch, x, t, eps, clip)
+    if clip:                                                             # eps consistent with the clipped x0
+        eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+    sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+    return math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps + sigma * z
+
+
+@torch.no_grad()
+def sample(model, sch, n, cfg, device, y=None, sampler=None, steps=None, trajectory=None):
+    """n images in [-1, 1] from x_T ~ N(0, I); `trajectory` (a list) collects (t, x_t) along the way."""
+    sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
+    x = torch.randn(n, 1, 28, 28, device=device)
+    ts = timesteps(sch.T, steps)
+    for t, s in zip(ts[:-1], ts[1:]):
+        eps = guided_eps(model, x, t, y, cfg.guidance)
+        z = torch.randn_like(x)
+        x = ancestral_step(sch, x, t, s, eps, z, cfg.sigma, cfg.clip_x0) if sampler == "ddpm" else \
+            ddim_step(sch, x, t, s, eps, z, cfg.eta, cfg.clip_x0)
+        if trajectory is not None:
+            trajectory.append((s, x[:1].cpu()))
+    return x
+
+
+# ----------------------------------------------------------------------------- pictures
+def save_forward(sch, x0, path):
+    """The forward process destroying real images: x_t ~ q(x_t | x_0) at t = 0, T/4, T/2, 3T/4, T."""
+    ts = [0, sch.T // 4, sch.T // 2, 3 * sch.T // 4, sch.T]
+    eps = torch.randn_like(x0)
+    rows = [q_sample(sch, x0, torch.full((len(x0),), t, device=x0.device), eps) for t in ts]
+    common.save_images((torch.stack(rows, 1).flatten(0, 1) + 1) / 2, path, nrow=len(ts))   # (n * 5, 1, 28, 28)
+
+
+def save_denoising(trajectory, path, T):
+    keep = [x for t, x in trajectory if t in {0, T // 50, T // 20, T // 10, T // 4, T // 2, 3 * T // 4}]
+    common.save_images((torch.cat(keep) + 1) / 2, path, nrow=len(keep))
+
+
+# ----------------------------------------------------------------------------- training
+def train(model, ema, sch, cfg, x_train, y_train, device):
+    opt = torch.optim.Adam(model.parameters(), cfg.lr)
+    net = torch.compile(model) if cfg.compile else model
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, progress, ckpt = {"loss": []}, common.Progress(cfg.steps), os.path.join(cfg.out, "checkpoint.pt")
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
+        x0 = (x_train[idx] * 2 - 1).to(device)                            # pixels to [-1, 1]
+        y = y_train[idx].to(device) if cfg.cond else None
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            loss = diffusion_loss(net, sch, x0, y, cfg.p_uncond)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():                                             # EMA, warmed up over the first steps
+            d = min(cfg.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - d)
+        history["loss"].append(loss.item())
+        progress(step, loss.item(), ckpt)
+        if step % 500 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, ema=ema.state_dict(), step=step, config=dataclasses.asdict(cfg))
+    return history
+
+
+def evaluate(ema, sch, cfg, device, sampler, steps):
+    """Samples (in [0, 1]), metrics and the number of network calls of one sampler."""
+    t0, y = time.time(), None
+    if cfg.cond:
+        y = torch.arange(cfg.n_samples, device=device) % 10
+    x = torch.cat([sample(ema, sch, len(b), cfg, device, b if y is not None else None, sampler, steps)
+                   for b in (y if y is not None else torch.zeros(cfg.n_samples)).split(500)]).cpu()
+    x = (x.clamp(-1, 1) + 1) / 2
+    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir)
+    calls = steps * (2 if cfg.cond and cfg.guidance else 1)
+    return x, dict(m, network_calls=calls, sampling_seconds=round(time.time() - t0, 2)), y
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "ddpm", __doc__)
+    common.check(cfg.T > 1 and cfg.ch >= 8 and cfg.ch % 2 == 0 and cfg.n_samples > 1,
+                 "--T must be > 1, --ch an even number >= 8, --n-samples >= 2")
+    common.check(0 < cfg.sample_steps <= cfg.T, f"--sample-steps must be in 1..T={cfg.T}, got {cfg.sample_steps}")
+    common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1, "need eta >= 0, 0 <= p_uncond < 1, 0 <= ema < 1")
+    common.check(cfg.guidance == 0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    sch = Schedule(cfg.T, cfg.schedule, device)
+    x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
+    model = UNet(cfg.ch, cfg.attn, 10 if cfg.cond else 0).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    t0, history = time.time(), {}
+    if cfg.sample_only:
+        ema.load_state_dict(common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["ema"])
+    else:
+        history = train(model, ema, sch, cfg, x_train, y_train, device)
+        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
+    train_seconds = time.time() - t0
+    print(f"trained {cfg.steps} steps in {train_seconds:.0f}s; sampling {cfg.n_samples} with {cfg.sampler}-{cfg.sample_steps}")
+    x, metrics, y = evaluate(ema, sch, cfg, device, cfg.sampler, cfg.sample_steps)
+    common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=y[:100].cpu() if y is not None else None)
+    torch.save(x, os.path.join(cfg.out, "samples.pt"))
+    save_forward(sch, x_train[:4].to(device) * 2 - 1, os.path.join(cfg.out, "forward.png"))
+    trajectory = []
+    sample(ema, sch, 1, cfg, device, None if not cfg.cond else torch.tensor([3], device=device), "ddpm", cfg.T, trajectory)
+    save_denoising(trajectory, os.path.join(cfg.out, "denoising.png"), cfg.T)
+    if cfg.cond:                                                         # one row per guidance weight
+        rows = []
+        for w in (0.0, 1.0, 2.0, 4.0):
+            g = dataclasses.replace(cfg, guidance=w)
+            rows.append(sample(ema, sch, 10, g, device, torch.arange(10, device=device)).cpu())
+        common.save_images((torch.cat(rows).clamp(-1, 1) + 1) / 2, os.path.join(cfg.out, "guidance.png"))
+    if cfg.compare:
+        table = {}
+        for name, sampler, steps in (("ddpm-1000", "ddpm", cfg.T), ("ddim-50", "ddim", 50), ("ddim-10", "ddim", 10),
+                                     ("ancestral-50-skipped", "ddpm", 50)):
+            table[name] = evaluate(ema, sch, cfg, device, sampler, steps)[1]
+            print(name, table[name])
+        metrics["compare"] = table
+    metrics["train_seconds"] = round(train_seconds, 2)
+    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print({k: v for k, v in metrics.items() if k != "compare"}, f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,219 @@
+r"""gan.py - the adversarial game of Goodfellow et al. (2014), its optimal discriminator, and its failure modes.
+
+Lectures: 002 "GANs - Adversarial training as binary classification", "GAN equilibrium analysis" (D*, JSD),
+"Objective functions - Least Square GANS"; 004 "How to build the discriminator and generator" (DCGAN rules),
+"Downside of traditional GAN's" (vanishing gradients); 000 section 6.1 (the k-step loop).
+Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `python gan.py --data digits`.
+
+    value       V(D, G) = E_x log D(x) + E_z log(1 - D(G(z)))                  (002, "Loss function")
+    D step      maximize V: k steps of binary cross-entropy, real -> 1, fake -> 0   (000 6.1, k = --k)
+    G step      saturating:     minimize E_z log(1 - D(G(z)))                    (the minimax as written)
+                nonsaturating:  minimize -E_z log D(G(z))    (002, "Equilibrium analysis ... Note"; default)
+    LSGAN       L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2,  L(G) = E (D(G(z)) - c)^2,  a=0, b=c=1 (Mao et al.)
+    optimum     D*(x) = p_data / (p_data + p_g),  V(D*, G) = -log 4 + 2 JSD(p_data, p_g)      (002, proof)
+D works on logits l (D = sigmoid(l)) for stability: log D = -softplus(-l), log(1 - D) = -softplus(l).
+2-D data use MLPs; images use DCGAN nets (strided convolutions, BatchNorm except the G output and the D input,
+ReLU in G, LeakyReLU(0.2) in D, tanh output; pixels mapped to [-1, 1]). Adam(2e-4, betas (0.5, 0.999)).
+"""
+import dataclasses, math, os, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import common
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("ring8", "dataset (2-D or images)", common.POINT_DATA + common.IMAGE_DATA)
+    steps: int = common.arg(5000, "generator steps (images: 2000 unless given)")
+    batch_size: int = common.arg(256, "examples per step (images: 64 unless given)")
+    lr: float = common.arg(2e-4, "Adam learning rate (both networks)")
+    k: int = common.arg(1, "discriminator steps per generator step (Algorithm 1's k)")
+    g_loss: str = common.arg("nonsaturating", "generator loss of the GAN value", ["nonsaturating", "saturating"])
+    loss: str = common.arg("gan", "gan: the minimax value; lsgan: least squares (a=0, b=c=1)", ["gan", "lsgan"])
+    z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
+    hidden: int = common.arg(256, "hidden units of the 2-D MLPs")
+    n_samples: int = common.arg(5000, "samples drawn for the final metrics")
+
+    def defaults(self, given):                                           # image data: DCGAN steps fit the CPU
+        if self.data in common.IMAGE_DATA:
+            self.steps = self.steps if "--steps" in given else 2000
+            self.batch_size = self.batch_size if "--batch-size" in given else 64
+
+
+# ----------------------------------------------------------------------------- data
+def batch_sampler(cfg):
+    """() -> a real batch in model range: 2-D points as they are, images mapped from [0, 1] to [-1, 1]."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.data in common.POINT_DATA:
+        return lambda: common.sample_2d(cfg.data, cfg.batch_size, gen)
+    x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    return lambda: x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1
+
+
+# ----------------------------------------------------------------------------- models
+def mlp(d_in, hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def dcgan_generator(z_dim):
+    """z -> 128x7x7 -> 64x14x14 -> 1x28x28 in [-1, 1] with transposed (fractionally strided) convolutions."""
+    return nn.Sequential(nn.Linear(z_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)), nn.BatchNorm2d(128), nn.ReLU(),
+                         nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
+
+
+def dcgan_discriminator(batchnorm=True):
+    """1x28x28 -> 64x14x14 -> 128x7x7 -> one logit; no BatchNorm on the input layer (and none if batchnorm=False)."""
+    norm = nn.BatchNorm2d(128) if batchnorm else nn.Identity()
+    return nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1), norm,
+                         nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+
+
+def make_nets(cfg, batchnorm=True):
+    """(generator, discriminator or critic, z_dim) for the dataset: MLPs for 2-D, DCGAN nets for images."""
+    if cfg.data in common.POINT_DATA:
+        z_dim = cfg.z_dim or 8
+        return mlp(z_dim, cfg.hidden, 2), mlp(2, cfg.hidden, 1), z_dim
+    z_dim = cfg.z_dim or 64
+    return dcgan_generator(z_dim), dcgan_discriminator(batchnorm), z_dim
+
+
+# ----------------------------------------------------------------------------- losses
+def d_loss(cfg, l_real, l_fake):
+    if cfg.loss == "lsgan":                                              # E (D(x) - 1)^2 + E (D(G(z)) - 0)^2
+        return ((l_real - 1) ** 2).mean() + (l_fake ** 2).mean()
+    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()        # -[E log D(x) + E log(1 - D(G(z)))]
+
+
+def g_loss(cfg, l_fake):
+    if cfg.loss == "lsgan":
+        return ((l_fake - 1) ** 2).mean()                                # E (D(G(z)) - c)^2, c = 1
+    if cfg.g_loss == "saturating":
+        return -F.softplus(l_fake).mean()                                # E log(1 - D(G(z))), minimized
+    return F.softplus(-l_fake).mean()                                    # -E log D(G(z))
+
+
+# ----------------------------------------------------------------------------- theory (discrete densities)
+def optimal_discriminator(p_data, p_g):
+    return p_data / (p_data + p_g)                                       # D*(x) = p_data / (p_data + p_g)
+
+
+def gan_value(D, p_data, p_g):
+    """V(D, G) = sum_x p_data(x) log D(x) + p_g(x) log(1 - D(x)) for densities on a finite set (0 log 0 = 0)."""
+    term = lambda p, d: torch.where(p > 0, p * torch.log(d), torch.zeros_like(p))
+    return float(term(p_data, D).sum() + term(p_g, 1 - D).sum())
+
+
+def jsd(p, q):
+    """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats."""
+    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a | (a+b)/2)
+    return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
+
+
+# ----------------------------------------------------------------------------- pictures
+def surface_panel(ax, f, x_fake, x_real, title):
+    """Heat map of a scalar function f of 2-D x (D's probability or the critic) with real and fake points."""
+    g = torch.linspace(-5, 5, 120)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)          # (120*120, 2)
+    with torch.no_grad():
+        values = f(grid).view(120, 120)
+    im = ax.imshow(values.numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="coolwarm", alpha=0.8)
+    ax.scatter(*x_real.numpy().T, s=1, c="k", alpha=0.3), ax.scatter(*x_fake.numpy().T, s=2, c="yellow")
+    ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_title(title, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
+    return im
+
+
+def save_progress(snapshots, path):
+    """snapshots: list of (f, fake points, real points, title) -> one panel each."""
+    fig = Figure(figsize=(3 * len(snapshots), 3.2))
+    for ax, snap in zip(fig.subplots(1, len(snapshots)), snapshots):
+        fig.colorbar(surface_panel(ax, *snap), ax=ax, fraction=0.046)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def finish(cfg, G, z_dim, device, history, t0, extra):
+    """Sample, compute the shared metrics, write samples.png/.pt, loss.png and metrics.json (also used by wgan.py)."""
+    G.eval()
+    with torch.no_grad():
+        x = torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(math.ceil(cfg.n_samples / 1000))])
+    x = x[:cfg.n_samples]
+    if cfg.data in common.POINT_DATA:
+        metrics = common.point_metrics(x, cfg.data)
+        common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
+                           title=", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+    else:
+        x = (x + 1) / 2                                                  # back to [0, 1]
+        metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
+        common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
+    torch.save(x, os.path.join(cfg.out, "samples.pt"))
+    if history:
+        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
+    record = common.save_metrics(cfg.out, dict(metrics, **extra), cfg, 0 if cfg.sample_only else cfg.steps,
+                                 time.time() - t0, device)
+    print(" ".join(f"{k} {v:.4g}" for k, v in dict(metrics, **extra).items()), f"({record['seconds']}s)")
+    return record
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, G, D, z_dim, device):
+    real = batch_sampler(cfg)
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
+    history, snapshots = {"D loss": [], "G loss": []}, []
+    progress, ckpt = common.Progress(cfg.steps), os.path.join(cfg.out, "checkpoint.pt")
+    snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    for step in range(1, cfg.steps + 1):
+        for _ in range(cfg.k):                                           # k discriminator steps (Algorithm 1)
+            x, z = real().to(device), torch.randn(cfg.batch_size, z_dim, device=device)
+            loss_d = d_loss(cfg, D(x), D(G(z).detach()))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+        loss_g = g_loss(cfg, D(G(torch.randn(cfg.batch_size, z_dim, device=device))))   # one generator step
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
+        progress(step, loss_d.item() + loss_g.item(), ckpt)
+        if step in snap_at and cfg.data in common.POINT_DATA:
+            with torch.no_grad():
+                fake = G(torch.randn(1000, z_dim, device=device)).cpu()
+            prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
+            snapshots.append((prob, fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
+        if step % 1000 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), step=step, config=dataclasses.asdict(cfg))
+    if snapshots:
+        save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
+    return history
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "gan", __doc__)
+    common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
+                 "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    G, D, z_dim = make_nets(cfg)
+    G, D, t0, history = G.to(device), D.to(device), time.time(), {}
+    if cfg.sample_only:
+        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
+    else:
+        history = train(cfg, G, D, z_dim, device)
+    D.eval()
+    with torch.no_grad():                                                # the equilibrium says D = 1/2 on both
+        x = batch_sampler(cfg)().to(device)
+        l_real, l_fake = D(x), D(G.eval()(torch.randn(len(x), z_dim, device=device)))
+    squash = torch.sigmoid if cfg.loss == "gan" else (lambda l: l)
+    extra = {"D_real": float(squash(l_real).mean()), "D_fake": float(squash(l_fake).mean())}
+    return finish(cfg, G, z_dim, device, history, t0, extra)
+
+
+if __name__ == "__main__":
+    common.run(main)

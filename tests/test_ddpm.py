@@ -1,0 +1,150 @@
+"""Tests of ddpm.py: schedule, forward process, samplers (against closed forms), guidance, the U-Net, runs."""
+import dataclasses, math
+
+import pytest
+import torch
+
+import common
+import ddpm
+
+
+def test_alpha_bar_closed_form_and_product():
+    sch = ddpm.Schedule(1000, "linear")
+    beta = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    prod, ab = 1.0, [1.0]
+    for b in beta:
+        prod *= 1 - b
+        ab.append(prod)
+    assert sch.alpha_bar[0] == 1 and sch.beta[1] == pytest.approx(1e-4) and sch.beta[1000] == pytest.approx(0.02)
+    assert torch.allclose(sch.alpha_bar, torch.tensor(ab, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert sch.alpha_bar[1000] < 1e-4                                    # q(x_T) is close to N(0, I)
+    cos = ddpm.Schedule(1000, "cosine")
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    for t in (1, 250, 500, 900):
+        assert float(cos.alpha_bar[t]) == pytest.approx(f(t) / f(0), rel=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 100, 500, 1000])
+def test_q_sample_moments(t):
+    sch, x0 = ddpm.Schedule(), torch.full((200000, 1), 0.7)
+    xt = ddpm.q_sample(sch, x0, torch.full((200000,), t), torch.randn(200000, 1, generator=torch.Generator().manual_seed(t)))
+    ab = float(sch.alpha_bar[t])
+    assert float(xt.mean()) == pytest.approx(math.sqrt(ab) * 0.7, abs=0.01)
+    assert float(xt.var()) == pytest.approx(1 - ab, abs=0.01 + 0.01 * (1 - ab))
+
+
+def test_iterated_one_step_kernel_equals_closed_form():
+    sch, g = ddpm.Schedule(), torch.Generator().manual_seed(0)
+    x = torch.full((100000,), -0.5)
+    for t in range(1, 301):                                              # x_t = sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) z
+        x = sch.alpha[t].sqrt() * x + (1 - sch.alpha[t]).sqrt() * torch.randn(100000, generator=g)
+    closed = ddpm.q_sample(sch, torch.full((100000,), -0.5), torch.full((100000,), 300), torch.randn(100000, generator=g))
+    assert float(x.mean()) == pytest.approx(float(closed.mean()), abs=0.01)
+    assert float(x.std()) == pytest.approx(float(closed.std()), abs=0.01)
+    qs = torch.linspace(0.05, 0.95, 10)
+    assert torch.allclose(torch.quantile(x, qs), torch.quantile(closed, qs), atol=0.02)
+
+
+def test_posterior_mean_update_is_the_slide_formula():
+    sch, g = ddpm.Schedule(), torch.Generator().manual_seed(1)
+    x, eps, z = (torch.randn(5, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(3))   # float64: no rounding
+    for t in (2, 10, 700):
+        got = ddpm.ancestral_step(sch, x, t, t - 1, eps, z, "beta", clip=False)
+        a, ab = sch.alpha[t], sch.alpha_bar[t]
+        slide = 1 / a.sqrt() * (x - (1 - a) / (1 - ab).sqrt() * eps) + sch.beta[t].sqrt() * z
+        assert torch.allclose(got, slide, atol=1e-10)
+
+
+class Oracle(torch.nn.Module):
+    """eps_theta for data that is a single known point x0: the true noise eps = (x_t - sqrt(ab) x0)/sqrt(1 - ab)."""
+    n_classes = 0
+
+    def __init__(self, sch, x0):
+        super().__init__()
+        self.sch, self.x0 = sch, x0
+
+    def forward(self, x, t, y=None):
+        ab = self.sch.alpha_bar[t].view(-1, 1, 1, 1).float()
+        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("ddim", 50), ("ddpm", 50)])
+def test_perfect_eps_recovers_x0(sampler, steps):
+    sch = ddpm.Schedule()
+    x0 = torch.rand(1, 1, 28, 28) * 2 - 1
+    cfg = ddpm.Config(guidance=0.0, sigma="beta", clip_x0=False, eta=0.0)
+    out = ddpm.sample(Oracle(sch, x0), sch, 3, cfg, torch.device("cpu"), sampler=sampler, steps=steps)
+    assert torch.allclose(out, x0.expand(3, -1, -1, -1), atol=1e-4)
+
+
+def test_ddim_eta0_deterministic_and_eta1_is_ancestral_with_beta_tilde():
+    sch, g = ddpm.Schedule(), torch.Generator().manual_seed(2)
+    x, eps, z1, z2 = (torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(4))
+    for t in (5, 300, 999):
+        assert torch.equal(ddpm.ddim_step(sch, x, t, t - 1, eps, z1, 0.0), ddpm.ddim_step(sch, x, t, t - 1, eps, z2, 0.0))
+        d = ddpm.ddim_step(sch, x, t, t - 1, eps, z1, eta=1.0, clip=False)
+        a = ddpm.ancestral_step(sch, x, t, t - 1, eps, z1, "beta-tilde", clip=False)
+        assert torch.allclose(d, a, atol=1e-10)
+
+
+def test_timesteps_cover_T_to_0():
+    assert ddpm.timesteps(1000, 1000) == list(range(1000, -1, -1))
+    ts = ddpm.timesteps(1000, 50)
+    assert ts[0] == 1000 and ts[-1] == 0 and len(ts) == 51 and all(a > b for a, b in zip(ts, ts[1:]))
+
+
+def test_cfg_combination():
+    class Fake(torch.nn.Module):
+        n_classes = 10
+
+        def forward(self, x, t, y):
+            return torch.where(y == 10, -1.0, 2.0).view(-1, 1, 1, 1) * torch.ones_like(x)
+    x, y = torch.zeros(3, 1, 2, 2), torch.tensor([1, 2, 3])
+    assert torch.allclose(ddpm.guided_eps(Fake(), x, 5, y, 2.0), torch.full_like(x, 3 * 2.0 - 2 * (-1.0)))
+    assert torch.allclose(ddpm.guided_eps(Fake(), x, 5, y, 0.0), torch.full_like(x, 2.0))
+
+
+def test_label_dropout_rate_is_per_sample():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        n_classes = 10
+
+        def forward(self, x, t, y):
+            seen.append(y)
+            return torch.zeros_like(x)
+    torch.manual_seed(0)
+    ddpm.diffusion_loss(Spy(), ddpm.Schedule(), torch.zeros(20000, 1, 2, 2), torch.randint(0, 10, (20000,)), 0.1)
+    frac = float((seen[0] == 10).float().mean())
+    assert abs(frac - 0.1) < 0.01
+
+
+def test_unet_shapes_and_time_conditioning():
+    torch.manual_seed(3)
+    net = ddpm.UNet(ch=8, attn=True, n_classes=10)
+    x = torch.randn(2, 1, 28, 28)
+    out = net(x, torch.tensor([10, 10]), torch.tensor([1, 10]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, net(x, torch.tensor([500, 500]), torch.tensor([1, 10])))      # t is used
+    assert not torch.allclose(out, net(x, torch.tensor([10, 10]), torch.tensor([2, 10])))        # y is used
+    assert ddpm.UNet(ch=8)(x, torch.tensor([0.25, 0.5])).shape == x.shape                       # fractional t
+
+
+def test_train_sample_only_and_cond_runs(tmp_path):
+    args = ["--out", str(tmp_path), "--steps", "30", "--n-samples", "40", "--sample-steps", "5", "--ch", "8"]
+    rec = ddpm.main(args)
+    for key in ("fd", "digit_confidence", "class_entropy", "network_calls"):
+        assert key in rec
+    for f in ("samples.png", "samples.pt", "loss.png", "forward.png", "denoising.png", "checkpoint.pt"):
+        assert (tmp_path / f).exists(), f
+    assert ddpm.main(args + ["--sample-only"])["steps"] == 0
+    rec = ddpm.main(["--out", str(tmp_path / "c"), "--steps", "20", "--n-samples", "40", "--sample-steps", "5", "--ch", "8",
+                     "--cond", "--guidance", "2", "--T", "100"])
+    assert "class_accuracy" in rec and rec["network_calls"] == 10 and (tmp_path / "c" / "guidance.png").exists()
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(common.UserError, match="--guidance needs --cond"):
+        ddpm.main(["--guidance", "2", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--sample-steps"):
+        ddpm.main(["--sample-steps", "0", "--out", str(tmp_path)])
