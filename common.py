@@ -56,12 +56,11 @@ def parse_config(cls, argv, script, doc=""):
     return cfg
 
 def run(main):
-    """`if __name__ == "__main__": common.run(main)`: bad input ends in one line, exit status 2."""
+    """`if __name__ == "__main__": common.run(main)`: bad input ends in one line on stderr, exit status 1."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(f"error: {e}")
 
 # ----------------------------------------------------------------------------- device and seed
 def get_device(name="auto"):
@@ -381,9 +380,10 @@ def image_metrics(x, data, labels=None, data_dir="", n_real=10000):
 def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):
     r"""Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) over the bandwidths h."""
     x, y = x.double().cpu(), y.double().cpu()
-    k = lambda a, b: sum(torch.exp(-torch.cdist(a, b) ** 2 / (2 * h * h)) for h in bandwidths)
-    within = lambda a: (k(a, a).sum() - len(a) * len(bandwidths)) / (len(a) * (len(a) - 1))  # drop k(a_i, a_i) = 1
-    return float(within(x) + within(y) - 2 * k(x, y).mean())
+    k = lambda d2: sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)      # d2: squared distances, computed once
+    d2 = lambda a, b: torch.cdist(a, b) ** 2
+    within = lambda a: (k(d2(a, a)).sum() - len(a) * len(bandwidths)) / (len(a) * (len(a) - 1))  # drop k(a_i, a_i)
+    return float(within(x) + within(y) - 2 * k(d2(x, y)).mean())
 
 def mode_metrics(x, name):
     """A sample is high quality if within 3 std of its nearest mode; a mode is covered if it is the nearest

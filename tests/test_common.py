@@ -43,8 +43,7 @@ def test_run_turns_user_errors_into_one_line(capsys):
         raise common.UserError("what went wrong; what to do")
     with pytest.raises(SystemExit) as e:
         common.run(main)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: what went wrong; what to do"
+    assert e.value.code == "error: what went wrong; what to do"          # python prints it on stderr, status 1
 
 
 def test_device_resolution():

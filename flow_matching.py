@@ -1,0 +1,310 @@
+r"""flow_matching.py - conditional flow matching: probability paths, the CFM loss, ODE and SDE samplers,
+minibatch OT coupling and classifier-free guidance.
+
+Lecture: 002 "Flow Matching" (ODE, flow, Euler's scheme, probability path, conditional and marginal paths,
+"Example: Gaussian conditional probability path", CFM loss, "The marginalization trick", "Data coupling",
+"Guidance", "Classifier-free guidance") and "Diffusion models" (SDE, Euler-Maruyama, score, Theorem 2).
+Run: `python flow_matching.py` (checkerboard, ~1 CPU minute), `--coupling both` (independent vs OT),
+`--data digits` (the U-Net of ddpm.py), `--data digits --cond --guidance 2`, `--sampler sde --sigma 0.5`.
+
+    path       x_t = alpha_t x_1 + beta_t x_0, x_0 ~ N(0, I), x_1 ~ data: p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I)
+               linear: alpha_t = t, beta_t = 1 - t (default); cosine: alpha_t = sin(pi t/2), beta_t = cos(pi t/2)
+    CFM loss   |v_theta(x_t, t) - (alpha'_t x_1 + beta'_t x_0)|^2, t ~ U[0, 1]  (linear: target x_1 - x_0)
+    sampling   dx/dt = v_theta(x, t) from t = 0 to 1: Euler x_{t+h} = x_t + h v_theta(x_t, t) (002), or midpoint / Heun
+    coupling   independent pairs (x_0, x_1) (default), or minibatch OT: pairs drawn from an entropic OT plan between
+               the two minibatches (sinkhorn.py), which makes the paths straighter (Tong et al. 2023)
+    guidance   labels dropped to a null token with probability eta = 0.1 per sample; sampling with
+               v~ = (1 - w) v_theta(x | null) + w v_theta(x | y)  (002, "Classifier-free guidance"; w = 1: conditional)
+    SDE        dX = [v_theta + sigma^2/2 s_theta] dt + sigma dW (002, Theorem 2), by Euler-Maruyama, with the score
+               s_theta obtained from the velocity. For the Gaussian path E[x_1|x] = (x - beta E[x_0|x])/alpha and
+               s(x) = -E[x_0|x]/beta, so v = alpha'/alpha x - beta (beta' - alpha' beta/alpha) s, i.e.
+               s = (alpha' x - alpha v) / (beta (alpha beta' - alpha' beta));  linear path: s = (t v - x)/(1 - t).
+Differences from the slides: the printed CFG training loss has sign typos; the target used here is the derivative
+of x_t, alpha'_t x_1 + beta'_t x_0 (tested against finite differences). The score is singular at t = 1 (beta = 0),
+so the SDE takes its last step from t = 1 - h, where it is finite, and adds no noise there. The OT coupling draws one x_0 per x_1 from the
+plan (with replacement), as OT-CFM does, rather than an exact permutation (exact assignment is too slow per step).
+"""
+import dataclasses, math, os, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import common
+import ddpm
+import sinkhorn
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("checkerboard", "dataset (2-D or images)", common.POINT_DATA + common.IMAGE_DATA)
+    steps: int = common.arg(15000, "training steps (images: 4500 unless given)")
+    batch_size: int = common.arg(512, "pairs per step (images: 64 unless given)")
+    lr: float = common.arg(1e-3, "Adam learning rate, decayed linearly to 0")
+    path: str = common.arg("linear", "Gaussian probability path", ["linear", "cosine"])
+    coupling: str = common.arg("independent", "how x_0 and x_1 are paired ('both' trains one model each)",
+                               ["independent", "ot", "both"])
+    solver: str = common.arg("euler", "ODE solver for samples.png", ["euler", "midpoint", "heun"])
+    sample_steps: int = common.arg(20, "ODE (or SDE) steps for samples.png and the main metrics")
+    sampler: str = common.arg("ode", "ode: dx = v dt; sde: Euler-Maruyama with the score from v", ["ode", "sde"])
+    sigma: float = common.arg(0.5, "SDE diffusion coefficient")
+    cond: bool = common.arg(False, "class-conditional (images) with classifier-free guidance")
+    guidance: float = common.arg(1.0, "w in (1 - w) v(x|null) + w v(x|y); 1 = plain conditional")
+    p_uncond: float = common.arg(0.1, "eta: probability of dropping the label (per sample)")
+    ch: int = common.arg(16, "U-Net base channels (images)")
+    hidden: int = common.arg(256, "MLP hidden units (2-D)")
+    n_samples: int = common.arg(2500, "samples for the metrics (images: 1000 unless given)")
+
+    def defaults(self, given):
+        if self.data in common.IMAGE_DATA:
+            self.steps = self.steps if "--steps" in given else 4500
+            self.batch_size = self.batch_size if "--batch-size" in given else 64
+            self.n_samples = self.n_samples if "--n-samples" in given else 1000
+
+
+# ----------------------------------------------------------------------------- probability path
+def path_coefficients(kind, t):
+    """(alpha_t, beta_t, alpha'_t, beta'_t) of the Gaussian path, t a tensor in [0, 1]."""
+    if kind == "linear":
+        return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
+    h = math.pi / 2
+    return torch.sin(h * t), torch.cos(h * t), h * torch.cos(h * t), -h * torch.sin(h * t)
+
+
+def expand(c, x):
+    return c.view(-1, *[1] * (x.dim() - 1))                              # (B,) -> (B, 1, ...)
+
+
+def cfm_target(kind, x0, x1, t):
+    """x_t = alpha_t x_1 + beta_t x_0 and its time derivative alpha'_t x_1 + beta'_t x_0 (the CFM regression target)."""
+    a, b, da, db = (expand(c, x0) for c in path_coefficients(kind, t))
+    return a * x1 + b * x0, da * x1 + db * x0
+
+
+def ot_pairs(x0, x1, gen=None):
+    """Minibatch OT coupling: for each x_1[j] draw x_0[i] with probability P_ij / b_j, P the entropic OT plan
+    (cost |x_0 - x_1|^2, eps = 0.05 * mean cost) from sinkhorn.py. Returns x_0 re-ordered to pair with x_1."""
+    C = sinkhorn.sq_dist(x0.flatten(1).double(), x1.flatten(1).double())
+    w = torch.full((len(x0),), 1.0 / len(x0), dtype=torch.float64, device=C.device)
+    P = sinkhorn.sinkhorn(w, w, C / C.mean(), 0.05, tol=1e-4, max_iter=2000)["plan"]
+    i = torch.multinomial(P.T.float().cpu() + 1e-30, 1, generator=gen)[:, 0]   # one row i per column j
+    return x0[i.to(x0.device)]
+
+
+# ----------------------------------------------------------------------------- velocity networks
+class MLPVelocity(nn.Module):
+    """v_theta(x, t) for 2-D data: [x, sinusoidal(t)] -> 3 hidden SiLU layers -> R^2."""
+    def __init__(self, hidden=256):
+        super().__init__()
+        self.n_classes = 0
+        self.net = nn.Sequential(nn.Linear(2 + 32, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+
+    def forward(self, x, t, y=None):
+        return self.net(torch.cat([x, ddpm.time_embedding(1000 * t, 32)], 1))
+
+
+class UNetVelocity(ddpm.UNet):
+    """The U-Net of ddpm.py (imported, not copied), with t in [0, 1] scaled to ddpm's 0..1000 time axis."""
+    def forward(self, x, t, y=None):
+        return super().forward(x, 1000 * t, y)
+
+
+def velocity(model, x, t, y=None, w=1.0):
+    """v~ = (1 - w) v(x | null) + w v(x | y) (002, classifier-free guidance); plain v without labels or at w = 1."""
+    tt = torch.full((len(x),), float(t), device=x.device)
+    if y is None or w == 1.0:
+        return model(x, tt, y)
+    v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, model.n_classes)]))
+    v_cond, v_null = v.chunk(2)
+    return (1 - w) * v_null + w * v_cond
+
+
+def score_from_velocity(kind, x, t, v):
+    """s = (alpha' x - alpha v) / (beta (alpha beta' - alpha' beta)) for the Gaussian path (derivation: docstring)."""
+    a, b, da, db = path_coefficients(kind, torch.tensor(float(t)))
+    return (da * x - a * v) / (b * (a * db - da * b))
+
+
+# ----------------------------------------------------------------------------- samplers
+@torch.no_grad()
+def sample(vfield, x, steps, solver="euler", sampler="ode", sigma=0.0, kind="linear", gen=None, trajectory=None):
+    """Integrate from t = 0 to 1 in `steps` steps; vfield(x, t) -> v. Returns x_1 and the number of network calls."""
+    h, calls = 1.0 / steps, 0
+    for k in range(steps):
+        t = k * h
+        v = vfield(x, t)
+        calls += 1
+        if sampler == "sde":                                             # Euler-Maruyama (002, "Simulating a SDE")
+            drift = v + sigma ** 2 / 2 * score_from_velocity(kind, x, t, v)
+            noise = torch.randn(x.shape, generator=gen).to(x.device) if k < steps - 1 else 0   # none on the last step
+            x = x + h * drift + sigma * math.sqrt(h) * noise
+        elif solver == "euler":
+            x = x + h * v                                                # x_{t+h} = x_t + h v(x_t, t)
+        elif solver == "midpoint":
+            x = x + h * vfield(x + h / 2 * v, t + h / 2)
+            calls += 1
+        else:                                                            # Heun: average of the two slopes
+            x_e = x + h * v
+            x = x + h / 2 * (v + vfield(x_e, t + h))
+            calls += 1
+        if trajectory is not None:
+            trajectory.append(x.cpu())
+    return x, calls
+
+
+# ----------------------------------------------------------------------------- metrics and pictures
+def support_frac(x):
+    """Fraction of 2-D samples on the checkerboard's 8 squares: |x|, |y| <= 4 and floor(x/2) + floor(y/2) even."""
+    cells = torch.floor(x / 2)
+    inside = (x.abs() <= 4).all(1) & ((cells[:, 0] + cells[:, 1]) % 2 == 0)
+    return float(inside.float().mean())
+
+
+def point_scores(cfg, x):
+    m = {"mmd": common.mmd(x[:2500], common.sample_2d(cfg.data, 2500, torch.Generator().manual_seed(99)))}
+    return dict(m, support_frac=support_frac(x)) if cfg.data == "checkerboard" else m
+
+
+def save_path_and_field(cfg, model, device, out):
+    """path.png: the marginal path p_t at t = 0, 1/4, 1/2, 3/4, 1 (exact samples alpha_t x_1 + beta_t x_0, 002's
+    figure); field.png: the learned velocity arrows at the same times."""
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    x1, x0 = common.sample_2d(cfg.data, 5000), torch.randn(5000, 2)
+    fig, fig2 = Figure(figsize=(15, 3)), Figure(figsize=(15, 3))
+    g = torch.linspace(-4.5, 4.5, 19)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)     # (361, 2)
+    for ax, ax2, t in zip(fig.subplots(1, 5), fig2.subplots(1, 5), ts):
+        xt, _ = cfm_target(cfg.path, x0, x1, torch.full((5000,), t))
+        ax.hist2d(*xt.numpy().T, bins=80, range=[[-5, 5], [-5, 5]], cmap="viridis")
+        with torch.no_grad():
+            v = velocity(model, grid.to(device), t).cpu()
+        ax2.quiver(*grid.numpy().T, *v.numpy().T, angles="xy")
+        for a in (ax, ax2):
+            a.set_title(f"t = {t}"), a.set_aspect("equal"), a.set_xticks([]), a.set_yticks([])
+    fig.savefig(os.path.join(out, "path.png"), dpi=90, bbox_inches="tight")
+    fig2.savefig(os.path.join(out, "field.png"), dpi=90, bbox_inches="tight")
+
+
+def save_trajectories(traj, path):
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    paths = torch.stack(traj)[:, :300].numpy()                          # (steps + 1, 300, 2)
+    ax.plot(paths[:, :, 0], paths[:, :, 1], c="0.5", lw=0.4, alpha=0.6)
+    ax.scatter(*paths[0].T, s=3, c="tab:blue", label="x_0 ~ N(0, I)"), ax.scatter(*paths[-1].T, s=3, c="tab:red", label="x_1")
+    ax.set_aspect("equal"), ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, coupling, device):
+    points = cfg.data in common.POINT_DATA
+    model = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, False, 10 if cfg.cond else 0)).to(device)
+    opt = torch.optim.Adam(model.parameters(), cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if not points:
+        x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
+    history, progress = [], common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, f"checkpoint_{coupling}.pt")
+    for step in range(1, cfg.steps + 1):
+        y = None
+        if points:
+            x1 = common.sample_2d(cfg.data, cfg.batch_size, gen).to(device)
+        else:
+            idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
+            x1 = (x_train[idx] * 2 - 1).to(device)                        # pixels to [-1, 1]
+            if cfg.cond:                                                  # drop labels to null, per sample
+                y = y_train[idx].to(device)
+                y = torch.where(torch.rand(len(y), generator=gen).to(device) < cfg.p_uncond, torch.full_like(y, 10), y)
+        x0 = torch.randn(x1.shape, generator=gen).to(device)              # x_0 ~ p_0 = N(0, I)
+        if coupling == "ot":
+            x0 = ot_pairs(x0, x1, gen)
+        t = torch.rand(len(x1), generator=gen).to(device)                # t ~ U[0, 1]
+        xt, target = cfm_target(cfg.path, x0, x1, t)
+        loss = F.mse_loss(model(xt, t, y), target)                       # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        progress(step, loss.item(), ckpt)
+        if step % 1000 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, model=model.state_dict(), step=step, config=dataclasses.asdict(cfg))
+    return model, history
+
+
+def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1):
+    """Samples x_1 (2-D points, or images in [0, 1]) and their metrics for one solver and step count."""
+    gen, points = torch.Generator().manual_seed(gen_seed), cfg.data in common.POINT_DATA
+    y = torch.arange(cfg.n_samples, device=device) % 10 if cfg.cond else None
+    shape = (cfg.n_samples, 2) if points else (cfg.n_samples, 1, 28, 28)
+    model.eval()
+    x, calls = [], 0
+    for i in range(0, cfg.n_samples, 500):
+        yb = y[i:i + 500] if y is not None else None
+        x0 = torch.randn((min(500, cfg.n_samples - i),) + shape[1:], generator=gen).to(device)
+        xb, calls = sample(lambda x, t: velocity(model, x, t, yb, cfg.guidance), x0, steps, solver, sampler,
+                           cfg.sigma, cfg.path, gen)
+        x.append(xb.cpu())
+    x = torch.cat(x)
+    if points:
+        return x, dict(point_scores(cfg, x), network_calls=calls)
+    x = (x.clamp(-1, 1) + 1) / 2
+    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir)
+    return x, dict(m, network_calls=calls)
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "flow_matching", __doc__)
+    common.check(cfg.sample_steps > 0 and cfg.n_samples > 1 and cfg.hidden > 0 and cfg.ch >= 8,
+                 "--sample-steps and --hidden must be positive, --n-samples >= 2, --ch >= 8")
+    common.check(cfg.sigma >= 0 and 0 <= cfg.p_uncond < 1, "--sigma must be >= 0 and --p-uncond in [0, 1)")
+    common.check(not cfg.cond or cfg.data in common.IMAGE_DATA, "--cond needs labelled image data (e.g. --data digits)")
+    common.check(cfg.guidance == 1.0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    points, t0 = cfg.data in common.POINT_DATA, time.time()
+    couplings = ["independent", "ot"] if cfg.coupling == "both" else [cfg.coupling]
+    models, histories = {}, {}
+    for c in couplings:
+        if cfg.sample_only:
+            models[c] = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, False, 10 if cfg.cond else 0)).to(device)
+            models[c].load_state_dict(common.load_checkpoint(os.path.join(cfg.out, f"checkpoint_{c}.pt"))["model"])
+        else:
+            models[c], histories[f"CFM loss ({c})"] = train(cfg, c, device)
+    train_seconds, model = time.time() - t0, models[couplings[0]]
+    if histories:
+        common.save_losses(histories, os.path.join(cfg.out, "loss.png"))
+    x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler)
+    torch.save(x, os.path.join(cfg.out, "samples.pt"))
+    if not points:
+        labels = torch.arange(len(x[:100])) % 10 if cfg.cond else None           # evaluate() asks class i % 10
+        common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=labels)
+    else:
+        common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
+                           title=f"{cfg.sampler} {cfg.solver}, {cfg.sample_steps} steps")
+        traj = [torch.randn(300, 2, generator=torch.Generator().manual_seed(5))]
+        sample(lambda z, t: velocity(model, z.to(device), t).cpu(), traj[0], cfg.sample_steps, cfg.solver, trajectory=traj)
+        save_trajectories(traj, os.path.join(cfg.out, "trajectories.png"))
+        save_path_and_field(cfg, model, device, cfg.out)
+        table, fig = {}, Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        for c in couplings:                                              # quality vs network calls
+            for solver in ("euler", "midpoint", "heun"):
+                rows = [(evaluate(cfg, models[c], device, solver, n)[1]) for n in (1, 2, 4, 8, 20, 100)]
+                table[f"{c}/{solver}"] = {str(n): r for n, r in zip((1, 2, 4, 8, 20, 100), rows)}
+                ax.loglog([r["network_calls"] for r in rows], [max(r["mmd"], 1e-5) for r in rows], "o-", label=f"{c}, {solver}")
+        ax.set_xlabel("network calls (NFE)"), ax.set_ylabel("MMD^2 to data"), ax.legend(fontsize=7)
+        fig.savefig(os.path.join(cfg.out, "nfe.png"), dpi=100, bbox_inches="tight")
+        metrics["by_solver"] = table
+    metrics["train_seconds"] = round(train_seconds, 2)
+    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print({k: v for k, v in metrics.items() if k != "by_solver"}, f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)
