@@ -4,7 +4,7 @@ classifier-free guidance (Ho & Salimans 2021), with a small U-Net.
 Lectures: 002 "Denoising Diffusion Probabilistic Models" (forward kernel, diffusion kernel, reverse process,
 "Training and sampling algorithms", "Implementation", "Comments"); 000 Part B section 1 (closed form,
 eps-prediction and the score, DDPM and DDIM samplers, classifier-free guidance); 000 section 5 (U-Net).
-Run: `python ddpm.py` (digits, CPU ~10 min), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
+Run: `python ddpm.py` (digits, ~7 CPU minutes), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
 `python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50 in one run).
 
 Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning "no noise" (alpha_bar_0 = 1).

@@ -4,8 +4,8 @@ minibatch OT coupling and classifier-free guidance.
 Lecture: 002 "Flow Matching" (ODE, flow, Euler's scheme, probability path, conditional and marginal paths,
 "Example: Gaussian conditional probability path", CFM loss, "The marginalization trick", "Data coupling",
 "Guidance", "Classifier-free guidance") and "Diffusion models" (SDE, Euler-Maruyama, score, Theorem 2).
-Run: `python flow_matching.py` (checkerboard, ~1 CPU minute), `--coupling both` (independent vs OT),
-`--data digits` (the U-Net of ddpm.py), `--data digits --cond --guidance 2`, `--sampler sde --sigma 0.5`.
+Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both` (independent vs OT),
+`--data digits` (the U-Net of ddpm.py), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`.
 
     path       x_t = alpha_t x_1 + beta_t x_0, x_0 ~ N(0, I), x_1 ~ data: p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I)
                linear: alpha_t = t, beta_t = 1 - t (default); cosine: alpha_t = sin(pi t/2), beta_t = cos(pi t/2)

@@ -1,7 +1,7 @@
 r"""vae.py - the variational autoencoder of Kingma & Welling, straight from the ELBO derivation.
 
 Lectures: 002 "Variational Auto-Encoders" to "VAE - instantiation example"; 004 "Variational autoencoder";
-000 section 7.3. Run: `python vae.py` (digits, ~3 CPU minutes), `python vae.py --latent-dim 2` (latent map),
+000 section 7.3. Run: `python vae.py` (digits, ~2 CPU minutes), `python vae.py --latent-dim 2` (latent map),
 `python vae.py --data mnist10k --data-dir ../shared/data/mnist --binarize` (real MNIST test files).
 
     prior          p(z) = N(0, I)
