@@ -116,12 +116,16 @@ def jsd(p, q):
 
 
 # ----------------------------------------------------------------------------- pictures
-def surface_panel(ax, f, x_fake, x_real, title):
-    """Heat map of a scalar function f of 2-D x (D's probability or the critic) with real and fake points."""
+@torch.no_grad()
+def surface(f):
+    """f (D's probability or the critic) on a 120x120 grid over [-5, 5]^2, evaluated now: (120, 120)."""
     g = torch.linspace(-5, 5, 120)
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)          # (120*120, 2)
-    with torch.no_grad():
-        values = f(grid).view(120, 120)
+    return f(grid).view(120, 120)
+
+
+def surface_panel(ax, values, x_fake, x_real, title):
+    """Heat map of a surface (see `surface`) with real and fake points."""
     im = ax.imshow(values.numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="coolwarm", alpha=0.8)
     ax.scatter(*x_real.numpy().T, s=1, c="k", alpha=0.3), ax.scatter(*x_fake.numpy().T, s=2, c="yellow")
     ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_title(title, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
@@ -129,7 +133,7 @@ def surface_panel(ax, f, x_fake, x_real, title):
 
 
 def save_progress(snapshots, path):
-    """snapshots: list of (f, fake points, real points, title) -> one panel each."""
+    """snapshots: list of (surface values, fake points, real points, title) -> one panel each."""
     fig = Figure(figsize=(3 * len(snapshots), 3.2))
     for ax, snap in zip(fig.subplots(1, len(snapshots)), snapshots):
         fig.colorbar(surface_panel(ax, *snap), ax=ax, fraction=0.046)
@@ -184,7 +188,7 @@ def train(cfg, G, D, z_dim, device):
             with torch.no_grad():
                 fake = G(torch.randn(1000, z_dim, device=device)).cpu()
             prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
-            snapshots.append((prob, fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
+            snapshots.append((surface(prob), fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
         if step % 1000 == 0 or step == cfg.steps:
             common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), step=step, config=dataclasses.asdict(cfg))
     if snapshots:

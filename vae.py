@@ -87,13 +87,18 @@ def kl_to_prior(mu, logvar):
     return -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)           # D_KL(q(z|x) || N(0,I)), closed form (002)
 
 
+def log_normal(z, mu, logvar):
+    """log N(z; mu, diag exp(logvar)) = -sum_j 1/2 log(2 pi sigma_j^2) + (z_j - mu_j)^2 / (2 sigma_j^2)."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
+
+
 def log_px_given_z(model, x, z):
     """log p_theta(x|z) summed over pixels, (B,)."""
     x, out = x.flatten(1), model.decode(z)
     if model.likelihood == "bernoulli":                                  # sum_j x_j log p_j + (1 - x_j) log(1 - p_j)
         return -F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
-    mean, logvar = out                                                   # -sum_j 1/2 log(2 pi s_j^2) + (x_j - m_j)^2 / (2 s_j^2)
-    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 / logvar.exp()).sum(1)
+    mean, logvar = out
+    return log_normal(x, mean, logvar)                                   # the slide's Gaussian log p(x|z), with 2 pi
 
 
 def negative_elbo(model, x, beta=1.0):
@@ -104,15 +109,11 @@ def negative_elbo(model, x, beta=1.0):
     return recon + beta * kl, recon, kl
 
 
-def log_normal(z, mu, logvar):
-    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
-
-
 @torch.no_grad()
 def iw_log_likelihood(model, x, K=100):
     r"""log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x); (B,)."""
     mu, logvar = model.encode(x)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn(K, *mu.shape, device=x.device)       # (K, B, J)
+    z = reparametrize(mu.expand(K, *mu.shape), logvar.expand(K, *mu.shape))             # (K, B, J), z_k ~ q
     log_pxz = log_px_given_z(model, x.repeat(K, 1, 1, 1), z.flatten(0, 1)).view(K, -1)  # (K, B)
     log_w = log_pxz + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mu, logvar)
     return torch.logsumexp(log_w, 0) - math.log(K)

@@ -140,7 +140,8 @@ def train(cfg, G, critic, z_dim, device):
         if points and step in snap_at:
             with torch.no_grad():
                 fake = G(noise(1000)).cpu()
-            snapshots.append((lambda p: critic(p.to(device)).cpu(), fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
+            values = gan.surface(lambda p: critic(p.to(device)).cpu())   # the critic as it is at this step
+            snapshots.append((values, fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
         if step % 500 == 0 or step == cfg.steps:
             common.save_checkpoint(ckpt, G=G.state_dict(), critic=critic.state_dict(), step=step,
                                    config=dataclasses.asdict(cfg))
