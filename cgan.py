@@ -1,0 +1,171 @@
+r"""cgan.py - the conditional GAN of Mirza & Osindero (2014): generator and discriminator both see the class y.
+
+Lectures: 002 "Conditional GANs (Mirza 2014)" (the loss below) and "Conditional GANs example - Pix2Pix" (the
+same loss with y ~ p(y) written out); 000 section 6.3; 003 "Conditional GAN".
+Run: `python cgan.py` (digits, ~4 CPU minutes), `python cgan.py --data mnist10k --data-dir ../shared/data/mnist`.
+
+    min_G max_D L(D, G) = E_{(x,y) ~ p_data} log D(x|y) + E_{z ~ p(z), y ~ p(y)} log(1 - D(G(z|y)|y))   (002)
+    D step   minimize -[log D(x|y) + log(1 - D(G(z|y)|y))]     (binary cross-entropy on logits: gan.d_loss)
+    G step   non-saturating: minimize -E log D(G(z|y)|y)        (default; --g-loss saturating is the minimax)
+How y enters: as in Mirza & Osindero, y is joined to the *input* of both networks. G gets [z, e_G(y)] with
+e_G a learned 16-d embedding of y, followed by gan.py's DCGAN generator. D gets the image plus a second
+input channel e_D(y), a learned 28x28 "label map" (an embedding of y with 784 entries), followed by gan.py's
+DCGAN discriminator, so its first convolution already compares pixels with the label. p(y) is uniform.
+Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
+one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py).
+"""
+import copy, dataclasses, os, time
+
+import torch
+import torch.nn as nn
+
+import common
+import gan
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("digits", "image dataset", common.IMAGE_DATA)
+    steps: int = common.arg(3000, "generator steps (one discriminator step each)")
+    batch_size: int = common.arg(64, "images per step")
+    lr: float = common.arg(2e-4, "Adam learning rate, betas (0.5, 0.999), both networks")
+    z_dim: int = common.arg(64, "size of the noise z")
+    emb_dim: int = common.arg(16, "size of G's label embedding e_G(y)")
+    g_loss: str = common.arg("nonsaturating", "generator loss", ["nonsaturating", "saturating"])
+    loss: str = common.arg("gan", "gan: the conditional minimax value; lsgan: least squares", ["gan", "lsgan"])
+    ema: float = common.arg(0.999, "decay of the moving average of G's weights used for sampling (0: off)")
+    n_samples: int = common.arg(5000, "samples for the final metrics (classes balanced)")
+
+
+# ----------------------------------------------------------------------------- data
+def batch_sampler(cfg):
+    """() -> (images in [-1, 1] (B, 1, 28, 28), labels (B,)), drawn with replacement from the train split."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, y = common.load_images(cfg.data, "train", cfg.data_dir)
+
+    def sample():
+        i = torch.randint(len(x), (cfg.batch_size,), generator=gen)
+        return x[i] * 2 - 1, y[i]
+    return sample
+
+
+# ----------------------------------------------------------------------------- models
+class Generator(nn.Module):
+    """G(z|y) = DCGAN generator of [z, e_G(y)]: (B, z_dim), (B,) -> (B, 1, 28, 28) in [-1, 1]."""
+    def __init__(self, z_dim, emb_dim, n_classes=10):
+        super().__init__()
+        self.embed = nn.Embedding(n_classes, emb_dim)
+        self.net = gan.dcgan_generator(z_dim + emb_dim)
+
+    def forward(self, z, y):
+        return self.net(torch.cat([z, self.embed(y)], 1))               # (B, z_dim + emb_dim)
+
+
+class Discriminator(nn.Module):
+    """D(x|y) as a logit: the DCGAN discriminator on [x, e_D(y)], e_D(y) a learned 1x28x28 label map."""
+    def __init__(self, n_classes=10):
+        super().__init__()
+        self.label_map = nn.Embedding(n_classes, 28 * 28)
+        self.net = gan.dcgan_discriminator()
+        self.net[0] = nn.Conv2d(2, 64, 4, 2, 1)                          # two input channels: image and label map
+
+    def forward(self, x, y):
+        return self.net(torch.cat([x, self.label_map(y).view(-1, 1, 28, 28)], 1))   # (B, 2, 28, 28) -> (B, 1)
+
+
+# ----------------------------------------------------------------------------- sampling and pictures
+@torch.no_grad()
+def sample(G, z, y, batch_size=1000):
+    """G(z|y) mapped back to [0, 1], in batches, on the CPU."""
+    G.eval()
+    dev = next(G.parameters()).device
+    out = [(G(zb.to(dev), yb.to(dev)).cpu() + 1) / 2 for zb, yb in zip(z.split(batch_size), y.split(batch_size))]
+    return torch.cat(out)
+
+
+def class_grid(G, z_dim, seed=0):
+    """10 rows (class y = 0..9) x 10 columns (one fixed z per column): (100, 1, 28, 28)."""
+    z = torch.randn(10, z_dim, generator=torch.Generator().manual_seed(seed))
+    return sample(G, z.repeat(10, 1), torch.arange(10).repeat_interleave(10))   # row y, column z
+
+
+def interpolation_grid(G, z_dim, seed=1, n=10):
+    """Row y: G((1 - t) z_0 + t z_1 | y) for t in [0, 1], the same z_0, z_1 for every row."""
+    z0, z1 = torch.randn(2, z_dim, generator=torch.Generator().manual_seed(seed))
+    t = torch.linspace(0, 1, n)[:, None]
+    z = ((1 - t) * z0 + t * z1).repeat(10, 1)                           # (10 n, z_dim)
+    return sample(G, z, torch.arange(10).repeat_interleave(n)), n
+
+
+# ----------------------------------------------------------------------------- training
+@torch.no_grad()
+def ema_update(G_ema, G, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta; BatchNorm statistics are copied."""
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
+
+
+def train(cfg, G, D, G_ema, device):
+    real = batch_sampler(cfg)
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
+    decay = lambda step: min(1.0, 2 * (1 - step / cfg.steps))            # constant, then linear to 0 (2nd half)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
+    history, progress = {"D loss": [], "G loss": []}, common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    for step in range(1, cfg.steps + 1):
+        x, y = (t.to(device) for t in real())
+        z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
+        y_fake = torch.randint(10, (cfg.batch_size,), device=device)    # y ~ p(y), uniform
+        x_fake = G(z, y_fake)
+        loss_d = gan.d_loss(cfg, D(x, y), D(x_fake.detach(), y_fake))  # -[log D(x|y) + log(1 - D(G(z|y)|y))]
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        loss_g = gan.g_loss(cfg, D(x_fake, y_fake))                    # -log D(G(z|y)|y)  (non-saturating)
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        ema_update(G_ema, G, cfg.ema)
+        for s in scheds:
+            s.step()
+        history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
+        progress(step, loss_d.item() + loss_g.item(), ckpt)
+        if step % 1000 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), step=step,
+                                   config=dataclasses.asdict(cfg))
+    return history
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "cgan", __doc__)
+    common.check(cfg.z_dim > 0 and cfg.emb_dim > 0 and cfg.n_samples >= 10,
+                 "--z-dim and --emb-dim must be positive and --n-samples at least 10")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    G, D = Generator(cfg.z_dim, cfg.emb_dim).to(device), Discriminator().to(device)
+    G_ema, t0, history = copy.deepcopy(G), time.time(), {}
+    if cfg.sample_only:
+        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), G_ema.load_state_dict(state["G_ema"])
+    else:
+        history = train(cfg, G, D, G_ema, device)
+        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
+    G = G_ema                                                            # sample from the average (= G if --ema 0)
+    y = torch.arange(cfg.n_samples) % 10                                 # balanced classes
+    x = sample(G, torch.randn(cfg.n_samples, cfg.z_dim), y)
+    metrics = common.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir)
+    torch.save(x, os.path.join(cfg.out, "samples.pt"))                   # sample i has class i % 10
+    common.save_images(class_grid(G, cfg.z_dim), os.path.join(cfg.out, "samples.png"))
+    grid, n = interpolation_grid(G, cfg.z_dim)
+    common.save_images(grid, os.path.join(cfg.out, "interpolation.png"), nrow=n)
+    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)

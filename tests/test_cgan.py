@@ -1,0 +1,62 @@
+"""Tests of cgan.py: G and D really use y, the conditional loss, a short run learns the labels, outputs."""
+import json, os
+
+import pytest
+import torch
+
+import cgan
+import common
+
+
+class Cfg:
+    loss, g_loss = "gan", "nonsaturating"
+
+
+def test_generator_and_discriminator_use_the_label():
+    torch.manual_seed(0)
+    G, D = cgan.Generator(8, 4).eval(), cgan.Discriminator().eval()
+    z = torch.randn(5, 8)
+    y0, y1 = torch.zeros(5, dtype=torch.long), torch.full((5,), 3)
+    with torch.no_grad():
+        x0, x1 = G(z, y0), G(z, y1)
+        assert x0.shape == (5, 1, 28, 28) and x0.abs().max() <= 1
+        assert (x0 - x1).abs().mean() > 1e-3                           # same z, other class: another image
+        assert (D(x0, y0) - D(x0, y1)).abs().max() > 1e-4              # same image, other class: another score
+        assert D(x0, y0).shape == (5, 1)
+
+
+def test_conditional_loss_is_the_minimax_value_on_hand_logits():
+    l_real, l_fake = torch.tensor([[2.0]]), torch.tensor([[-1.0]])
+    D_real, D_fake = torch.sigmoid(l_real), torch.sigmoid(l_fake)
+    value = torch.log(D_real) + torch.log(1 - D_fake)                   # log D(x|y) + log(1 - D(G(z|y)|y))
+    assert cgan.gan.d_loss(Cfg, l_real, l_fake).item() == pytest.approx(-value.item(), abs=1e-6)
+    assert cgan.gan.g_loss(Cfg, l_fake).item() == pytest.approx(-torch.log(D_fake).item(), abs=1e-6)
+
+
+def test_grids_put_classes_in_rows_and_z_in_columns():
+    torch.manual_seed(0)
+    G = cgan.Generator(8, 4)
+    grid = cgan.class_grid(G, 8)
+    assert grid.shape == (100, 1, 28, 28) and grid.min() >= 0 and grid.max() <= 1
+    interp, n = cgan.interpolation_grid(G, 8)
+    assert interp.shape == (10 * n, 1, 28, 28)
+
+
+def test_short_run_learns_the_labels_and_sample_only_reloads(tmp_path):
+    args = ["--steps", "150", "--ema", "0", "--n-samples", "500", "--out", str(tmp_path)]   # EMA needs ~1000 steps
+    rec = cgan.main(args)
+    assert rec["class_accuracy"] > 0.3                                  # chance is 0.1 (about 0.5 at 300 steps)
+    for name in ("samples.png", "samples.pt", "interpolation.png", "loss.png", "checkpoint.pt", "metrics.json"):
+        assert os.path.exists(tmp_path / name)
+    assert json.load(open(tmp_path / "metrics.json"))["steps"] == 150
+    x = torch.load(tmp_path / "samples.pt")
+    assert x.shape == (500, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    again = cgan.main(["--sample-only", "--ema", "0", "--n-samples", "500", "--out", str(tmp_path)])
+    assert again["class_accuracy"] == pytest.approx(rec["class_accuracy"], abs=0.08)
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    with pytest.raises(common.UserError):
+        cgan.main(["--z-dim", "0", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError):
+        cgan.main(["--steps", "-1", "--out", str(tmp_path)])
