@@ -1,0 +1,295 @@
+r"""cyclegan.py - unpaired image-to-image translation with cycle consistency (Zhu et al. 2017).
+
+Lectures: 002 "Cycle GANs (Zhu 2017)" (the losses below) and "Conditional GANs example - Pix2Pix" (the L1 term);
+000 section 6.3. Run: `python cyclegan.py` (built-in digit domains, ~9 CPU minutes), or
+`python cyclegan.py --data-dir PATH` where PATH/trainA and PATH/trainB hold images (the layout of the public
+CycleGAN datasets, e.g. horse2zebra), read with matplotlib and resized to --image-size.
+
+Two mappings G: X -> Y and F: Y -> X, two discriminators D_Y (y vs G(x)) and D_X (x vs F(y)), trained with
+  least-squares adversarial terms (002, "Note: they replaced ... by a mean square error term"):
+    D_Y minimizes 1/2 [E (D_Y(y) - 1)^2 + E D_Y(G(x))^2],   G minimizes E (D_Y(G(x)) - 1)^2     (same for F, D_X)
+  cycle consistency (002, "Training"):   L_cyc(G, F) = E |F(G(x)) - x|_1 + E |G(F(y)) - y|_1
+  identity (Zhu et al. section 5.2):     L_id(G, F)  = E |G(y) - y|_1 + E |F(x) - x|_1
+    L = L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc + lambda_id lambda L_id,  lambda = 10, lambda_id = 0.5
+  |.|_1 is averaged over pixels (the paper's code). D sees fakes from a pool of the last 50 generated images
+  (half the time a stored one, Shrivastava et al.), --pool 0 turns it off. Adam(2e-4, (0.5, 0.999)), the
+  learning rate constant for the first half of the steps and then linearly decayed to 0, as in the paper.
+Built-in domains, made from the `digits` (or --data) images, both stored as 3 channels in [-1, 1]:
+  X = the images as rendered: white glyph on black, grey (the one channel copied three times);
+  Y = bold italic, dark blue ink (0.1, 0.15, 0.45) on a light orange background (1.0, 0.85, 0.55): the glyph m
+      is thickened by a 3x3 max filter (bold), sheared by x <- x + 0.3 y (italic), then y = bg + (ink - bg) m.
+  X uses train images 0..29999, Y images 30000..59999 (test: 0..4999 and 5000..9999), drawn independently:
+  no pair is ever seen. Their labels are used only to evaluate: the shared evaluator CNN (common.py) trained on
+  digits classifies F(y) (channel mean), and one trained the same way on Y (channel mean) classifies G(x).
+Networks (small versions of the paper's): G = c7s1-16, d32, d64, 3 residual blocks, u32, u16, c7s1-3 with
+instance norm and reflection padding; D = 3-layer PatchGAN (C32, C64, C128, then a 1-channel map of patch
+scores). Differences from the paper: 16 instead of 64 base channels, 3 instead of 9 residual blocks, 28x28.
+"""
+import dataclasses, math, os, time
+
+import matplotlib.image
+import torch
+import torch.nn as nn
+import torch.nn.functional as nnf                                      # F is the mapping Y -> X here
+
+import common
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("digits", "image data the two built-in domains are made from", common.IMAGE_DATA)
+    data_dir: str = common.arg("", "a folder with trainA/ and trainB/ images (then no built-in domains), "
+                                   "or the IDX folder of --data mnist/fashion")
+    steps: int = common.arg(2400, "training steps (one G/F update and one D_X/D_Y update each)")
+    batch_size: int = common.arg(16, "images per domain per step")
+    lr: float = common.arg(2e-4, "Adam learning rate, linearly decayed to 0 over the second half")
+    lam: float = common.arg(10.0, "lambda, the weight of the cycle loss")
+    lambda_id: float = common.arg(0.5, "identity loss weight, as a fraction of lambda (0: off)")
+    pool: int = common.arg(50, "size of the image pool of fakes shown to D (0: off)")
+    ngf: int = common.arg(16, "base channels of the generators")
+    ndf: int = common.arg(32, "base channels of the discriminators")
+    n_res: int = common.arg(3, "residual blocks in each generator")
+    image_size: int = common.arg(0, "image side, a multiple of 4 (0: 28 for digits, 64 for folders)")
+    n_eval: int = common.arg(2000, "test images per domain for the metrics")
+
+    def defaults(self, given):
+        self.image_size = self.image_size or (64 if is_folder_pair(self.data_dir) else 28)
+
+
+# ----------------------------------------------------------------------------- data
+INK, BACKGROUND = torch.tensor([0.1, 0.15, 0.45]), torch.tensor([1.0, 0.85, 0.55])
+
+
+def is_folder_pair(path):
+    return bool(path) and os.path.isdir(os.path.join(path, "trainA")) and os.path.isdir(os.path.join(path, "trainB"))
+
+
+def domain_x(m):
+    """Grey glyphs m (N, 1, H, W) in [0, 1] -> X: white on black, 3 channels, in [-1, 1]."""
+    return m.repeat(1, 3, 1, 1) * 2 - 1
+
+
+def domain_y(m, shear=0.3):
+    """Grey glyphs -> Y: bold (3x3 max filter), italic (x <- x + shear y), dark ink on a light background."""
+    m = nnf.max_pool2d(m, 3, 1, 1)                                        # bold
+    theta = torch.tensor([[1.0, shear, 0.0], [0.0, 1.0, 0.0]]).expand(len(m), 2, 3)
+    m = nnf.grid_sample(m, nnf.affine_grid(theta, m.shape, align_corners=False), align_corners=False)   # italic
+    img = BACKGROUND.view(1, 3, 1, 1) + (INK - BACKGROUND).view(1, 3, 1, 1) * m    # (N, 3, H, W)
+    return img * 2 - 1
+
+
+def load_folder(path, size):
+    """All .png/.jpg images in a folder, RGB (grey copied to 3 channels), resized to size x size, in [-1, 1]."""
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    common.check(files, f"no .png or .jpg images in {path}")
+    out = []
+    for name in files:
+        im = matplotlib.image.imread(os.path.join(path, name))
+        im = torch.tensor(im.copy(), dtype=torch.float32) / (255.0 if im.dtype.kind == "u" else 1.0)
+        im = (im[..., None] if im.ndim == 2 else im)[..., :3].permute(2, 0, 1)[None]   # (1, C, H, W)
+        im = nnf.interpolate(im.expand(1, 3, -1, -1), size=(size, size), mode="bilinear", antialias=True)
+        out.append(im.clamp(0, 1) * 2 - 1)
+    return torch.cat(out)
+
+
+def load_domains(cfg, split):
+    """(x, y, labels of x or None, labels of y or None), images (N, 3, S, S) in [-1, 1]."""
+    if is_folder_pair(cfg.data_dir):
+        name = "train" if split == "train" else "test"
+        get = lambda d: os.path.join(cfg.data_dir, name + d) if os.path.isdir(os.path.join(cfg.data_dir, name + d)) \
+            else os.path.join(cfg.data_dir, "train" + d)                # no testA/testB: evaluate on train
+        return load_folder(get("A"), cfg.image_size), load_folder(get("B"), cfg.image_size), None, None
+    m, labels = common.load_images(cfg.data, split, cfg.data_dir)
+    half = len(m) // 2                                                   # X and Y from disjoint halves
+    resize = lambda t: t if cfg.image_size == 28 else nnf.interpolate(t, size=cfg.image_size, mode="bilinear")
+    return domain_x(resize(m[:half])), domain_y(resize(m[half:])), labels[:half], labels[half:]
+
+
+# ----------------------------------------------------------------------------- models
+def conv_norm_relu(c_in, c_out, k, stride=1, transpose=False):
+    conv = nn.ConvTranspose2d(c_in, c_out, k, stride, 1, output_padding=1) if transpose else \
+        nn.Conv2d(c_in, c_out, k, stride, k // 2, padding_mode="reflect" if stride == 1 else "zeros")
+    return [conv, nn.InstanceNorm2d(c_out, affine=True), nn.ReLU()]
+
+
+class ResidualBlock(nn.Module):
+    """x + conv-IN-ReLU-conv-IN(x) (He et al.), the body of the CycleGAN generator."""
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(*conv_norm_relu(c, c, 3), nn.Conv2d(c, c, 3, 1, 1, padding_mode="reflect"),
+                                  nn.InstanceNorm2d(c, affine=True))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def generator(c_in=3, c_out=3, ngf=16, n_res=3):
+    """Encoder (c7s1, two stride-2 convs), residual blocks at 1/4 size, decoder (two transposed convs, c7s1, tanh)."""
+    return nn.Sequential(*conv_norm_relu(c_in, ngf, 7), *conv_norm_relu(ngf, 2 * ngf, 3, 2),
+                         *conv_norm_relu(2 * ngf, 4 * ngf, 3, 2), *[ResidualBlock(4 * ngf) for _ in range(n_res)],
+                         *conv_norm_relu(4 * ngf, 2 * ngf, 3, 2, transpose=True),
+                         *conv_norm_relu(2 * ngf, ngf, 3, 2, transpose=True),
+                         nn.Conv2d(ngf, c_out, 7, 1, 3, padding_mode="reflect"), nn.Tanh())
+
+
+def discriminator(c_in=3, ndf=32):
+    """PatchGAN: each output pixel scores one overlapping patch of the input as real (1) or fake (0)."""
+    return nn.Sequential(nn.Conv2d(c_in, ndf, 4, 2, 1), nn.LeakyReLU(0.2),
+                         nn.Conv2d(ndf, 2 * ndf, 4, 2, 1), nn.InstanceNorm2d(2 * ndf, affine=True), nn.LeakyReLU(0.2),
+                         nn.Conv2d(2 * ndf, 4 * ndf, 4, 1, 1), nn.InstanceNorm2d(4 * ndf, affine=True), nn.LeakyReLU(0.2),
+                         nn.Conv2d(4 * ndf, 1, 4, 1, 1))
+
+
+class ImagePool:
+    """History of generated images: until full, store and return each new image; then with probability 1/2
+    return a stored image (replacing it by the new one), else the new image (Zhu et al. section 4)."""
+    def __init__(self, size, gen=None):
+        self.size, self.images, self.gen = size, [], gen
+
+    def query(self, batch):
+        if self.size == 0:
+            return batch
+        out = []
+        for img in batch.detach():
+            if len(self.images) < self.size:
+                self.images.append(img)
+                out.append(img)
+            elif torch.rand(1, generator=self.gen).item() < 0.5:
+                i = torch.randint(self.size, (1,), generator=self.gen).item()
+                out.append(self.images[i])
+                self.images[i] = img
+            else:
+                out.append(img)
+        return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- losses
+def lsgan_d_loss(d_real, d_fake):
+    return 0.5 * (((d_real - 1) ** 2).mean() + (d_fake ** 2).mean())   # 1/2 [E (D(y) - 1)^2 + E D(G(x))^2]
+
+
+def lsgan_g_loss(d_fake):
+    return ((d_fake - 1) ** 2).mean()                                    # E (D_Y(G(x)) - 1)^2
+
+
+def cycle_loss(G, F, x, y, fake_y, fake_x):
+    return (F(fake_y) - x).abs().mean() + (G(fake_x) - y).abs().mean()  # |F(G(x)) - x|_1 + |G(F(y)) - y|_1
+
+
+def identity_loss(G, F, x, y):
+    return (G(y) - y).abs().mean() + (F(x) - x).abs().mean()            # |G(y) - y|_1 + |F(x) - x|_1
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, nets, device):
+    G, F, D_X, D_Y = nets
+    x_all, y_all, _, _ = load_domains(cfg, "train")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = lambda t: t[torch.randint(len(t), (cfg.batch_size,), generator=gen)].to(device)   # independent draws
+    opt_g = torch.optim.Adam(list(G.parameters()) + list(F.parameters()), cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(list(D_X.parameters()) + list(D_Y.parameters()), cfg.lr, betas=(0.5, 0.999))
+    decay = lambda step: min(1.0, 2 * (1 - step / cfg.steps))            # 1 for the first half, then linear to 0
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
+    pool_x, pool_y = ImagePool(cfg.pool, gen), ImagePool(cfg.pool, gen)
+    history, progress = {"G+F loss": [], "D_X+D_Y loss": []}, common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    for step in range(1, cfg.steps + 1):
+        x, y = batch(x_all), batch(y_all)
+        fake_y, fake_x = G(x), F(y)
+        loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x)) + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)
+        if cfg.lambda_id > 0:
+            loss_g = loss_g + cfg.lambda_id * cfg.lam * identity_loss(G, F, x, y)
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        loss_d = lsgan_d_loss(D_Y(y), D_Y(pool_y.query(fake_y))) + lsgan_d_loss(D_X(x), D_X(pool_x.query(fake_x)))
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        for s in scheds:
+            s.step()
+        history["G+F loss"].append(loss_g.item()), history["D_X+D_Y loss"].append(loss_d.item())
+        progress(step, loss_g.item() + loss_d.item(), ckpt)
+        if step % 500 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, **{k: n.state_dict() for k, n in zip(("G", "F", "D_X", "D_Y"), nets)},
+                                   step=step, config=dataclasses.asdict(cfg))
+    return history
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def translate(net, x, batch_size=500):
+    net.eval()
+    dev = next(net.parameters()).device
+    return torch.cat([net(b.to(dev)).cpu() for b in x.split(batch_size)])
+
+
+def grey(x):
+    """[-1, 1] 3-channel images -> their channel mean in [0, 1], the evaluator's input (N, 1, S, S)."""
+    return ((x.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+
+
+def y_classifier(cfg):
+    """The shared evaluator CNN trained (3 epochs) on the channel mean of the Y train images; cached in .cache/."""
+    path = os.path.join(common.CACHE, f"classifier_{cfg.data}_cycleY_v1.pt")
+    if not os.path.exists(path):
+        y_train, labels = load_domains(cfg, "train")[1::2]
+        with torch.random.fork_rng():
+            os.makedirs(common.CACHE, exist_ok=True)
+            common.save_checkpoint(path, **common.train_classifier(grey(y_train), labels, epochs=3).state_dict())
+    net = common.make_classifier()
+    net.load_state_dict(common.load_checkpoint(path))
+    return net.eval()
+
+
+def evaluate(cfg, G, F):
+    x, y, lx, ly = load_domains(cfg, "test")
+    x, y = x[:cfg.n_eval], y[:cfg.n_eval]
+    fake_y, fake_x = translate(G, x), translate(F, y)
+    rec_x, rec_y = translate(F, fake_y), translate(G, fake_x)
+    metrics = {"cycle_l1_x": float((rec_x - x).abs().mean()), "cycle_l1_y": float((rec_y - y).abs().mean())}
+    if lx is not None and cfg.image_size == 28:
+        lx, ly = lx[:cfg.n_eval], ly[:cfg.n_eval]
+        net_x, net_y = common.get_classifier(cfg.data, cfg.data_dir), y_classifier(cfg)   # trained on X; on Y
+        feats_fake, p_fake = common.classify(net_y, grey(fake_y))
+        feats_real, _ = common.classify(net_y, grey(y))
+        metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx).float().mean()),
+                       label_preservation_yx=float((common.classify(net_x, grey(fake_x))[1].argmax(1) == ly).float().mean()),
+                       fd_y=common.frechet_distance(feats_fake, feats_real),
+                       evaluator_y_accuracy=float((common.classify(net_y, grey(y))[1].argmax(1) == ly).float().mean()))
+    rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]  # x, G(x), F(G(x)); y, F(y), G(F(y))
+    common.save_images((torch.cat(rows) + 1) / 2, os.path.join(cfg.out, "translation.png"))
+    common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
+    torch.save((fake_y + 1) / 2, os.path.join(cfg.out, "samples.pt"))
+    return metrics
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "cyclegan", __doc__)
+    common.check(cfg.image_size % 4 == 0 and cfg.image_size >= 16,
+                 f"--image-size must be a multiple of 4 and at least 16 (two stride-2 steps), got {cfg.image_size}")
+    common.check(cfg.lam >= 0 and cfg.lambda_id >= 0 and cfg.pool >= 0 and min(cfg.ngf, cfg.ndf, cfg.n_eval) > 0
+                 and cfg.n_res >= 0, "--lam, --lambda-id, --pool, --n-res must be >= 0 and --ngf, --ndf, --n-eval > 0")
+    common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits",
+                 f"--data-dir {cfg.data_dir} has no trainA/ and trainB/ folders (digits need no --data-dir)")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device) for _ in range(2)] + \
+        [discriminator(3, cfg.ndf).to(device) for _ in range(2)]
+    t0, history = time.time(), {}
+    if cfg.sample_only:
+        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+        for key, net in zip(("G", "F", "D_X", "D_Y"), nets):
+            net.load_state_dict(state[key])
+    else:
+        history = train(cfg, nets, device)
+        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
+    metrics = evaluate(cfg, nets[0], nets[1])
+    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,98 @@
+"""Tests of cyclegan.py: network shapes, the cycle and identity losses by hand, the LSGAN terms, the image
+pool, the domains, the folder loader, and runs."""
+import json, os
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+import common
+import cyclegan
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [28, 32])
+def test_generator_keeps_the_size_and_patchgan_gives_a_map(channels, size):
+    torch.manual_seed(0)
+    G, D = cyclegan.generator(channels, channels, ngf=8, n_res=2), cyclegan.discriminator(channels, ndf=8)
+    x = torch.randn(2, channels, size, size)
+    assert G(x).shape == x.shape                                        # 28 -> 14 -> 7 -> 14 -> 28
+    assert G(x).abs().max() <= 1
+    out = D(x)
+    assert out.shape[:2] == (2, 1) and out.shape[2] == out.shape[3] and out.shape[2] > 1   # one score per patch
+
+
+def test_cycle_and_identity_losses_equal_hand_values():
+    x, y = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    G = lambda t: t + 0.5                                                # X -> Y
+    F = lambda t: 2 * t                                                  # Y -> X
+    fake_y, fake_x = G(x), F(y)                                          # 0.5 and 2
+    # |F(G(x)) - x| = |1 - 0| = 1; |G(F(y)) - y| = |2.5 - 1| = 1.5 (per-pixel means)
+    assert cyclegan.cycle_loss(G, F, x, y, fake_y, fake_x).item() == pytest.approx(2.5)
+    # |G(y) - y| = 0.5; |F(x) - x| = 0
+    assert cyclegan.identity_loss(G, F, x, y).item() == pytest.approx(0.5)
+
+
+def test_least_squares_terms():
+    d_real, d_fake = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0])
+    # 1/2 [mean((1-1)^2, (0-1)^2) + mean(0.5^2, 0^2)] = 1/2 [0.5 + 0.125]
+    assert cyclegan.lsgan_d_loss(d_real, d_fake).item() == pytest.approx(0.3125)
+    assert cyclegan.lsgan_g_loss(d_fake).item() == pytest.approx((0.25 + 1) / 2)
+
+
+def test_image_pool_returns_stored_images_half_the_time_once_full():
+    pool = cyclegan.ImagePool(50, torch.Generator().manual_seed(0))
+    first = torch.arange(50.0).view(50, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)                        # filling: every image comes back as is
+    stored = 0
+    for k in range(200):
+        new = torch.full((10, 1, 1, 1), 1000.0 + k)
+        stored += int((pool.query(new) != new).sum())
+    assert abs(stored / 2000 - 0.5) < 0.05
+    assert torch.equal(cyclegan.ImagePool(0).query(first), first)       # --pool 0: off
+
+
+def test_domains_are_different_renderings_of_the_same_glyphs():
+    m = torch.zeros(1, 1, 28, 28)
+    m[0, 0, 6:22, 13] = 1                                                # a thin vertical stroke
+    x, y = cyclegan.domain_x(m), cyclegan.domain_y(m)
+    assert x.shape == y.shape == (1, 3, 28, 28) and x.min() >= -1 and y.max() <= 1
+    assert torch.equal(x[0, 0], x[0, 1])                                 # X: grey
+    corner = (y[0, :, 0, 0] + 1) / 2
+    assert torch.allclose(corner, cyclegan.BACKGROUND)                  # Y: light background
+    ink = (cyclegan.grey(y) < 0.4).float()[0, 0]
+    assert ink.sum() > 2 * m.sum()                                       # bold: thicker
+    rows = ink.nonzero()
+    top, bottom = rows[rows[:, 0] == rows[:, 0].min(), 1].float().mean(), rows[rows[:, 0] == rows[:, 0].max(), 1].float().mean()
+    assert top > bottom + 2                                              # italic: the top leans right
+
+
+def test_folder_loader_and_run(tmp_path):
+    rng = np.random.default_rng(0)
+    for d in ("trainA", "trainB"):
+        os.makedirs(tmp_path / "data" / d)
+        for i in range(3):
+            img = rng.random((40, 30, 3)) if i else rng.random((20, 20))   # RGB and grey, other sizes
+            matplotlib.image.imsave(tmp_path / "data" / d / f"{i}.png", img, cmap="gray")
+    x = cyclegan.load_folder(str(tmp_path / "data" / "trainA"), 16)
+    assert x.shape == (3, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    rec = cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--steps", "2", "--batch-size", "2",
+                         "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
+    assert "cycle_l1_x" in rec and "label_preservation_xy" not in rec   # no labels in folders
+    with pytest.raises(common.UserError):
+        cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "18", "--out", str(tmp_path / "run")])
+    with pytest.raises(common.UserError):
+        cyclegan.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
+
+
+def test_smoke_run_on_digits_and_sample_only(tmp_path):
+    args = ["--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "200", "--out", str(tmp_path)]
+    rec = cyclegan.main(args)
+    for key in ("label_preservation_xy", "label_preservation_yx", "cycle_l1_x", "cycle_l1_y", "fd_y"):
+        assert key in rec
+    for name in ("samples.png", "samples.pt", "translation.png", "loss.png", "checkpoint.pt", "metrics.json"):
+        assert os.path.exists(tmp_path / name)
+    again = cyclegan.main(args + ["--sample-only"])
+    assert again["cycle_l1_x"] == pytest.approx(rec["cycle_l1_x"], abs=1e-5)
+    assert json.load(open(tmp_path / "metrics.json"))["steps"] == 0
