@@ -1,0 +1,336 @@
+r"""mgn.py - monotone gradient networks (Chaudhari, Pranav & Moura 2023, 2025): networks g = grad phi with phi
+convex by construction, used to learn gradients of convex functions and optimal transport (Brenier) maps.
+
+Lecture: 001 "Final project - Learning Gradients of Convex Functions with Monotone Gradient Networks" (its
+experiments 1-5 are the --task values; its numbers are in the README next to ours); 000 section 2 (OT).
+Run: `python mgn.py --task gradient|ot-gaussian|ot-banana|generate|recolor [--net cmgn|mmgn]`.
+
+C-MGN (cascaded), one weight W (h, d) shared by all layers, sigma = tanh (nondecreasing) everywhere:
+    z_0 = W x + b_0,   z_l = W x + sigma(z_{l-1}) + b_l  (l = 1..L-1),   g(x) = W^T sigma(z_{L-1}) + V^T V x + b_L
+  Jacobian. With D_l = diag sigma'(z_{l-1}) >= 0 (D_L for the output): dz_0/dx = W, dz_l/dx = W + D_l dz_{l-1}/dx,
+  so dz_{L-1}/dx = (I + D_{L-1} + D_{L-1} D_{L-2} + ... + D_{L-1}...D_1) W and
+    J_g(x) = W^T D_L (I + D_{L-1} + D_{L-1} D_{L-2} + ...) W + V^T V = W^T Delta W + V^T V,
+  where Delta is a product and sum of nonnegative *diagonal* matrices, hence diagonal with Delta >= 0:
+  J_g is symmetric PSD at every x, so g is the gradient of a convex function (a symmetric Jacobian on R^d
+  makes g a gradient field; PSD makes its potential convex). The shared W is what makes it symmetric.
+M-MGN (modular), K modules W_k (h, d), s(z) = sum_i log cosh z_i, grad s = tanh:
+    g(x) = a + V^T V x + sum_k s(W_k x + b_k) W_k^T tanh(W_k x + b_k)
+         = grad phi(x),  phi(x) = a^T x + 1/2 |V x|^2 + sum_k 1/2 s(W_k x + b_k)^2,
+  convex because s >= 0 is convex (so s^2 is convex). J_g = V^T V + sum_k W_k^T (s_k diag(1 - tanh^2) + t_k t_k^T) W_k.
+OT tasks (Brenier): the optimal map for |x - y|^2 from mu to nu is the unique gradient of a convex function with
+T#mu = nu, so T = scale * g((x - m_x) / s_x) + m_y is trained to minimise the debiased Sinkhorn divergence
+S_eps(T#mu_n, nu_n) between minibatches (sinkhorn.sinkhorn_divergence). The fixed scalar scales s_x, scale > 0
+and shifts (data means and stds) keep the Jacobian (scale / s_x) J_g symmetric PSD: T stays monotone.
+Protocol differences from 001: every metric is on held-out samples (001's table does not say), W_2 is exact
+(assignment on 1000 points), and 001's "Wasserstein" is taken as the mean over coordinates of the 1-D W_1
+(`coord_w1`); each metric's value for two independent samples of the target itself (`*_floor`) is reported too.
+"""
+import dataclasses, math, os, time
+
+import matplotlib, matplotlib.image
+import torch
+import torch.nn as nn
+from matplotlib.figure import Figure
+
+import common
+import sinkhorn
+
+TASKS = ("gradient", "ot-gaussian", "ot-banana", "generate", "recolor")
+# task -> steps, batch, lr, hidden h, layers L / modules K, eps (in standardised units)
+TASK_DEFAULTS = {"gradient": (20000, 1024, 1e-2, 32, 3, 0.01), "ot-gaussian": (2000, 512, 3e-3, 16, 3, 0.05),
+                 "ot-banana": (1000, 512, 3e-3, 32, 4, 0.1), "generate": (1500, 128, 1e-3, 256, 10, 100.0),
+                 "recolor": (600, 512, 3e-3, 16, 3, 0.1)}
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    task: str = common.arg("gradient", "experiment to run (001's experiments)", TASKS)
+    net: str = common.arg("mmgn", "cmgn: cascaded; mmgn: modular (generate: cmgn unless given)", ["cmgn", "mmgn"])
+    data: str = common.arg("digits", "images for --task generate", common.IMAGE_DATA)
+    steps: int = common.arg(0, "Adam steps (0: the task's default, see TASK_DEFAULTS)")
+    batch_size: int = common.arg(0, "points per step and per side (0: the task's default)")
+    lr: float = common.arg(0.0, "Adam learning rate, cosine-decayed to 0 (0: the task's default)")
+    hidden: int = common.arg(0, "width h of W (C-MGN) or of each W_k (M-MGN) (0: the task's default)")
+    depth: int = common.arg(0, "layers L (C-MGN) or modules K (M-MGN) (0: the task's default)")
+    eps: float = common.arg(0.0, "Sinkhorn epsilon in standardised units, cost |x - y|^2 (0: the task's default)")
+    n_test: int = common.arg(10000, "held-out points for the metrics")
+    source: str = common.arg("", "recolor: source image (default matplotlib's grace_hopper.jpg)")
+    target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
+
+    def defaults(self, given):
+        steps, batch, lr, hidden, depth, eps = TASK_DEFAULTS[self.task]
+        self.steps, self.batch_size, self.lr = self.steps or steps, self.batch_size or batch, self.lr or lr
+        self.hidden, self.depth, self.eps = self.hidden or hidden, self.depth or depth, self.eps or eps
+        self.net = self.net if "--net" in given or self.task != "generate" else "cmgn"
+
+
+# ----------------------------------------------------------------------------- data
+def f_convex(x):
+    """f(x) = x1^4 + x1^2/2 + x1 x2/2 + 3 x2^2/2 - x2^3/3; Hessian [[12 x1^2 + 1, 1/2], [1/2, 3 - 2 x2]] > 0 on [0,1]^2."""
+    x1, x2 = x[:, 0], x[:, 1]
+    return x1 ** 4 + x1 ** 2 / 2 + x1 * x2 / 2 + 1.5 * x2 ** 2 - x2 ** 3 / 3
+
+
+def grad_f(x):
+    x1, x2 = x[:, 0], x[:, 1]
+    return torch.stack([4 * x1 ** 3 + x1 + x2 / 2, x1 / 2 + 3 * x2 - x2 ** 2], 1)
+
+
+GAUSS = (torch.tensor([-6.0, 4.0]), torch.eye(2), torch.tensor([2.0, -3.0]), torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
+
+
+def sqrtm(S):
+    e, v = torch.linalg.eigh(S)
+    return v @ torch.diag(e.clamp(min=0).sqrt()) @ v.T
+
+
+def gaussian_map(m1, S1, m2, S2):
+    r"""Brenier map N(m1, S1) -> N(m2, S2): T(x) = m2 + A (x - m1), A = S1^{-1/2} (S1^{1/2} S2 S1^{1/2})^{1/2} S1^{-1/2}."""
+    r = sqrtm(S1)
+    ri = torch.linalg.inv(r)
+    A = ri @ sqrtm(r @ S2 @ r) @ ri                                     # symmetric PD: T = grad of 1/2 x^T A x + ...
+    return A, m2 - A @ m1
+
+
+def ot_samplers(task):
+    """(source sampler, target sampler): n, generator -> (n, 2)."""
+    m1, S1, m2, S2 = GAUSS
+    source = lambda n, gen: m1 + torch.randn(n, 2, generator=gen) @ sqrtm(S1)
+    if task == "ot-banana":
+        return source, lambda n, gen: common.sample_2d("banana", n, gen)
+    return source, lambda n, gen: m2 + torch.randn(n, 2, generator=gen) @ sqrtm(S2)
+
+
+def read_rgb(path):
+    """(image (H, W, 3), its colours (N, 3)), float32 in [0, 1]; with alpha, the colours of opaque pixels only."""
+    common.check(os.path.exists(path), f"image not found: {path}; give an existing file to --source/--target")
+    im = matplotlib.image.imread(path)
+    im = torch.tensor(im.copy(), dtype=torch.float32) / (255.0 if im.dtype.kind == "u" else 1.0)
+    common.check(im.ndim == 3 and im.shape[-1] in (3, 4), f"{path}: need an RGB or RGBA image, got shape {tuple(im.shape)}")
+    return im[..., :3], im[..., :3][im[..., 3] > 0.5] if im.shape[-1] == 4 else im[..., :3].reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------- models
+def logcosh(z):
+    return z.abs() + nn.functional.softplus(-2 * z.abs()) - math.log(2)  # log cosh z, stable for large |z|
+
+
+class CMGN(nn.Module):
+    """Cascaded MGN: one W shared by all L layers (see the docstring's Jacobian)."""
+    def __init__(self, d, h, L):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(h, d) / math.sqrt(d * h))     # small: g starts near V^T V x ~ x
+        self.b = nn.Parameter(torch.randn(L, h) * 0.1)                 # b_0 .. b_{L-1}
+        self.V = nn.Parameter(torch.eye(d) + torch.randn(d, d) / math.sqrt(d) * 0.1)
+        self.b_out = nn.Parameter(torch.zeros(d))                      # b_L
+
+    def forward(self, x):
+        wx = x @ self.W.T                                                # W x, shared by every layer (B, h)
+        z = wx + self.b[0]                                               # z_0 = W x + b_0
+        for l in range(1, len(self.b)):
+            z = wx + torch.tanh(z) + self.b[l]                           # z_l = W x + sigma(z_{l-1}) + b_l
+        return torch.tanh(z) @ self.W + (x @ self.V.T) @ self.V + self.b_out   # W^T sigma(z_{L-1}) + V^T V x + b_L
+
+
+class MMGN(nn.Module):
+    """Modular MGN: g = grad phi, phi(x) = a^T x + 1/2 |V x|^2 + sum_k 1/2 s(W_k x + b_k)^2."""
+    def __init__(self, d, h, K):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(K, h, d) / math.sqrt(d * h))  # small: s_k ~ 1/2, g starts near x
+        self.b = nn.Parameter(torch.randn(K, h) * 0.1)
+        self.V = nn.Parameter(torch.eye(d) + torch.randn(d, d) / math.sqrt(d) * 0.1)
+        self.a = nn.Parameter(torch.zeros(d))
+
+    def pre(self, x):
+        K, h, d = self.W.shape
+        return (x @ self.W.view(K * h, d).T).view(-1, K, h) + self.b     # z_k = W_k x + b_k  (B, K, h)
+
+    def potential(self, x):
+        return x @ self.a + 0.5 * (x @ self.V.T).pow(2).sum(1) + 0.5 * logcosh(self.pre(x)).sum(2).pow(2).sum(1)
+
+    def forward(self, x):
+        K, h, d = self.W.shape
+        z = self.pre(x)
+        s = logcosh(z).sum(2, keepdim=True)                              # s(W_k x + b_k)  (B, K, 1)
+        modules = (s * torch.tanh(z)).view(-1, K * h) @ self.W.view(K * h, d)   # sum_k s_k W_k^T tanh(z_k)
+        return self.a + (x @ self.V.T) @ self.V + modules                # a + V^T V x + ...
+
+
+class Transport(nn.Module):
+    """T(x) = scale * g((x - m_x) / s_x) + m_y with fixed scalars s_x, scale > 0: J_T = (scale / s_x) J_g, still PSD."""
+    def __init__(self, g, x=None, y=None):                                # no data: the identity scaling
+        super().__init__()
+        self.g, d = g, g.V.shape[0]
+        stats = (x.mean(0), x.std(), y.mean(0), y.std()) if x is not None else (torch.zeros(d), 1, torch.zeros(d), 1)
+        for name, v in zip(("m_x", "s_x", "m_y", "scale"), stats):
+            self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
+
+    def forward(self, x):
+        return self.scale * self.g((x - self.m_x) / self.s_x) + self.m_y
+
+
+def make_net(cfg, d):
+    return (CMGN if cfg.net == "cmgn" else MMGN)(d, cfg.hidden, cfg.depth)
+
+
+# ----------------------------------------------------------------------------- losses
+def sinkhorn_loss(Tx, y, T, eps):
+    """S_eps between pushed and target points, in the standardised units of T (divide by scale^2)."""
+    return sinkhorn.sinkhorn_divergence(Tx / T.scale, y / T.scale, eps, tol=1e-3, max_iter=2000)
+
+
+# ----------------------------------------------------------------------------- training
+def task_data(cfg):
+    """(x sampler, y sampler or None, held-out x, held-out y) for the task; samplers: gen -> a batch."""
+    gen_test, n, b = torch.Generator().manual_seed(cfg.seed + 1000), cfg.n_test, cfg.batch_size
+    if cfg.task == "gradient":                                           # regression on [0,1]^2
+        return (lambda gen: torch.rand(b, 2, generator=gen)), None, torch.rand(n, 2, generator=gen_test), None
+    if cfg.task in ("ot-gaussian", "ot-banana"):
+        src, tgt = ot_samplers(cfg.task)
+        return (lambda gen: src(b, gen)), (lambda gen: tgt(b, gen)), src(n, gen_test), tgt(n, gen_test)
+    if cfg.task == "generate":
+        y = common.load_images(cfg.data, "train", cfg.data_dir)[0].flatten(1)            # (N, 784)
+        return (lambda gen: torch.randn(b, 784, generator=gen)), \
+            (lambda gen: y[torch.randint(len(y), (b,), generator=gen)]), torch.randn(n, 784, generator=gen_test), y
+    data = os.path.join(matplotlib.get_data_path(), "sample_data")       # recolor: pixels as points in RGB
+    x, xs = read_rgb(cfg.source or os.path.join(data, "grace_hopper.jpg"))
+    y_image, y = read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
+    pick = lambda z, gen: z[torch.randint(len(z), (b,), generator=gen)]
+    return (lambda gen: pick(xs, gen)), (lambda gen: pick(y, gen)), x, (y_image, y)
+
+
+def train(cfg, T, sample_x, sample_y, history, device):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(T.parameters(), cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    progress, ckpt = common.Progress(cfg.steps), os.path.join(cfg.out, "checkpoint.pt")
+    for step in range(1, cfg.steps + 1):
+        x = sample_x(gen).to(device)
+        if sample_y is None:
+            loss = (T(x) - grad_f(x)).pow(2).mean()                      # MSE to grad f
+        else:
+            loss = sinkhorn_loss(T(x), sample_y(gen).to(device), T, cfg.eps)   # S_eps(T#mu_n, nu_n)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        progress(step, loss.item(), ckpt)
+        if step % 500 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, T=T.state_dict(), step=step, config=dataclasses.asdict(cfg))
+
+
+# ----------------------------------------------------------------------------- evaluation and pictures
+def monotone_violations(T, x, n_pairs=100000, seed=0):
+    """Fraction of random pairs with <T(a) - T(b), a - b> < 0 (0 for a monotone map)."""
+    gen = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(len(x), (2, n_pairs), generator=gen)
+    with torch.no_grad():
+        Tx = T(x)
+    return float((((Tx[i] - Tx[j]) * (x[i] - x[j])).sum(1) < -1e-6).float().mean())
+
+
+def ot_metrics(cfg, T, x, y):
+    """map_error (Gaussian), w2 (exact, 1000 points), coord_w1 (mean over coordinates), and their target floors."""
+    with torch.no_grad():
+        Tx = T(x)
+    y2 = ot_samplers(cfg.task)[1](len(x), torch.Generator().manual_seed(cfg.seed + 2000))   # fresh target
+    out = {"w2": sinkhorn.w_exact(Tx[:1000], y[:1000]), "w2_floor": sinkhorn.w_exact(y2[:1000], y[:1000]),
+           "coord_w1": float(sinkhorn.w1d(Tx, y).mean()), "coord_w1_floor": float(sinkhorn.w1d(y2, y).mean())}
+    if cfg.task == "ot-gaussian":
+        A, c = gaussian_map(*GAUSS)
+        out["map_error"] = float((Tx - (x @ A.T + c)).norm(dim=1).mean())   # mean |T_theta(x) - T(x)|
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 4)
+    for ax, p, title, c in zip(axes, (x, y, Tx), ("source", "target", "pushed T(x)"), ("tab:blue", "tab:orange", "tab:green")):
+        ax.scatter(*p[:2000].numpy().T, s=2, c=c), ax.set_title(title)
+    k = torch.arange(0, len(x), len(x) // 150)[:150]
+    d = Tx[k] - x[k]
+    axes[3].quiver(*x[k].numpy().T, *d.numpy().T, angles="xy", scale_units="xy", scale=1, width=0.003, alpha=0.6)
+    axes[3].scatter(*y[:2000].numpy().T, s=1, c="tab:orange", alpha=0.3), axes[3].set_title("displacement T(x) - x")
+    both = torch.cat([x[:2000], y[:2000]])
+    lo, hi = (both.min(0).values - 1).tolist(), (both.max(0).values + 1).tolist()
+    for ax in axes:
+        ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1]), ax.set_aspect("equal")
+    fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=90, bbox_inches="tight")
+    return Tx, out
+
+
+def gradient_metrics(cfg, T, x):
+    with torch.no_grad():
+        err = T(x) - grad_f(x)
+    g = torch.linspace(0, 1, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)   # (100*100, 2)
+    with torch.no_grad():
+        e = (T(grid) - grad_f(grid)).norm(dim=1).view(100, 100)
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
+    fig.colorbar(ax.imshow(e.log10().numpy(), origin="lower", extent=(0, 1, 0, 1)), ax=ax, label="log10 |g - grad f|")
+    ax.set_title(f"{cfg.net}: test MSE {err.pow(2).mean():.2e}")
+    fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=100, bbox_inches="tight")
+    return T(x).detach(), {"test_mse": float(err.pow(2).mean()), "test_mae": float(err.abs().mean())}
+
+
+def recolor_metrics(cfg, T, x, target):
+    (y_image, y), xs = target, x.reshape(-1, 3)                          # (H*W, 3)
+    with torch.no_grad():
+        out = torch.cat([T(c) for c in xs.split(65536)]).clamp(0, 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 3000)
+    pick = lambda z: z[torch.randint(len(z), (2000,), generator=gen)]
+    xt, yt, ot = pick(xs), pick(y), pick(out)
+    metrics = {"monotone_violations": monotone_violations(T, xs[::7]),
+               "S_eps_before": float(sinkhorn.sinkhorn_divergence(xt, yt, 0.01)),
+               "S_eps_after": float(sinkhorn.sinkhorn_divergence(ot, yt, 0.01))}
+    fig = Figure(figsize=(16, 8))
+    for i, (im, title) in enumerate(((x, "source"), (y_image, "target"), (out.view(x.shape), "result"))):
+        ax = fig.add_subplot(2, 3, i + 1)
+        ax.imshow(im.numpy()), ax.axis("off"), ax.set_title(title)
+    for i, (c, title) in enumerate(((xt, "source colours"), (yt, "target colours"), (ot, "result colours"))):
+        ax = fig.add_subplot(2, 3, 4 + i, projection="3d")
+        ax.scatter(*c.numpy().T, c=c.numpy(), s=2), ax.set_title(title)
+        ax.set_xlabel("R"), ax.set_ylabel("G"), ax.set_zlabel("B"), ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_zlim(0, 1)
+    fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=80, bbox_inches="tight")
+    return out.view(x.shape), metrics
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "mgn", __doc__)
+    common.check(cfg.hidden > 0 and cfg.depth > 0 and cfg.eps > 0 and cfg.n_test >= 1000,
+                 "--hidden, --depth and --eps must be positive and --n-test at least 1000")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    sample_x, sample_y, x_test, y_test = task_data(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    x0 = torch.cat([sample_x(gen) for _ in range(8)])                   # for the fixed scalings of T
+    d, y0 = x0.shape[1], torch.cat([sample_y(gen) for _ in range(8)]) if sample_y else None
+    T = Transport(make_net(cfg, d), *((x0, y0) if sample_y else ()))   # gradient: plain regression, no scaling
+    t0, history = time.time(), []
+    if cfg.sample_only:
+        T.load_state_dict(common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["T"])
+    else:
+        train(cfg, T.to(device), sample_x, sample_y, history, device)
+        common.save_losses({"loss": history}, os.path.join(cfg.out, "loss.png"), logy=True)
+    T = T.cpu().eval()                                                  # evaluation on the CPU
+    if cfg.task == "gradient":
+        result, metrics = gradient_metrics(cfg, T, x_test)
+    elif cfg.task == "generate":
+        with torch.no_grad():
+            result = torch.cat([T(z) for z in x_test.split(1000)]).clamp(0, 1).view(-1, 1, 28, 28)
+        metrics = common.image_metrics(result, cfg.data, data_dir=cfg.data_dir)
+        common.save_images(result[:100], os.path.join(cfg.out, "samples.png"))
+    elif cfg.task == "recolor":
+        result, metrics = recolor_metrics(cfg, T, x_test, y_test)
+    else:
+        result, metrics = ot_metrics(cfg, T, x_test, y_test)
+    if cfg.task != "recolor":
+        metrics["monotone_violations"] = monotone_violations(T, x_test)
+    torch.save(result, os.path.join(cfg.out, "samples.pt"))
+    metrics["parameters"] = sum(p.numel() for p in T.parameters())
+    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print(cfg.task, cfg.net, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)

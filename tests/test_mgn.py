@@ -1,0 +1,102 @@
+"""Tests of mgn.py: symmetric PSD Jacobians, monotonicity, M-MGN = grad of its potential, the Gaussian
+Brenier map, the convex test function, a short gradient run, and smoke runs of every task."""
+import json, os
+
+import pytest
+import torch
+
+import common
+import mgn
+
+
+def jacobians(g, x):
+    return torch.func.vmap(torch.func.jacrev(lambda v: g(v[None])[0]))(x)          # (B, d, d)
+
+
+def assert_monotone_jacobians(g, x):
+    J = jacobians(g, x).double()
+    assert (J - J.transpose(1, 2)).abs().max() < 1e-4 * (1 + J.abs().max())     # symmetric
+    assert torch.linalg.eigvalsh((J + J.transpose(1, 2)) / 2).min() >= -1e-6    # PSD
+
+
+@pytest.mark.parametrize("net", [mgn.CMGN, mgn.MMGN])
+@pytest.mark.parametrize("d", [2, 5])
+def test_jacobian_is_symmetric_psd_at_random_init(net, d):
+    for seed in range(3):
+        torch.manual_seed(seed)
+        g = net(d, 8, 4)
+        assert_monotone_jacobians(g, 3 * torch.randn(64, d))
+
+
+def test_an_unconstrained_cascade_is_caught():
+    """The public reimplementations gave each layer its own weight: the same check must fail for that."""
+    torch.manual_seed(0)
+    W1, W2 = torch.randn(8, 2), torch.randn(8, 2)
+    bad = lambda x: torch.tanh(x @ W1.T + torch.tanh(x @ W2.T)) @ W1                # W_2 != W_1
+    J = jacobians(bad, torch.randn(32, 2))
+    assert (J - J.transpose(1, 2)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("net", ["cmgn", "mmgn"])
+def test_monotone_on_random_pairs_and_after_training(net, tmp_path):
+    rec = mgn.main(["--task", "ot-banana", "--net", net, "--steps", "30", "--n-test", "1000", "--out", str(tmp_path)])
+    assert rec["monotone_violations"] == 0
+    T = mgn.Transport(mgn.make_net(mgn.Config(net=net, hidden=32, depth=4), 2), torch.zeros(2, 2), torch.ones(2, 2))
+    T.load_state_dict(common.load_checkpoint(os.path.join(tmp_path, "checkpoint.pt"))["T"])
+    x = mgn.ot_samplers("ot-banana")[0](256, torch.Generator().manual_seed(3))
+    assert_monotone_jacobians(T, x)
+    a, b = x[:128], x[128:]
+    with torch.no_grad():
+        assert ((T(a) - T(b)) * (a - b)).sum(1).min() >= -1e-5           # <g(x) - g(y), x - y> >= 0
+
+
+def test_mmgn_is_the_gradient_of_its_potential():
+    torch.manual_seed(0)
+    g = mgn.MMGN(3, 5, 2)
+    x = torch.randn(10, 3, requires_grad=True)
+    grad = torch.autograd.grad(g.potential(x).sum(), x)[0]
+    assert torch.allclose(g(x), grad, atol=1e-5)
+
+
+def test_test_function_is_convex_with_the_stated_gradient():
+    x = torch.rand(500, 2, dtype=torch.float64)
+    auto = torch.func.vmap(torch.func.grad(lambda v: mgn.f_convex(v[None])[0]))(x)
+    assert torch.allclose(auto, mgn.grad_f(x))
+    H = torch.func.vmap(torch.func.hessian(lambda v: mgn.f_convex(v[None])[0]))(x)
+    assert torch.linalg.eigvalsh(H).min() > 0.5                          # PD on [0, 1]^2
+
+
+def test_gaussian_brenier_map_is_a_convex_gradient_and_pushes_the_moments():
+    m1, S1, m2, S2 = (t.double() for t in mgn.GAUSS)
+    S1 = torch.tensor([[2.0, 0.3], [0.3, 0.5]], dtype=torch.float64)     # a non-identity source too
+    A, c = mgn.gaussian_map(m1, S1, m2, S2)
+    assert torch.allclose(A, A.T) and torch.linalg.eigvalsh(A).min() > 0  # T = grad(1/2 x^T A x + c^T x), convex
+    assert torch.allclose(A @ S1 @ A.T, S2, atol=1e-10) and torch.allclose(A @ m1 + c, m2)
+    x = m1 + torch.randn(200000, 2, dtype=torch.float64) @ mgn.sqrtm(S1)
+    Tx = x @ A.T + c
+    assert torch.allclose(Tx.mean(0), m2, atol=0.02) and torch.allclose(torch.cov(Tx.T), S2, atol=0.02)
+
+
+def test_short_gradient_run_lowers_the_error_tenfold(tmp_path):
+    short = mgn.main(["--task", "gradient", "--steps", "1", "--out", str(tmp_path / "a")])
+    longer = mgn.main(["--task", "gradient", "--steps", "300", "--out", str(tmp_path / "b")])
+    assert longer["test_mse"] < short["test_mse"] / 10
+
+
+@pytest.mark.parametrize("task", ["ot-gaussian", "generate", "recolor"])
+def test_smoke_runs(task, tmp_path):
+    args = ["--task", task, "--steps", "3", "--n-test", "1000", "--out", str(tmp_path)]
+    rec = mgn.main(args + (["--batch-size", "32", "--hidden", "16", "--depth", "2"] if task == "generate" else []))
+    keys = {"ot-gaussian": ("map_error", "w2", "coord_w1"), "generate": ("fd", "digit_confidence", "class_entropy"),
+            "recolor": ("monotone_violations", "S_eps_after")}[task]
+    assert all(k in rec for k in keys) and rec["monotone_violations"] == 0
+    for name in ("samples.png", "samples.pt", "loss.png", "checkpoint.pt", "metrics.json"):
+        assert os.path.exists(tmp_path / name)
+    assert json.load(open(tmp_path / "metrics.json"))["config"]["task"] == task
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    with pytest.raises(common.UserError):
+        mgn.main(["--task", "recolor", "--source", str(tmp_path / "missing.png"), "--out", str(tmp_path)])
+    with pytest.raises(common.UserError):
+        mgn.main(["--eps", "-1", "--out", str(tmp_path)])
