@@ -1,0 +1,343 @@
+r"""stylegan_lite.py - a small style-based generator (Karras et al. 2019) with every part of the lecture's figure.
+
+Lectures: 002 "Style Gan": "Preliminary: Adaptive Instance Normalization (AdaIN)", "Architecture of Style Gan"
+(mapping network, affine transforms A, noise inputs B), "Global architecture of StyleGAN"; 000 section 6.3.
+Run: `python stylegan_lite.py` (digits at 32x32, ~9 CPU minutes), `--data mnist10k --data-dir ../shared/data/mnist`.
+
+    AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y)   per sample and channel; (sigma(y), mu(y)) = (gamma, beta)
+                  = A(w), a learned affine map of w per layer                       (002, "AdaIN", "Architecture")
+    mapping       w = f(z): PixelNorm(z) = z / sqrt(mean z^2), then --map-layers linear+LeakyReLU layers whose
+                  learning rate is 0.01 times the synthesis network's (Karras et al. section 2)
+    synthesis     learned constant 4x4 -> blocks 4, 8, 16, 32; each layer: (upsample), 3x3 conv with bias,
+                  + noise B, LeakyReLU(0.2), AdaIN with its own style; two layers per block; toRGB (1x1 conv)
+    noise B       x <- x + b * n, n ~ N(0, 1) one single-channel image per layer broadcast to all channels
+                  (002, "Noise input are single channel images"), b a per-channel scale initialised to 0
+    mixing        with probability 0.9 two latents: layers before a random crossover use w_1, the others w_2
+    truncation    w' = w_bar + psi (w - w_bar), w_bar the running mean of w during training (--psi)
+    equalized lr  weights drawn N(0, 1) and scaled at run time by the He constant sqrt(2 / fan_in) (folded
+                  into the following LeakyReLU's gain, as in the paper's code: scale 1 / sqrt(fan_in))
+    loss          non-saturating logistic: D minimizes softplus(D(G(z))) + softplus(-D(x)), G minimizes
+                  softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data, lazily every 16 steps (x16)
+    D             small conv net with a minibatch standard deviation feature at 4x4; EMA of G for sampling.
+Data: the 28x28 digits are padded by 2 pixels of background to 32x32 (pixels in [-1, 1]); samples are cropped
+back to 28x28 for the metrics. Differences from the paper: 32x32 and 8 layers (not 1024x1024 and 18), 128-d
+z and w (not 512), 64 channels at most, no progressive growing, nearest-neighbour upsampling without blur,
+Adam(2e-3, betas (0, 0.99)) for both nets.
+"""
+import copy, dataclasses, math, os, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import common
+
+
+@dataclasses.dataclass
+class Config(common.Config):
+    data: str = common.arg("digits", "image dataset (28x28, padded to 32x32)", common.IMAGE_DATA)
+    steps: int = common.arg(2500, "training steps (one D and one G update each)")
+    batch_size: int = common.arg(32, "images per step")
+    lr: float = common.arg(2e-3, "Adam learning rate (mapping network: 0.01 x this)")
+    z_dim: int = common.arg(128, "size of z and w")
+    map_layers: int = common.arg(4, "layers of the mapping network f")
+    channels: int = common.arg(64, "feature channels at 4x4 and 8x8 (half at 16, a quarter at 32)")
+    mix_prob: float = common.arg(0.9, "probability of style mixing regularisation per batch")
+    r1_gamma: float = common.arg(10.0, "R1 penalty weight gamma (0: off)")
+    r1_every: int = common.arg(16, "apply R1 every this many steps (lazy regularisation)")
+    ema: float = common.arg(0.999, "decay of the moving average of G used for sampling")
+    psi: float = common.arg(1.0, "truncation psi for samples.png and the metrics (1: none)")
+    n_samples: int = common.arg(5000, "samples for the final metrics")
+
+
+# ----------------------------------------------------------------------------- data
+def batch_sampler(cfg):
+    """() -> a batch (B, 1, 32, 32) in [-1, 1]: the 28x28 images padded with 2 pixels of background."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    return lambda: F.pad(x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1, (2, 2, 2, 2), value=-1.0)
+
+
+def to_image(x):
+    """Generator output (B, 1, 32, 32) in about [-1, 1] -> the 28x28 centre in [0, 1]."""
+    return ((x[:, :, 2:30, 2:30] + 1) / 2).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- model: building blocks
+class EqLinear(nn.Module):
+    """Equalized learning rate: w ~ N(0, 1/lr_mul^2), used as w * lr_mul / sqrt(fan_in) (lr_mul = 0.01: mapping)."""
+    def __init__(self, d_in, d_out, lr_mul=1.0, bias_init=0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / lr_mul)
+        self.bias = nn.Parameter(torch.full((d_out,), float(bias_init)) / lr_mul)
+        self.scale, self.lr_mul = lr_mul / math.sqrt(d_in), lr_mul
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+class EqConv2d(nn.Module):
+    """Equalized learning rate convolution: w ~ N(0, 1), used as w / sqrt(c_in k^2); 'same' padding."""
+    def __init__(self, c_in, c_out, k):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.scale = 1 / math.sqrt(c_in * k * k)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
+
+
+def pixel_norm(z, eps=1e-8):
+    return z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + eps)      # z / sqrt(mean_i z_i^2)
+
+
+def adain(x, gamma, beta, eps=1e-8):
+    r"""AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y), mu and sigma per sample and channel (002, "AdaIN")."""
+    mu = x.mean((2, 3), keepdim=True)                                    # (B, C, 1, 1)
+    sigma = (x.var((2, 3), keepdim=True, unbiased=False) + eps).sqrt()
+    return gamma[:, :, None, None] * (x - mu) / sigma + beta[:, :, None, None]
+
+
+class MappingNetwork(nn.Module):
+    """f: z -> w, PixelNorm then an MLP with LeakyReLU(0.2), learning rate x0.01 (equalized, lr_mul)."""
+    def __init__(self, z_dim, n_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(EqLinear(z_dim, z_dim, lr_mul=0.01) for _ in range(n_layers))
+
+    def forward(self, z):
+        w = pixel_norm(z)
+        for layer in self.layers:
+            w = F.leaky_relu(layer(w), 0.2) * math.sqrt(2)              # sqrt(2): He gain of LeakyReLU
+        return w
+
+
+class StyleLayer(nn.Module):
+    """(upsample), 3x3 conv, + noise B, + bias, LeakyReLU, AdaIN with (gamma, beta) = A(w)."""
+    def __init__(self, c_in, c_out, w_dim, upsample):
+        super().__init__()
+        self.upsample, self.conv = upsample, EqConv2d(c_in, c_out, 3)
+        self.noise_scale = nn.Parameter(torch.zeros(1, c_out, 1, 1))    # B's per-channel factor, 0 at init
+        self.A = EqLinear(w_dim, 2 * c_out, bias_init=0.0)              # the affine map A: w -> (gamma, beta)
+        with torch.no_grad():
+            self.A.bias[:c_out] = 1.0                                    # gamma starts at 1, beta at 0
+
+    def forward(self, x, w, noise=None):
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.conv(x)
+        if noise is None:
+            noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device)   # one image per sample
+        x = F.leaky_relu(x + self.noise_scale * noise, 0.2) * math.sqrt(2)
+        gamma, beta = self.A(w).chunk(2, 1)                              # style y = (sigma(y), mu(y))
+        return adain(x, gamma, beta)
+
+
+# ----------------------------------------------------------------------------- model: generator and critic
+class Generator(nn.Module):
+    """Mapping f, synthesis g from a learned constant; 8 style layers (two per resolution 4, 8, 16, 32)."""
+    def __init__(self, z_dim=128, map_layers=4, ch=64):
+        super().__init__()
+        self.mapping = MappingNetwork(z_dim, map_layers)
+        self.const = nn.Parameter(torch.randn(1, ch, 4, 4))
+        chans = [ch, ch, ch, ch, ch // 2, ch // 2, ch // 4, ch // 4]    # resolutions 4 4 8 8 16 16 32 32
+        self.layers = nn.ModuleList(StyleLayer(c_in, c_out, z_dim, upsample=(i % 2 == 0 and i > 0))
+                                    for i, (c_in, c_out) in enumerate(zip([ch] + chans[:-1], chans)))
+        self.to_rgb = EqConv2d(chans[-1], 1, 1)
+        self.register_buffer("w_avg", torch.zeros(z_dim))               # running mean of w, for truncation
+
+    def styles(self, z, z2=None, crossover=None, psi=1.0):
+        """Per-layer styles (B, 8, w_dim): w = f(z), or w_1 before the crossover layer and w_2 from it on."""
+        w = self.mapping(z)[:, None].repeat(1, len(self.layers), 1)      # (B, L, w_dim)
+        if z2 is not None:
+            w[:, crossover:] = self.mapping(z2)[:, None]                 # style mixing
+        return self.w_avg + psi * (w - self.w_avg)                       # truncation w' = w_bar + psi (w - w_bar)
+
+    def synthesis(self, ws, noise=None):
+        x = self.const.expand(len(ws), -1, -1, -1)                       # (B, ch, 4, 4)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ws[:, i], None if noise is None else noise[i])
+        return self.to_rgb(x)                                            # (B, 1, 32, 32)
+
+    def forward(self, z, z2=None, crossover=None, psi=1.0, noise=None):
+        return self.synthesis(self.styles(z, z2, crossover, psi), noise)
+
+
+def minibatch_std(x, group=4):
+    """Append the mean over features of the std over a group of samples as one more channel (Karras 2018)."""
+    g = min(group, len(x))
+    y = x.view(g, -1, *x.shape[1:])                                      # (G, B/G, C, H, W)
+    s = y.var(0, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))         # (B/G,)
+    return torch.cat([x, s.view(-1, 1, 1, 1).repeat(g, 1, *x.shape[2:])], 1)
+
+
+class Discriminator(nn.Module):
+    """fromRGB, then conv+conv+downsample at 32, 16, 8 (channels 16, 32, 64), minibatch std, conv, two linears."""
+    def __init__(self, ch=64):
+        super().__init__()
+        c = [ch // 4, ch // 2, ch, ch]
+        self.from_rgb = EqConv2d(1, c[0], 1)
+        self.blocks = nn.ModuleList(nn.ModuleList([EqConv2d(c[i], c[i], 3), EqConv2d(c[i], c[i + 1], 3)]) for i in range(3))
+        self.final_conv = EqConv2d(ch + 1, ch, 3)
+        self.fc1, self.fc2 = EqLinear(ch * 16, ch), EqLinear(ch, 1)
+
+    def forward(self, x):
+        act = lambda t: F.leaky_relu(t, 0.2) * math.sqrt(2)
+        h = act(self.from_rgb(x))
+        for conv1, conv2 in self.blocks:
+            h = F.avg_pool2d(act(conv2(act(conv1(h)))), 2)               # 32 -> 16 -> 8 -> 4
+        h = act(self.final_conv(minibatch_std(h)))
+        return self.fc2(act(self.fc1(h.flatten(1))))                     # (B, 1) logit
+
+
+# ----------------------------------------------------------------------------- losses
+def d_loss(l_real, l_fake):
+    return F.softplus(l_fake).mean() + F.softplus(-l_real).mean()        # -log(1 - D(G(z))) - log D(x)
+
+
+def g_loss(l_fake):
+    return F.softplus(-l_fake).mean()                                    # non-saturating: -log D(G(z))
+
+
+def r1_penalty(D, x):
+    r"""R1 = 1/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018), times gamma in train()."""
+    x = x.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+    return 0.5 * grad.pow(2).sum((1, 2, 3)).mean()
+
+
+# ----------------------------------------------------------------------------- sampling and pictures
+def sample_latents(G, n, device, mix_prob):
+    """z_1 and, with probability mix_prob, z_2 with a random crossover layer in 1..7 (style mixing)."""
+    z = torch.randn(n, G.w_avg.numel(), device=device)
+    if torch.rand(()) < mix_prob:
+        return z, torch.randn_like(z), int(torch.randint(1, len(G.layers), ()))
+    return z, None, None
+
+
+@torch.no_grad()
+def generate(G, n, psi=1.0, seed=0, batch_size=500):
+    gen = torch.Generator().manual_seed(seed)
+    dev = G.w_avg.device
+    out = [to_image(G(torch.randn(min(batch_size, n - i), G.w_avg.numel(), generator=gen).to(dev), psi=psi)).cpu()
+           for i in range(0, n, batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def style_mixing_grid(G, n=5, seed=1, coarse=4):
+    """Top row sources A, left column sources B; cell (i, j): layers < coarse (4x4, 8x8) from B_i, the rest from A_j."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = G.w_avg.device
+    zA, zB = (torch.randn(n, G.w_avg.numel(), generator=gen).to(dev) for _ in range(2))
+    wA, wB = G.styles(zA), G.styles(zB)
+    rows = [torch.cat([torch.ones(1, 1, 28, 28), to_image(G.synthesis(wA)).cpu()])]
+    for i in range(n):
+        ws = wA.clone()
+        ws[:, :coarse] = wB[i:i + 1, :coarse]                            # coarse styles from B_i
+        rows.append(torch.cat([to_image(G.synthesis(wB[i:i + 1])).cpu(), to_image(G.synthesis(ws)).cpu()]))
+    return torch.cat(rows), n + 1
+
+
+@torch.no_grad()
+def truncation_grid(G, n_rows=6, n_psi=8, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_rows, G.w_avg.numel(), generator=gen).to(G.w_avg.device)
+    rows = [to_image(G(z[i:i + 1].repeat(n_psi, 1), psi=torch.linspace(0, 1, n_psi, device=z.device)[:, None, None])).cpu()
+            for i in range(n_rows)]
+    return torch.cat(rows), n_psi
+
+
+@torch.no_grad()
+def save_noise_figure(G, path, n_w=4, n_draws=6, n_std=32, seed=3):
+    """Each row: one w with several noise draws, then the per-pixel std over n_std draws."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_w, G.w_avg.numel(), generator=gen).to(G.w_avg.device)
+    fig = Figure(figsize=(1.4 * (n_draws + 1), 1.5 * n_w))
+    axes = fig.subplots(n_w, n_draws + 1, squeeze=False)
+    for i in range(n_w):
+        x = to_image(G(z[i:i + 1].repeat(n_std, 1))).cpu()              # the same w, n_std noise draws
+        for j in range(n_draws):
+            axes[i, j].imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[i, -1].imshow(x.std(0)[0].numpy(), cmap="magma")
+        for ax in axes[i]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, -1].set_title("std over draws", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------- training
+@torch.no_grad()
+def ema_update(G_ema, G, decay):
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+    G_ema.w_avg.copy_(G.w_avg)
+
+
+def train(cfg, G, D, G_ema, device):
+    real = batch_sampler(cfg)
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.0, 0.99))
+    history, progress = {"D loss": [], "G loss": []}, common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    for step in range(1, cfg.steps + 1):
+        x = real().to(device)
+        with torch.no_grad():
+            fake = G(*sample_latents(G, cfg.batch_size, device, cfg.mix_prob))
+        loss_d = d_loss(D(x), D(fake))
+        if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:               # lazy R1: every r1_every steps, scaled up
+            loss_d = loss_d + cfg.r1_gamma * cfg.r1_every * r1_penalty(D, x)
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
+        loss_g = g_loss(D(G(z, z2, crossover)))
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        with torch.no_grad():
+            G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)                   # w_bar: running mean of w
+        ema_update(G_ema, G, min(cfg.ema, (1 + step) / (10 + step)))
+        history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
+        progress(step, loss_d.item() + loss_g.item(), ckpt)
+        if step % 500 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), step=step,
+                                   config=dataclasses.asdict(cfg))
+    return history
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "stylegan_lite", __doc__)
+    common.check(cfg.z_dim > 0 and cfg.map_layers > 0 and cfg.channels >= 4 and cfg.r1_every > 0 and cfg.n_samples >= 10,
+                 "--z-dim, --map-layers, --r1-every must be positive, --channels >= 4, --n-samples >= 10")
+    common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0,
+                 "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0")
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    G, D = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device), Discriminator(cfg.channels).to(device)
+    G_ema, t0, history = copy.deepcopy(G), time.time(), {}
+    if cfg.sample_only:
+        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), G_ema.load_state_dict(state["G_ema"])
+    else:
+        history = train(cfg, G, D, G_ema, device)
+        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
+    G_ema.eval()
+    x = generate(G_ema, cfg.n_samples, cfg.psi)
+    metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
+    torch.save(x, os.path.join(cfg.out, "samples.pt"))
+    common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
+    grid, n = style_mixing_grid(G_ema)
+    common.save_images(grid, os.path.join(cfg.out, "style_mixing.png"), nrow=n)
+    grid, n = truncation_grid(G_ema)
+    common.save_images(grid, os.path.join(cfg.out, "truncation.png"), nrow=n)
+    save_noise_figure(G_ema, os.path.join(cfg.out, "noise.png"))
+    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
+    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
+    return record
+
+
+if __name__ == "__main__":
+    common.run(main)
