@@ -100,7 +100,7 @@ def interpolation_grid(G, z_dim, seed=1, n=10):
 # ----------------------------------------------------------------------------- training
 @torch.no_grad()
 def ema_update(G_ema, G, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta; BatchNorm statistics are copied."""
+    """theta_ema <- decay theta_ema + (1 - decay) theta; buffers (BatchNorm statistics, a w_avg) are copied."""
     for p_ema, p in zip(G_ema.parameters(), G.parameters()):
         p_ema.lerp_(p, 1 - decay)
     for b_ema, b in zip(G_ema.buffers(), G.buffers()):

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+import cgan                                                              # its ema_update
 import common
 
 
@@ -268,13 +269,6 @@ def save_noise_figure(G, path, n_w=4, n_draws=6, n_std=32, seed=3):
 
 
 # ----------------------------------------------------------------------------- training
-@torch.no_grad()
-def ema_update(G_ema, G, decay):
-    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-        p_ema.lerp_(p, 1 - decay)
-    G_ema.w_avg.copy_(G.w_avg)
-
-
 def train(cfg, G, D, G_ema, device):
     real = batch_sampler(cfg)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.0, 0.99))
@@ -298,7 +292,7 @@ def train(cfg, G, D, G_ema, device):
         opt_g.step()
         with torch.no_grad():
             G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)                   # w_bar: running mean of w
-        ema_update(G_ema, G, min(cfg.ema, (1 + step) / (10 + step)))
+        cgan.ema_update(G_ema, G, min(cfg.ema, (1 + step) / (10 + step)))   # EMA of G; w_avg copied
         history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
         progress(step, loss_d.item() + loss_g.item(), ckpt)
         if step % 500 == 0 or step == cfg.steps:
