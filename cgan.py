@@ -12,7 +12,9 @@ e_G a learned 16-d embedding of y, followed by gan.py's DCGAN generator. D gets 
 input channel e_D(y), a learned 28x28 "label map" (an embedding of y with 784 entries), followed by gan.py's
 DCGAN discriminator, so its first convolution already compares pixels with the label. p(y) is uniform.
 Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
-one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py).
+one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam's learning rate
+decayed linearly to 0 over the second half of training; samples drawn from an exponential moving average of
+G's weights (--ema 0: from G itself).
 """
 import copy, dataclasses, os, time
 
