@@ -252,11 +252,11 @@ def evaluate(cfg, G, F):
         lx, ly = lx[:cfg.n_eval], ly[:cfg.n_eval]
         net_x, net_y = common.get_classifier(cfg.data, cfg.data_dir), y_classifier(cfg)   # trained on X; on Y
         feats_fake, p_fake = common.classify(net_y, grey(fake_y))
-        feats_real, _ = common.classify(net_y, grey(y))
+        feats_real, p_real = common.classify(net_y, grey(y))
         metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx).float().mean()),
                        label_preservation_yx=float((common.classify(net_x, grey(fake_x))[1].argmax(1) == ly).float().mean()),
                        fd_y=common.frechet_distance(feats_fake, feats_real),
-                       evaluator_y_accuracy=float((common.classify(net_y, grey(y))[1].argmax(1) == ly).float().mean()))
+                       evaluator_y_accuracy=float((p_real.argmax(1) == ly).float().mean()))
     rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]  # x, G(x), F(G(x)); y, F(y), G(F(y))
     common.save_images((torch.cat(rows) + 1) / 2, os.path.join(cfg.out, "translation.png"))
     common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
