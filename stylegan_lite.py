@@ -47,7 +47,8 @@ class Config(common.Config):
     mix_prob: float = common.arg(0.9, "probability of style mixing regularisation per batch")
     r1_gamma: float = common.arg(10.0, "R1 penalty weight gamma (0: off)")
     r1_every: int = common.arg(16, "apply R1 every this many steps (lazy regularisation)")
-    ema: float = common.arg(0.999, "decay of the moving average of G used for sampling")
+    ema: float = common.arg(0.999, "largest decay of the moving average of G used for sampling; the decay at "
+                                   "step t is min(ema, (1 + t) / (10 + t)), so 0.999 binds only after ~9000 steps")
     psi: float = common.arg(1.0, "truncation psi for samples.png and the metrics (1: none)")
     n_samples: int = common.arg(5000, "samples for the final metrics")
 
