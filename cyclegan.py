@@ -25,7 +25,7 @@ Networks (small versions of the paper's): G = c7s1-16, d32, d64, 3 residual bloc
 instance norm and reflection padding; D = 3-layer PatchGAN (C32, C64, C128, then a 1-channel map of patch
 scores). Differences from the paper: 16 instead of 64 base channels, 3 instead of 9 residual blocks, 28x28.
 """
-import dataclasses, math, os, time
+import dataclasses, os, time, types
 
 import matplotlib.image
 import torch
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as nnf                                      # F is the mapping Y -> X here
 
 import common
+import gan                                                               # its least-squares losses
 
 
 @dataclasses.dataclass
@@ -164,12 +165,15 @@ class ImagePool:
 
 
 # ----------------------------------------------------------------------------- losses
+LSGAN = types.SimpleNamespace(loss="lsgan")                              # gan.py's least squares, a=0, b=c=1
+
+
 def lsgan_d_loss(d_real, d_fake):
-    return 0.5 * (((d_real - 1) ** 2).mean() + (d_fake ** 2).mean())   # 1/2 [E (D(y) - 1)^2 + E D(G(x))^2]
+    return 0.5 * gan.d_loss(LSGAN, d_real, d_fake)                       # 1/2 [E (D(y) - 1)^2 + E D(G(x))^2]
 
 
 def lsgan_g_loss(d_fake):
-    return ((d_fake - 1) ** 2).mean()                                    # E (D_Y(G(x)) - 1)^2
+    return gan.g_loss(LSGAN, d_fake)                                     # E (D_Y(G(x)) - 1)^2
 
 
 def cycle_loss(G, F, x, y, fake_y, fake_x):

@@ -24,7 +24,7 @@ back to 28x28 for the metrics. Differences from the paper: 32x32 and 8 layers (n
 z and w (not 512), 64 channels at most, no progressive growing, nearest-neighbour upsampling without blur,
 Adam(2e-3, betas (0, 0.99)) for both nets.
 """
-import copy, dataclasses, math, os, time
+import copy, dataclasses, math, os, time, types
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 import cgan                                                              # its ema_update
 import common
+import gan                                                               # its logistic GAN losses
 
 
 @dataclasses.dataclass
@@ -116,7 +117,7 @@ class MappingNetwork(nn.Module):
 
 
 class StyleLayer(nn.Module):
-    """(upsample), 3x3 conv, + noise B, + bias, LeakyReLU, AdaIN with (gamma, beta) = A(w)."""
+    """(upsample), 3x3 conv with bias, + noise B, LeakyReLU, AdaIN with (gamma, beta) = A(w)."""
     def __init__(self, c_in, c_out, w_dim, upsample):
         super().__init__()
         self.upsample, self.conv = upsample, EqConv2d(c_in, c_out, 3)
@@ -168,7 +169,7 @@ class Generator(nn.Module):
 
 def minibatch_std(x, group=4):
     """Append the mean over features of the std over a group of samples as one more channel (Karras 2018)."""
-    g = min(group, len(x))
+    g = math.gcd(group, len(x))                                          # a group size that divides the batch
     y = x.view(g, -1, *x.shape[1:])                                      # (G, B/G, C, H, W)
     s = y.var(0, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))         # (B/G,)
     return torch.cat([x, s.view(-1, 1, 1, 1).repeat(g, 1, *x.shape[2:])], 1)
@@ -194,12 +195,7 @@ class Discriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------- losses
-def d_loss(l_real, l_fake):
-    return F.softplus(l_fake).mean() + F.softplus(-l_real).mean()        # -log(1 - D(G(z))) - log D(x)
-
-
-def g_loss(l_fake):
-    return F.softplus(-l_fake).mean()                                    # non-saturating: -log D(G(z))
+LOGISTIC = types.SimpleNamespace(loss="gan", g_loss="nonsaturating")   # gan.d_loss / gan.g_loss settings
 
 
 def r1_penalty(D, x):
@@ -280,14 +276,14 @@ def train(cfg, G, D, G_ema, device):
         x = real().to(device)
         with torch.no_grad():
             fake = G(*sample_latents(G, cfg.batch_size, device, cfg.mix_prob))
-        loss_d = d_loss(D(x), D(fake))
+        loss_d = gan.d_loss(LOGISTIC, D(x), D(fake))                     # -log D(x) - log(1 - D(G(z)))
         if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:               # lazy R1: every r1_every steps, scaled up
             loss_d = loss_d + cfg.r1_gamma * cfg.r1_every * r1_penalty(D, x)
         opt_d.zero_grad()
         loss_d.backward()
         opt_d.step()
         z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
-        loss_g = g_loss(D(G(z, z2, crossover)))
+        loss_g = gan.g_loss(LOGISTIC, D(G(z, z2, crossover)))             # non-saturating: -log D(G(z))
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
