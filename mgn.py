@@ -222,7 +222,7 @@ def train(cfg, T, sample_x, sample_y, history, device):
 
 # ----------------------------------------------------------------------------- evaluation and pictures
 def monotone_violations(T, x, n_pairs=100000, seed=0):
-    """Fraction of random pairs with <T(a) - T(b), a - b> < 0 (0 for a monotone map)."""
+    """Fraction of random pairs with <T(a) - T(b), a - b> < -1e-6 (float round-off allowed; 0 for a monotone map)."""
     gen = torch.Generator().manual_seed(seed)
     i, j = torch.randint(len(x), (2, n_pairs), generator=gen)
     with torch.no_grad():
