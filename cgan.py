@@ -5,24 +5,24 @@ same loss with y ~ p(y) written out); 000 section 6.3; 003 "Conditional GAN".
 Run: `python cgan.py` (digits, ~4 CPU minutes), `python cgan.py --data mnist10k --data-dir ../shared/data/mnist`.
 
     min_G max_D L(D, G) = E_{(x,y) ~ p_data} log D(x|y) + E_{z ~ p(z), y ~ p(y)} log(1 - D(G(z|y)|y))   (002)
-    D step   minimize -[log D(x|y) + log(1 - D(G(z|y)|y))]     (binary cross-entropy on logits: gan.d_loss)
+    D step   minimize -[log D(x|y) + log(1 - D(G(z|y)|y))]     (binary cross-entropy on D's logits)
     G step   non-saturating: minimize -E log D(G(z|y)|y)        (default; --g-loss saturating is the minimax)
 How y enters: as in Mirza & Osindero, y is joined to the *input* of both networks. G gets [z, e_G(y)] with
-e_G a learned 16-d embedding of y, followed by gan.py's DCGAN generator. D gets the image plus a second
-input channel e_D(y), a learned 28x28 "label map" (an embedding of y with 784 entries), followed by gan.py's
-DCGAN discriminator, so its first convolution already compares pixels with the label. p(y) is uniform.
+e_G a learned 16-d embedding of y, followed by a DCGAN generator. D gets the image plus a second input
+channel e_D(y), a learned 28x28 "label map" (an embedding of y with 784 entries), followed by a DCGAN
+discriminator, so its first convolution already compares pixels with the label. p(y) is uniform.
 Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
 one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam's learning rate
 decayed linearly to 0 over the second half of training; samples drawn from an exponential moving average of
-G's weights (--ema 0: from G itself).
+G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t (common.ema_update; --ema 0: from G itself).
 """
 import copy, dataclasses, os, time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
-import gan
 
 
 @dataclasses.dataclass
@@ -35,8 +35,10 @@ class Config(common.Config):
     emb_dim: int = common.arg(16, "size of G's label embedding e_G(y)")
     g_loss: str = common.arg("nonsaturating", "generator loss", ["nonsaturating", "saturating"])
     loss: str = common.arg("gan", "gan: the conditional minimax value; lsgan: least squares", ["gan", "lsgan"])
-    ema: float = common.arg(0.999, "decay of the moving average of G's weights used for sampling (0: off)")
+    ema: float = common.arg(0.999, "largest decay of the moving average of G used for sampling, in [0, 1) (0: off); "
+                                   "the decay at step t is min(ema, (1 + t) / (10 + t))")
     n_samples: int = common.arg(5000, "samples for the final metrics (classes balanced)")
+    MODEL_FLAGS = ("data", "z_dim", "emb_dim")
 
 
 # ----------------------------------------------------------------------------- data
@@ -53,26 +55,50 @@ def batch_sampler(cfg):
 
 # ----------------------------------------------------------------------------- models
 class Generator(nn.Module):
-    """G(z|y) = DCGAN generator of [z, e_G(y)]: (B, z_dim), (B,) -> (B, 1, 28, 28) in [-1, 1]."""
+    """G(z|y) = DCGAN generator of [z, e_G(y)]: (B, z_dim), (B,) -> 128x7x7 -> 64x14x14 -> (B, 1, 28, 28) in [-1, 1]."""
     def __init__(self, z_dim, emb_dim, n_classes=10):
         super().__init__()
         self.embed = nn.Embedding(n_classes, emb_dim)
-        self.net = gan.dcgan_generator(z_dim + emb_dim)
+        self.net = nn.Sequential(nn.Linear(z_dim + emb_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)),
+                                 nn.BatchNorm2d(128), nn.ReLU(),
+                                 nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                                 nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
 
     def forward(self, z, y):
         return self.net(torch.cat([z, self.embed(y)], 1))               # (B, z_dim + emb_dim)
 
 
 class Discriminator(nn.Module):
-    """D(x|y) as a logit: the DCGAN discriminator on [x, e_D(y)], e_D(y) a learned 1x28x28 label map."""
+    """D(x|y) as a logit: a DCGAN discriminator (2x28x28 -> 64x14x14 -> 128x7x7 -> 1, no BatchNorm on the input
+    layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map."""
     def __init__(self, n_classes=10):
         super().__init__()
         self.label_map = nn.Embedding(n_classes, 28 * 28)
-        self.net = gan.dcgan_discriminator()
-        self.net[0] = nn.Conv2d(2, 64, 4, 2, 1)                          # two input channels: image and label map
+        self.net = nn.Sequential(nn.Conv2d(2, 64, 4, 2, 1), nn.LeakyReLU(0.2),  # two channels: image and label map
+                                 nn.Conv2d(64, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
+                                 nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
 
     def forward(self, x, y):
         return self.net(torch.cat([x, self.label_map(y).view(-1, 1, 28, 28)], 1))   # (B, 2, 28, 28) -> (B, 1)
+
+
+# ----------------------------------------------------------------------------- losses (l: D's logits, D = sigmoid(l))
+def d_loss(l_real, l_fake):
+    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()        # -[E log D(x|y) + E log(1 - D(G(z|y)|y))]
+
+
+def g_loss(l_fake, saturating=False):
+    if saturating:
+        return -F.softplus(l_fake).mean()                                # E log(1 - D(G(z|y)|y)), minimized
+    return F.softplus(-l_fake).mean()                                    # -E log D(G(z|y)|y)
+
+
+def lsgan_d_loss(d_real, d_fake):
+    return ((d_real - 1) ** 2).mean() + (d_fake ** 2).mean()             # E (D(x|y) - 1)^2 + E D(G(z|y)|y)^2
+
+
+def lsgan_g_loss(d_fake):
+    return ((d_fake - 1) ** 2).mean()                                    # E (D(G(z|y)|y) - 1)^2
 
 
 # ----------------------------------------------------------------------------- sampling and pictures
@@ -100,44 +126,41 @@ def interpolation_grid(G, z_dim, seed=1, n=10):
 
 
 # ----------------------------------------------------------------------------- training
-@torch.no_grad()
-def ema_update(G_ema, G, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta; buffers (BatchNorm statistics, a w_avg) are copied."""
-    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-        p_ema.lerp_(p, 1 - decay)
-    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-        b_ema.copy_(b)
-
-
 def train(cfg, G, D, G_ema, device):
     real = batch_sampler(cfg)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
     decay = lambda step: min(1.0, 2 * (1 - step / cfg.steps))            # constant, then linear to 0 (2nd half)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
-    history, progress = {"D loss": [], "G loss": []}, common.Progress(cfg.steps)
+    history = {"D loss": [], "G loss": []}
+    progress = common.Progress(cfg.steps)
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    lsgan = cfg.loss == "lsgan"
     for step in range(1, cfg.steps + 1):
         x, y = (t.to(device) for t in real())
         z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
         y_fake = torch.randint(10, (cfg.batch_size,), device=device)    # y ~ p(y), uniform
         x_fake = G(z, y_fake)
-        loss_d = gan.d_loss(cfg, D(x, y), D(x_fake.detach(), y_fake))  # -[log D(x|y) + log(1 - D(G(z|y)|y))]
+        l_real = D(x, y)
+        l_fake = D(x_fake.detach(), y_fake)
+        loss_d = lsgan_d_loss(l_real, l_fake) if lsgan else d_loss(l_real, l_fake)
         opt_d.zero_grad()
         loss_d.backward()
         opt_d.step()
-        loss_g = gan.g_loss(cfg, D(x_fake, y_fake))                    # -log D(G(z|y)|y)  (non-saturating)
+        l_fake = D(x_fake, y_fake)
+        loss_g = lsgan_g_loss(l_fake) if lsgan else g_loss(l_fake, cfg.g_loss == "saturating")
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
-        ema_update(G_ema, G, cfg.ema)
+        common.ema_update(G_ema, G, step, cfg.ema)                       # with warm-up: forgets the random init
         for s in scheds:
             s.step()
-        history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
+        history["D loss"].append(loss_d.item())
+        history["G loss"].append(loss_g.item())
         progress(step, loss_d.item() + loss_g.item(), ckpt)
         if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), step=step,
-                                   config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="cgan", G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
+                                   step=step, config=dataclasses.asdict(cfg))
     return history
 
 
@@ -145,28 +168,30 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "cgan", __doc__)
     common.check(cfg.z_dim > 0 and cfg.emb_dim > 0 and cfg.n_samples >= 10,
                  "--z-dim and --emb-dim must be positive and --n-samples at least 10")
+    common.check(0 <= cfg.ema < 1, f"--ema must be in [0, 1) (0: no averaging), got {cfg.ema}")
+    state = common.load_run(cfg, "cgan") if cfg.sample_only else None  # the model's flags come from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    G, D = Generator(cfg.z_dim, cfg.emb_dim).to(device), Discriminator().to(device)
-    G_ema, t0, history = copy.deepcopy(G), time.time(), {}
+    G = Generator(cfg.z_dim, cfg.emb_dim).to(device)
+    D = Discriminator().to(device)
+    G_ema = copy.deepcopy(G)
+    t0 = time.time()
+    history = {}
     if cfg.sample_only:
-        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), G_ema.load_state_dict(state["G_ema"])
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        G_ema.load_state_dict(state["G_ema"])
     else:
         history = train(cfg, G, D, G_ema, device)
-        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
     G = G_ema                                                            # sample from the average (= G if --ema 0)
     y = torch.arange(cfg.n_samples) % 10                                 # balanced classes
     x = sample(G, torch.randn(cfg.n_samples, cfg.z_dim), y)
     metrics = common.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir)
-    torch.save(x, os.path.join(cfg.out, "samples.pt"))                   # sample i has class i % 10
     common.save_images(class_grid(G, cfg.z_dim), os.path.join(cfg.out, "samples.png"))
     grid, n = interpolation_grid(G, cfg.z_dim)
     common.save_images(grid, os.path.join(cfg.out, "interpolation.png"), nrow=n)
-    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
-    return record
+    return common.finish(cfg, metrics, t0, device, samples=x, history=history)   # sample i has class i % 10
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ Image tensors are float32 (N, 1, 28, 28) with pixels in [0, 1]; each script maps
 """
 import argparse, dataclasses, functools, gzip, hashlib, json, math, os, random, struct, sys, time, urllib.request
 
-import matplotlib.image, numpy as np, torch
-import torch.nn as nn, torch.nn.functional as F
+import matplotlib.image
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
@@ -25,35 +28,52 @@ def arg(default, help, choices=None):
 
 @dataclasses.dataclass
 class Config:
-    """Flags every script has; a script subclasses this and adds (or re-defaults) its own."""
+    """Flags every script has; a script subclasses this and adds (or re-defaults) its own. NOT_FLAGS: fields
+    that mean nothing for the script (not offered). MODEL_FLAGS: settings that define the trained model."""
+    NOT_FLAGS = ()
+    MODEL_FLAGS = ()
     device: str = arg("auto", "auto = cuda, then mps, then cpu", ["auto", "cpu", "cuda", "mps"])
     data: str = arg("digits", "dataset")
     data_dir: str = arg("", "folder with the IDX files of mnist/fashion (default: download to .cache/)")
     steps: int = arg(1000, "training steps (optimizer updates)")
     batch_size: int = arg(128, "examples per training step")
     lr: float = arg(1e-3, "learning rate")
-    seed: int = arg(0, "random seed for python, numpy and torch")
+    seed: int = arg(0, "random seed for python, numpy and torch (>= 0)")
     out: str = arg("", "output folder (default runs/<script>)")
     sample_only: bool = arg(False, "skip training: load the checkpoint in --out, sample and evaluate")
+
     def defaults(self, given):
         """Hook: a script sets defaults that depend on other flags, for the flags not in `given` (e.g. {"--lr"})."""
 
 def parse_config(cls, argv, script, doc=""):
-    """Build an argparse parser from the dataclass `cls`, parse argv and check the shared flags."""
+    """Build an argparse parser from the dataclass `cls`, parse argv and check the shared flags.
+    The flags given on the command line are kept in cfg.given (a set such as {"--steps", "--no-cond"})."""
     p = argparse.ArgumentParser(prog=f"python {script}.py", description=(doc or "").strip().split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else \
-            {"type": type(f.default), "choices": meta["choices"]}
-        p.add_argument(flag, default=f.default, help=meta["help"], **kind)
+        if f.name in cls.NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": type(f.default), "choices": f.metadata["choices"]}
+        p.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
     cfg = cls(**vars(p.parse_args(argv)))
-    cfg.defaults({a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")})
+    tokens = sys.argv[1:] if argv is None else argv
+    cfg.given = {a.split("=")[0] for a in tokens if a.startswith("--")}
+    cfg.defaults(cfg.given)
     check(cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
     check(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
     check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    check(cfg.seed >= 0, f"--seed must be a non-negative integer, got {cfg.seed}")
     cfg.out = cfg.out or os.path.join("runs", script)
     return cfg
+
+def was_given(cfg, name):
+    """Whether the flag of config field `name` was on the command line (--name, or --no-name for a switch)."""
+    flag = name.replace("_", "-")
+    return bool({"--" + flag, "--no-" + flag} & getattr(cfg, "given", set()))
 
 def run(main):
     """`if __name__ == "__main__": common.run(main)`: bad input ends in one line on stderr, exit status 1."""
@@ -73,7 +93,9 @@ def get_device(name="auto"):
     return torch.device(name)
 
 def seed_all(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # torch.manual_seed also seeds CUDA
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)                                              # also seeds CUDA
 
 # ----------------------------------------------------------------------------- 2-D data
 MODES = {  # name -> (means, std per axis)
@@ -104,7 +126,8 @@ def sample_2d(name, n, gen=None):
         col = 2 * (k % 2) + row % 2                        # keeps col + row even
         return torch.stack([col, row], 1).float() * 2 - 4 + 2 * rand(n, 2)
     if name == "moons":
-        th, upper = math.pi * rand(n), rand(n) < 0.5
+        th = math.pi * rand(n)
+        upper = rand(n) < 0.5
         x = torch.where(upper, torch.cos(th), 1 - torch.cos(th))
         y = torch.where(upper, torch.sin(th), 0.5 - torch.sin(th))
         return (torch.stack([x - 0.5, y - 0.25], 1) + 0.1 * randn(n, 2)) * 2.5
@@ -184,12 +207,13 @@ def render_digits(n, seed):
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 MIRRORS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
-           "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
-MD5 = {  # of the published .gz files, in the order train images, train labels, test images, test labels
+           "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}   # serves no https: MD5 checked
+MD5 = {  # of each published .gz file, in the order train images, train labels, test images, test labels
     "mnist": "f68b3c2dcbeaaa9fbdd348bbdeb94873 d53e105ee54ea40749a09fcbcd1e9432 9fb629c4189551a2d022fa330f9573f3 "
              "ec29112dd5afa0611ce80d1b7f02629c",
     "fashion": "8d4fb7e6c68d591d4c3dfef9ec88bf0d 25c81989df183df01b3e8a0aad5dffbe bef4ecab320f06d8554ea6380940ec79 "
                "bb300cfdad3c16e7a12a480ee83cd310"}
+MAX_DOWNLOAD = 64 * 2 ** 20                                              # bytes; the largest file is 26 MB
 
 def read_idx(path):
     """One IDX file (gzipped or not) as a numpy uint8 array; magic number and size are checked."""
@@ -205,24 +229,33 @@ def read_idx(path):
           f"{len(raw) - start} bytes of data (truncated or corrupt); delete it and fetch it again")
     return np.frombuffer(raw, np.uint8, offset=start).reshape(dims)
 
+def download(name, file, folder):
+    """Fetch one IDX file (at most MAX_DOWNLOAD bytes); write it only if its MD5 is that file's published one."""
+    with urllib.request.urlopen(MIRRORS[name] + file, timeout=20) as r:
+        raw = r.read(MAX_DOWNLOAD + 1)
+    md5 = dict(zip(IDX_FILES["train"] + IDX_FILES["test"], MD5[name].split()))[file]
+    if len(raw) > MAX_DOWNLOAD or hashlib.md5(raw).hexdigest() != md5:
+        raise OSError(f"{file}: too large or checksum mismatch")
+    with open(os.path.join(folder, file), "wb") as out:                  # written only once verified
+        out.write(raw)
+
 def load_idx_dataset(name, split, data_dir=""):
-    """mnist / fashion from the standard IDX files in data_dir (or .cache/<name>, downloaded once)."""
+    """mnist / fashion from the standard IDX files in data_dir, or in .cache/<name> (downloaded there once).
+    A --data-dir that lacks the files is an error: nothing is ever downloaded into it."""
     folder = data_dir or os.path.join(CACHE, name)
     files = IDX_FILES[split]
     missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+    check(not missing or not data_dir, f"{name}: {', '.join(missing)} not found in --data-dir {os.path.abspath(folder)}; "
+          f"check the folder, leave --data-dir out to download into {CACHE}, or use --data digits")
     if missing:
         try:
             os.makedirs(folder, exist_ok=True)
             for f in missing:
-                with urllib.request.urlopen(MIRRORS[name] + f, timeout=20) as r:
-                    raw = r.read()
-                if hashlib.md5(raw).hexdigest() not in MD5[name].split():
-                    raise OSError(f"checksum mismatch for downloaded {f}")
-                with open(os.path.join(folder, f), "wb") as out:  # written only once verified
-                    out.write(raw)
+                download(name, f, folder)
         except OSError as e:
             raise UserError(f"{name}: {', '.join(missing)} not found in {os.path.abspath(folder)} and the download "
-                            f"failed ({e}); put the files there (--data-dir FOLDER) or use --data digits, which needs no files")
+                            f"failed ({e}); put the files in a folder and pass --data-dir FOLDER, or use --data digits, "
+                            f"which needs no files")
     x, y = (read_idx(os.path.join(folder, f)) for f in files)
     check(len(x) == len(y), f"{name} {split}: {len(x)} images but {len(y)} labels")
     return torch.from_numpy(x.astype(np.float32) / 255)[:, None], torch.from_numpy(y.astype(np.int64))
@@ -265,7 +298,8 @@ def save_points(x, path, ref=None, title=""):
     if ref is not None:
         ax.scatter(*ref.cpu().numpy().T, s=2, c="0.7", label="data")
     ax.scatter(*x.detach().cpu().numpy().T, s=2, c="tab:blue", label="samples")
-    ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_aspect("equal"), ax.legend(loc="upper right"), ax.set_title(title)
+    ax.set(xlim=(-5, 5), ylim=(-5, 5), aspect="equal", title=title)
+    ax.legend(loc="upper right")
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 def save_losses(history, path, logy=False):
@@ -274,31 +308,122 @@ def save_losses(history, path, logy=False):
     ax = fig.subplots()
     for name, values in history.items():
         ax.plot(values, label=name, lw=0.8)
-    ax.set_xlabel("step"), ax.legend(), ax.set_yscale("log" if logy else "linear")
+    ax.set(xlabel="step", yscale="log" if logy else "linear")
+    ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
-def save_metrics(out, metrics, cfg, steps, seconds, device):
-    """Write out/metrics.json: the run's numbers plus steps, seconds, device, seed, torch version, config."""
-    record = dict(metrics, steps=steps, seconds=round(seconds, 2), device=str(device), seed=cfg.seed,
-                  torch_version=torch.__version__, config=dataclasses.asdict(cfg))
-    with open(os.path.join(out, "metrics.json"), "w") as f:
+def finish(cfg, metrics, t0, device, samples=None, history=None, logy=False):
+    """The end of every run: samples.pt (raw samples in data range), loss.png, and metrics.json (the run's
+    numbers plus steps, seconds, device, seed, torch version and config); prints the numbers on one line."""
+    if samples is not None:
+        torch.save(samples, os.path.join(cfg.out, "samples.pt"))
+    if history:
+        save_losses(history, os.path.join(cfg.out, "loss.png"), logy)
+    record = dict(metrics, steps=0 if cfg.sample_only else cfg.steps, seconds=round(time.time() - t0, 2),
+                  device=str(device), seed=cfg.seed, torch_version=torch.__version__, config=dataclasses.asdict(cfg))
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(record, f, indent=2)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    print(" ".join(f"{k} {v:.4g}" for k, v in numbers.items()), f"({record['seconds']}s)")
     return record
 
+# ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, **state):
-    """torch.save to path.tmp, then rename: an interrupted save never spoils the last good checkpoint."""
+    """torch.save to path.tmp, then rename: an interrupted save never spoils the last good checkpoint.
+    Non-finite weights (in any state dict given) are refused and the old file is kept."""
+    for key, value in state.items():
+        for name, t in (value.items() if isinstance(value, dict) else [(key, value)]):
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"not saving {path}: {key} {name} holds NaN or inf (training diverged); the last "
+                                f"good checkpoint is kept; try a smaller --lr")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def load_checkpoint(path):
+def load_checkpoint(path, script=None):
+    """The dict saved by save_checkpoint; with script, it must have been written by that script."""
     check(os.path.exists(path), f"no checkpoint at {path}: train first (without --sample-only) or set --out to a run folder")
-    return torch.load(path, map_location="cpu", weights_only=True)                 # tensors and plain types only
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)         # tensors and plain types only
+    except Exception as e:                                                    # any unpickling or zip error
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it (and train again)")
+    written_by = state.get("script") if isinstance(state, dict) else None
+    check(script is None or written_by == script, f"{path} was not written by {script}.py (it says "
+          f"{written_by or 'nothing'}); point --out at a {script}.py run folder")
+    return state
+
+def load_run(cfg, script, name="checkpoint.pt"):
+    """--sample-only: the checkpoint in cfg.out, with cfg's MODEL_FLAGS set from the run that wrote it.
+    A model flag given on the command line with another value than the saved one is an error."""
+    state = load_checkpoint(os.path.join(cfg.out, name), script)
+    saved = state.get("config", {})
+    for field in cfg.MODEL_FLAGS:
+        value = saved.get(field, getattr(cfg, field))
+        flag = "--" + field.replace("_", "-")
+        check(not was_given(cfg, field) or getattr(cfg, field) == value,
+              f"{flag} {getattr(cfg, field)} contradicts the checkpoint in {cfg.out}, trained with {flag} {value}; "
+              f"leave {flag} out (it is read from the checkpoint)")
+        setattr(cfg, field, value)
+    return state
+
+# ----------------------------------------------------------------------------- moving average of weights
+@torch.no_grad()
+def ema_update(ema, model, step, max_decay):
+    r"""theta_ema <- d theta_ema + (1 - d) theta, d = min(max_decay, (1 + step) / (10 + step)): the warm-up forgets
+    the random initial weights. Buffers (BatchNorm statistics, a running w_avg) are copied. Returns d."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+    return decay
+
+# ----------------------------------------------------------------------------- images from files
+def read_rgb(path, grey_ok=False, dtype=torch.float32):
+    """An image file as (image (H, W, 3), colours of its opaque pixels (alpha > 0.5) (N, 3)), in [0, 1].
+    A greyscale image is copied to 3 channels if grey_ok, else refused: its pixels are not colours."""
+    check(os.path.isfile(path), f"image not found: {path}")
+    try:
+        im = matplotlib.image.imread(path)
+    except Exception as e:                                                   # PIL and matplotlib raise many kinds
+        raise UserError(f"{path} is not an image that matplotlib can read ({type(e).__name__}); remove it")
+    im = torch.tensor(im.copy(), dtype=dtype) / (255.0 if im.dtype.kind == "u" else 1.0)
+    im = im[..., None] if im.ndim == 2 else im                            # (H, W, C): C = 1, 2 (grey, alpha), 3, 4
+    channels = im.shape[-1]
+    check(grey_ok or channels >= 3, f"{path} is a greyscale image; it has no colours: give an RGB or RGBA image")
+    rgb = im[..., :3] if channels >= 3 else im[..., :1].expand(-1, -1, 3)
+    if channels in (2, 4):
+        return rgb, rgb[im[..., -1] > 0.5]
+    return rgb, rgb.reshape(-1, 3)
+
+# ----------------------------------------------------------------------------- 2-D pictures
+@torch.no_grad()
+def surface(f):
+    """f (D's probability or the critic) on a 120x120 grid over [-5, 5]^2, evaluated now: (120, 120)."""
+    g = torch.linspace(-5, 5, 120)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)          # (120*120, 2)
+    return f(grid).view(120, 120)
+
+def save_progress(snapshots, path):
+    """snapshots: list of (surface values, fake points, real points, title) -> one panel each: the surface (see
+    `surface`) as a heat map with real (black) and generated (yellow) points."""
+    fig = Figure(figsize=(3 * len(snapshots), 3.2))
+    for ax, (values, x_fake, x_real, title) in zip(fig.subplots(1, len(snapshots)), snapshots):
+        im = ax.imshow(values.numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="coolwarm", alpha=0.8)
+        ax.scatter(*x_real.numpy().T, s=1, c="k", alpha=0.3)
+        ax.scatter(*x_fake.numpy().T, s=2, c="yellow")
+        ax.set(xlim=(-5, 5), ylim=(-5, 5), xticks=[], yticks=[])
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
 
 # ----------------------------------------------------------------------------- progress
 class Progress:
     """Call once per step with the loss: raises on NaN/inf, prints a line 20 times per run."""
     def __init__(self, total, start=0, lines=20):
-        self.total, self.start, self.every, self.t0 = total, start, max(1, total // lines), time.time()
+        self.total = total
+        self.start = start
+        self.every = max(1, total // lines)
+        self.t0 = time.time()
 
     def __call__(self, step, loss, checkpoint=""):
         loss = float(loss)
@@ -336,17 +461,21 @@ def train_classifier(x, y, epochs, seed=0, batch_size=128):
 
 CLASSIFIER_EPOCHS = {"digits": 1, "mnist": 3, "fashion": 5, "mnist10k": 20}  # >= 98% test accuracy
 
+def cached_classifier(path, make_data, epochs):
+    """An evaluator CNN trained once on make_data() -> (x, y) and cached at path; a broken cache file: one line."""
+    if not os.path.exists(path):
+        x, y = make_data()
+        with torch.random.fork_rng():                  # training it must not change the caller's random stream
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_checkpoint(path, **train_classifier(x, y, epochs).state_dict())
+    net = make_classifier()
+    net.load_state_dict(load_checkpoint(path))                         # a corrupt cache file: one line naming it
+    return net.eval()
+
 def get_classifier(data, data_dir=""):
     """The shared evaluator for an image dataset: trained once on its train split, cached in .cache/."""
     path = os.path.join(CACHE, f"classifier_{data}_v1.pt")
-    if not os.path.exists(path):
-        x, y = load_images(data, "train", data_dir)
-        with torch.random.fork_rng():                  # training it must not change the caller's random stream
-            os.makedirs(CACHE, exist_ok=True)
-            save_checkpoint(path, **train_classifier(x, y, CLASSIFIER_EPOCHS[data]).state_dict())
-    net = make_classifier()
-    net.load_state_dict(load_checkpoint(path))
-    return net.eval()
+    return cached_classifier(path, lambda: load_images(data, "train", data_dir), CLASSIFIER_EPOCHS[data])
 
 @torch.no_grad()
 def classify(net, x, batch_size=1000):
@@ -357,8 +486,10 @@ def classify(net, x, batch_size=1000):
 def frechet_distance(f1, f2):
     r"""||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), the FID formula, in float64.
     Tr (S_1 S_2)^{1/2} = sum sqrt(eig(S_1^{1/2} S_2 S_1^{1/2})), which is symmetric PSD."""
-    f1, f2 = f1.double(), f2.double()
-    m1, m2, s1, s2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
+    f1 = f1.double()
+    f2 = f2.double()
+    m1, s1 = f1.mean(0), torch.cov(f1.T)
+    m2, s2 = f2.mean(0), torch.cov(f2.T)
     e, v = torch.linalg.eigh(s1)
     r1 = v @ torch.diag(e.clamp(min=0).sqrt()) @ v.T                  # S_1^{1/2}
     tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
@@ -379,7 +510,8 @@ def image_metrics(x, data, labels=None, data_dir="", n_real=10000):
 
 def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):
     r"""Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) over the bandwidths h."""
-    x, y = x.double().cpu(), y.double().cpu()
+    x = x.double().cpu()
+    y = y.double().cpu()
     k = lambda d2: sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)      # d2: squared distances, computed once
     d2 = lambda a, b: torch.cdist(a, b) ** 2
     within = lambda a: (k(d2(a, a)).sum() - len(a) * len(bandwidths)) / (len(a) * (len(a) - 1))  # drop k(a_i, a_i)
@@ -397,3 +529,49 @@ def point_metrics(x, name, seed=12345):
     """2-D metrics: mmd against 2500 fresh data points, plus the mode metrics on ring8 / grid25."""
     out = {"mmd": mmd(x[:2500], sample_2d(name, 2500, torch.Generator().manual_seed(seed)))}
     return dict(out, **mode_metrics(x[:2500], name)) if name in MODES else out
+
+# ----------------------------------------------------------------------------- exact optimal transport (metrics)
+def w1_sorted(x, y):
+    """W_1 between equal-size uniform 1-D samples, per column of (n, d) inputs: sort both, mean |x_(i) - y_(i)|."""
+    check(x.shape == y.shape, f"w1_sorted needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return (torch.sort(x, 0)[0] - torch.sort(y, 0)[0]).abs().mean(0)
+
+def assignment(C, eps_final=None, factor=5.0, max_rounds=10 ** 7):
+    r"""Exact min-cost assignment perm[i] = j for a square C (n, n), by Bertsekas' auction with eps-scaling (an
+    evaluation tool: the lectures give no solver). Every unassigned person i bids for its best object j (value
+    -C_ij - price_j), raising its price by best - second best + eps; the highest bidder wins, the previous owner
+    is freed. The cost ends within n eps of the optimum: eps_final = 1e-9 max|C| / n bounds the gap by 1e-9 max|C|."""
+    check(C.dim() == 2 and C.shape[0] == C.shape[1], f"assignment needs a square cost matrix, got {tuple(C.shape)}")
+    check(bool(torch.isfinite(C).all()), "assignment needs a finite cost matrix (it holds NaN or inf)")
+    C, n = C.double().cpu(), C.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    scale = float(C.abs().max()) or 1.0
+    eps_final = eps_final or 1e-9 * scale / n
+    price, eps, rounds = torch.zeros(n, dtype=torch.float64), scale / 2, 0
+    while True:
+        obj_of, owner = torch.full((n,), -1), torch.full((n,), -1)
+        while (free := (obj_of < 0).nonzero()[:, 0]).numel():
+            rounds += 1
+            check(rounds <= max_rounds, f"assignment: no solution after {max_rounds} bidding rounds")
+            top = (-C[free] - price).topk(2, dim=1)                    # best and second-best values (k, 2)
+            j = top.indices[:, 0]
+            bid = price[j] + top.values[:, 0] - top.values[:, 1] + eps
+            best = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, j, bid, "amax")
+            winner = torch.full((n,), -1)
+            won = bid >= best[j]
+            winner[j[won]] = free[won]                                  # one winner per object
+            objs = (winner >= 0).nonzero()[:, 0]
+            old = owner[objs]
+            obj_of[old[old >= 0]] = -1
+            owner[objs] = winner[objs]
+            obj_of[winner[objs]] = objs
+            price[objs] = best[objs]
+        if eps <= eps_final:
+            return obj_of
+        eps = max(eps / factor, eps_final)
+
+def w_exact(x, y, p=2):
+    """W_p between two uniform clouds of equal size: (mean_i |x_i - y_perm(i)|^p)^{1/p}, perm from `assignment`."""
+    C = torch.cdist(x.double(), y.double()) ** p
+    return float(C[torch.arange(len(x)), assignment(C)].mean() ** (1 / p))

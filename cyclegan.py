@@ -11,7 +11,9 @@ Two mappings G: X -> Y and F: Y -> X, two discriminators D_Y (y vs G(x)) and D_X
   cycle consistency (002, "Training"):   L_cyc(G, F) = E |F(G(x)) - x|_1 + E |G(F(y)) - y|_1
   identity (Zhu et al. section 5.2):     L_id(G, F)  = E |G(y) - y|_1 + E |F(x) - x|_1
     L = L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc + lambda_id lambda L_id,  lambda = 10, lambda_id = 0.5
-  |.|_1 is averaged over pixels (the paper's code). D sees fakes from a pool of the last 50 generated images
+  Where each piece comes from: the slide's total loss has no lambda (Zhu et al. eq. 3 has it) and writes the
+  GAN terms with logs; the squares are the least-squares variant the slide's note names; D's factor 1/2 is
+  Zhu et al.'s code (it halves D's learning speed). |.|_1 is averaged over pixels (the paper's code). D sees fakes from a pool of the last 50 generated images
   (half the time a stored one, Shrivastava et al.), --pool 0 turns it off. Adam(2e-4, (0.5, 0.999)), the
   learning rate constant for the first half of the steps and then linearly decayed to 0, as in the paper.
 Built-in domains, made from the `digits` (or --data) images, both stored as 3 channels in [-1, 1]:
@@ -23,17 +25,17 @@ Built-in domains, made from the `digits` (or --data) images, both stored as 3 ch
   digits classifies F(y) (channel mean), and one trained the same way on Y (channel mean) classifies G(x).
 Networks (small versions of the paper's): G = c7s1-16, d32, d64, 3 residual blocks, u32, u16, c7s1-3 with
 instance norm and reflection padding; D = 3-layer PatchGAN (C32, C64, C128, then a 1-channel map of patch
-scores). Differences from the paper: 16 instead of 64 base channels, 3 instead of 9 residual blocks, 28x28.
+scores). At 28x28 each output's receptive field (34x34) covers the whole image, so D is not a patch critic
+here: it scores overlapping views of the whole digit (on 64x64 folder images the patches are real).
+Differences from the paper: 16 instead of 64 base channels, 3 instead of 9 residual blocks, 28x28.
 """
-import dataclasses, os, time, types
+import dataclasses, os, time
 
-import matplotlib.image
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf                                      # F is the mapping Y -> X here
 
 import common
-import gan                                                               # its least-squares losses
 
 
 @dataclasses.dataclass
@@ -52,6 +54,7 @@ class Config(common.Config):
     n_res: int = common.arg(3, "residual blocks in each generator")
     image_size: int = common.arg(0, "image side, a multiple of 4 (0: 28 for digits, 64 for folders)")
     n_eval: int = common.arg(2000, "test images per domain for the metrics")
+    MODEL_FLAGS = ("data", "ngf", "ndf", "n_res", "image_size")
 
     def defaults(self, given):
         self.image_size = self.image_size or (64 if is_folder_pair(self.data_dir) else 28)
@@ -80,15 +83,14 @@ def domain_y(m, shear=0.3):
 
 
 def load_folder(path, size):
-    """All .png/.jpg images in a folder, RGB (grey copied to 3 channels), resized to size x size, in [-1, 1]."""
+    """All .png/.jpg images in a folder as RGB (grey copied to 3 channels, alpha dropped), each resized to
+    size x size (so mixed sizes are fine), in [-1, 1]. A file that is not a readable image is an error."""
     files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     common.check(files, f"no .png or .jpg images in {path}")
     out = []
     for name in files:
-        im = matplotlib.image.imread(os.path.join(path, name))
-        im = torch.tensor(im.copy(), dtype=torch.float32) / (255.0 if im.dtype.kind == "u" else 1.0)
-        im = (im[..., None] if im.ndim == 2 else im)[..., :3].permute(2, 0, 1)[None]   # (1, C, H, W)
-        im = nnf.interpolate(im.expand(1, 3, -1, -1), size=(size, size), mode="bilinear", antialias=True)
+        im = common.read_rgb(os.path.join(path, name), grey_ok=True)[0].permute(2, 0, 1)[None]   # (1, 3, H, W)
+        im = nnf.interpolate(im, size=(size, size), mode="bilinear", antialias=True)
         out.append(im.clamp(0, 1) * 2 - 1)
     return torch.cat(out)
 
@@ -149,7 +151,7 @@ class ImagePool:
 
     def query(self, batch):
         if self.size == 0:
-            return batch
+            return batch.detach()                                        # D's loss must not reach G
         out = []
         for img in batch.detach():
             if len(self.images) < self.size:
@@ -165,15 +167,12 @@ class ImagePool:
 
 
 # ----------------------------------------------------------------------------- losses
-LSGAN = types.SimpleNamespace(loss="lsgan")                              # gan.py's least squares, a=0, b=c=1
-
-
 def lsgan_d_loss(d_real, d_fake):
-    return 0.5 * gan.d_loss(LSGAN, d_real, d_fake)                       # 1/2 [E (D(y) - 1)^2 + E D(G(x))^2]
+    return 0.5 * (((d_real - 1) ** 2).mean() + (d_fake ** 2).mean())     # 1/2 [E (D_Y(y) - 1)^2 + E D_Y(G(x))^2]
 
 
 def lsgan_g_loss(d_fake):
-    return gan.g_loss(LSGAN, d_fake)                                     # E (D_Y(G(x)) - 1)^2
+    return ((d_fake - 1) ** 2).mean()                                    # E (D_Y(G(x)) - 1)^2
 
 
 def cycle_loss(G, F, x, y, fake_y, fake_x):
@@ -194,12 +193,16 @@ def train(cfg, nets, device):
     opt_d = torch.optim.Adam(list(D_X.parameters()) + list(D_Y.parameters()), cfg.lr, betas=(0.5, 0.999))
     decay = lambda step: min(1.0, 2 * (1 - step / cfg.steps))            # 1 for the first half, then linear to 0
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
-    pool_x, pool_y = ImagePool(cfg.pool, gen), ImagePool(cfg.pool, gen)
-    history, progress = {"G+F loss": [], "D_X+D_Y loss": []}, common.Progress(cfg.steps)
+    pool_x = ImagePool(cfg.pool, gen)
+    pool_y = ImagePool(cfg.pool, gen)
+    history = {"G+F loss": [], "D_X+D_Y loss": []}
+    progress = common.Progress(cfg.steps)
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     for step in range(1, cfg.steps + 1):
-        x, y = batch(x_all), batch(y_all)
-        fake_y, fake_x = G(x), F(y)
+        x = batch(x_all)
+        y = batch(y_all)
+        fake_y = G(x)
+        fake_x = F(y)
         loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x)) + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)
         if cfg.lambda_id > 0:
             loss_g = loss_g + cfg.lambda_id * cfg.lam * identity_loss(G, F, x, y)
@@ -212,11 +215,12 @@ def train(cfg, nets, device):
         opt_d.step()
         for s in scheds:
             s.step()
-        history["G+F loss"].append(loss_g.item()), history["D_X+D_Y loss"].append(loss_d.item())
+        history["G+F loss"].append(loss_g.item())
+        history["D_X+D_Y loss"].append(loss_d.item())
         progress(step, loss_g.item() + loss_d.item(), ckpt)
         if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, **{k: n.state_dict() for k, n in zip(("G", "F", "D_X", "D_Y"), nets)},
-                                   step=step, config=dataclasses.asdict(cfg))
+            weights = {k: n.state_dict() for k, n in zip(("G", "F", "D_X", "D_Y"), nets)}
+            common.save_checkpoint(ckpt, script="cyclegan", **weights, step=step, config=dataclasses.asdict(cfg))
     return history
 
 
@@ -236,25 +240,27 @@ def grey(x):
 def y_classifier(cfg):
     """The shared evaluator CNN trained (3 epochs) on the channel mean of the Y train images; cached in .cache/."""
     path = os.path.join(common.CACHE, f"classifier_{cfg.data}_cycleY_v1.pt")
-    if not os.path.exists(path):
-        y_train, labels = load_domains(cfg, "train")[1::2]
-        with torch.random.fork_rng():
-            os.makedirs(common.CACHE, exist_ok=True)
-            common.save_checkpoint(path, **common.train_classifier(grey(y_train), labels, epochs=3).state_dict())
-    net = common.make_classifier()
-    net.load_state_dict(common.load_checkpoint(path))
-    return net.eval()
+
+    def y_train():
+        _, y, _, labels = load_domains(cfg, "train")
+        return grey(y), labels
+    return common.cached_classifier(path, y_train, epochs=3)
 
 
 def evaluate(cfg, G, F):
     x, y, lx, ly = load_domains(cfg, "test")
-    x, y = x[:cfg.n_eval], y[:cfg.n_eval]
-    fake_y, fake_x = translate(G, x), translate(F, y)
-    rec_x, rec_y = translate(F, fake_y), translate(G, fake_x)
+    x = x[:cfg.n_eval]
+    y = y[:cfg.n_eval]
+    fake_y = translate(G, x)
+    fake_x = translate(F, y)
+    rec_x = translate(F, fake_y)
+    rec_y = translate(G, fake_x)
     metrics = {"cycle_l1_x": float((rec_x - x).abs().mean()), "cycle_l1_y": float((rec_y - y).abs().mean())}
     if lx is not None and cfg.image_size == 28:
-        lx, ly = lx[:cfg.n_eval], ly[:cfg.n_eval]
-        net_x, net_y = common.get_classifier(cfg.data, cfg.data_dir), y_classifier(cfg)   # trained on X; on Y
+        lx = lx[:cfg.n_eval]
+        ly = ly[:cfg.n_eval]
+        net_x = common.get_classifier(cfg.data, cfg.data_dir)           # trained on X
+        net_y = y_classifier(cfg)                                       # trained on Y
         feats_fake, p_fake = common.classify(net_y, grey(fake_y))
         feats_real, p_real = common.classify(net_y, grey(y))
         metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx).float().mean()),
@@ -264,8 +270,7 @@ def evaluate(cfg, G, F):
     rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]  # x, G(x), F(G(x)); y, F(y), G(F(y))
     common.save_images((torch.cat(rows) + 1) / 2, os.path.join(cfg.out, "translation.png"))
     common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
-    torch.save((fake_y + 1) / 2, os.path.join(cfg.out, "samples.pt"))
-    return metrics
+    return metrics, (fake_y + 1) / 2
 
 
 def main(argv=None):
@@ -276,23 +281,21 @@ def main(argv=None):
                  and cfg.n_res >= 0, "--lam, --lambda-id, --pool, --n-res must be >= 0 and --ngf, --ndf, --n-eval > 0")
     common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits",
                  f"--data-dir {cfg.data_dir} has no trainA/ and trainB/ folders (digits need no --data-dir)")
+    state = common.load_run(cfg, "cyclegan") if cfg.sample_only else None   # the model's flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device) for _ in range(2)] + \
         [discriminator(3, cfg.ndf).to(device) for _ in range(2)]
-    t0, history = time.time(), {}
+    t0 = time.time()
+    history = {}
     if cfg.sample_only:
-        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
         for key, net in zip(("G", "F", "D_X", "D_Y"), nets):
             net.load_state_dict(state[key])
     else:
         history = train(cfg, nets, device)
-        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
-    metrics = evaluate(cfg, nets[0], nets[1])
-    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
-    return record
+    metrics, samples = evaluate(cfg, nets[0], nets[1])
+    return common.finish(cfg, metrics, t0, device, samples=samples, history=history)
 
 
 if __name__ == "__main__":

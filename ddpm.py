@@ -12,12 +12,13 @@ Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning 
     forward    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)                 (002, forward process)
     kernel     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                 (002, diffusion kernel)
     training   t ~ U{1..T}, eps ~ N(0, I): minimize |eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t)|^2
-    sampling   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps_theta) + sigma_t z, no z at t = 1
+    sampling   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps_theta) + sigma_t z
                (002, "Training and sampling algorithms"); sigma_t^2 = beta_t (default) or
-               beta~_t = (1 - ab_{t-1})/(1 - ab_t) beta_t (--sigma beta-tilde)
+               beta~_t = (1 - ab_{t-1})/(1 - ab_t) beta_t (--sigma beta-tilde). The slide draws z at every t; the
+               last step adds no noise (z = 0 at t = 1), as Ho et al.'s Algorithm 2 and 000 (0-based) do.
     DDIM       x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_theta + sigma z on a sub-sequence of S steps,
                x0_hat = (x_t - sqrt(1 - ab_t) eps_theta)/sqrt(ab_t),
-               sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)                 (000 1.4; Song et al.)
+               sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)   (000 1.4 for DDIM; eta: Song et al. eq. 16)
     guidance   eps~ = (1 + w) eps_theta(x, t, y) - w eps_theta(x, t, null)  (000 1.5); with w' = 1 + w this is
                w' eps(y) + (1 - w') eps(null), the (1 - w)/w form that flow_matching.py uses (002); w = 0: plain
                conditional. Training replaces the label by the null token with probability 0.1, per sample.
@@ -25,7 +26,10 @@ The ancestral update is computed as the posterior mean of q(x_{t-1} | x_t, x0_ha
 slide's formula exactly (tested); --clip-x0 (default on) clips x0_hat to [-1, 1] first (Ho et al.'s code does).
 With --sampler ddpm and --sample-steps S < T the update jumps t -> s with alpha_t replaced by ab_t/ab_s and
 sigma^2 = 1 - ab_t/ab_s ("naive" ancestral sampling on skipped steps: the DDIM paper shows it is poor).
+The default sampler of samples.png and the metrics is DDIM-50 (--sampler ddim), not the lecture's Algorithm 2:
+use --sampler ddpm --sample-steps 1000 for the slide's sampler (also in --compare and denoising.png).
 Differences from the slides: the slide writes sigma_t = 1 - alpha_t; Ho et al. use sigma_t^2 = beta_t = 1 - alpha_t.
+002's "Implementation" slide takes T = 2000 and its alpha_T, while its "Comments" slide says T = 1000 (used here).
 The loss is the mean over pixels of the squared error (the slide's squared norm divided by the pixel count).
 Pixels are mapped to [-1, 1] (002, "Comments"). Sampling uses an exponential moving average of the weights.
 """
@@ -47,7 +51,7 @@ class Config(common.Config):
     lr: float = common.arg(1e-3, "Adam learning rate")
     T: int = common.arg(1000, "number of diffusion steps")
     schedule: str = common.arg("linear", "beta schedule", ["linear", "cosine"])
-    ch: int = common.arg(16, "U-Net base channels (32 or 64 on a GPU)")
+    ch: int = common.arg(16, "U-Net base channels, a multiple of 8 for GroupNorm (32 or 64 on a GPU)")
     attn: bool = common.arg(False, "self-attention at the lowest resolution (7x7)")
     sampler: str = common.arg("ddim", "sampler for samples.png and the metrics", ["ddpm", "ddim"])
     sample_steps: int = common.arg(50, "S, sampling steps (ddpm with S < T: naive skipping)")
@@ -58,11 +62,12 @@ class Config(common.Config):
     guidance: float = common.arg(0.0, "w: eps~ = (1 + w) eps(y) - w eps(null)")
     p_uncond: float = common.arg(0.1, "probability of dropping the label to the null token (per sample)")
     ema: float = common.arg(0.999, "EMA decay of the sampling weights")
-    grad_clip: float = common.arg(1.0, "gradient norm clipping")
+    grad_clip: float = common.arg(1.0, "gradient norm clipping threshold (> 0)")
     n_samples: int = common.arg(1000, "samples for the metrics")
     compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
     bf16: bool = common.arg(False, "bf16 autocast for training (CUDA)")
     compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
+    MODEL_FLAGS = ("data", "T", "schedule", "ch", "attn", "cond")
 
 
 # ----------------------------------------------------------------------------- schedule and forward process
@@ -245,7 +250,9 @@ def train(model, ema, sch, cfg, x_train, y_train, device):
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     net = torch.compile(model) if cfg.compile else model
     gen = torch.Generator().manual_seed(cfg.seed)
-    history, progress, ckpt = {"loss": []}, common.Progress(cfg.steps), os.path.join(cfg.out, "checkpoint.pt")
+    history = {"loss": []}
+    progress = common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
         x0 = (x_train[idx] * 2 - 1).to(device)                            # pixels to [-1, 1]
@@ -256,14 +263,11 @@ def train(model, ema, sch, cfg, x_train, y_train, device):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        with torch.no_grad():                                             # EMA, warmed up over the first steps
-            d = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - d)
+        common.ema_update(ema, model, step, cfg.ema)                       # EMA, warmed up over the first steps
         history["loss"].append(loss.item())
         progress(step, loss.item(), ckpt)
         if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, ema=ema.state_dict(), step=step, config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="ddpm", ema=ema.state_dict(), step=step, config=dataclasses.asdict(cfg))
     return history
 
 
@@ -282,8 +286,11 @@ def evaluate(ema, sch, cfg, device, sampler, steps):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "ddpm", __doc__)
-    common.check(cfg.T > 1 and cfg.ch >= 8 and cfg.ch % 2 == 0 and cfg.n_samples > 1,
-                 "--T must be > 1, --ch an even number >= 8, --n-samples >= 2")
+    state = common.load_run(cfg, "ddpm") if cfg.sample_only else None  # the model's flags come from the checkpoint
+    common.check(cfg.T > 1 and cfg.n_samples > 1, "--T must be > 1 and --n-samples >= 2")
+    common.check(cfg.ch >= 8 and cfg.ch % 8 == 0, f"--ch must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.ch}")
+    common.check(cfg.grad_clip > 0, f"--grad-clip must be positive (a norm threshold), got {cfg.grad_clip}")
+    common.check(not cfg.compare or cfg.T >= 50, f"--compare runs 50-step samplers: it needs --T >= 50, got {cfg.T}")
     common.check(0 < cfg.sample_steps <= cfg.T, f"--sample-steps must be in 1..T={cfg.T}, got {cfg.sample_steps}")
     common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1, "need eta >= 0, 0 <= p_uncond < 1, 0 <= ema < 1")
     common.check(cfg.guidance == 0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
@@ -294,17 +301,16 @@ def main(argv=None):
     x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
     model = UNet(cfg.ch, cfg.attn, 10 if cfg.cond else 0).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    t0, history = time.time(), {}
+    t0 = time.time()
+    history = {}
     if cfg.sample_only:
-        ema.load_state_dict(common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["ema"])
+        ema.load_state_dict(state["ema"])
     else:
         history = train(model, ema, sch, cfg, x_train, y_train, device)
-        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
     train_seconds = time.time() - t0
     print(f"trained {cfg.steps} steps in {train_seconds:.0f}s; sampling {cfg.n_samples} with {cfg.sampler}-{cfg.sample_steps}")
     x, metrics, y = evaluate(ema, sch, cfg, device, cfg.sampler, cfg.sample_steps)
     common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=y[:100].cpu() if y is not None else None)
-    torch.save(x, os.path.join(cfg.out, "samples.pt"))
     save_forward(sch, x_train[:4].to(device) * 2 - 1, os.path.join(cfg.out, "forward.png"))
     trajectory = []
     sample(ema, sch, 1, cfg, device, None if not cfg.cond else torch.tensor([3], device=device), "ddpm", cfg.T, trajectory)
@@ -323,9 +329,7 @@ def main(argv=None):
             print(name, table[name])
         metrics["compare"] = table
     metrics["train_seconds"] = round(train_seconds, 2)
-    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print({k: v for k, v in metrics.items() if k != "compare"}, f"({record['seconds']}s)")
-    return record
+    return common.finish(cfg, metrics, t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

@@ -3,26 +3,34 @@ minibatch OT coupling and classifier-free guidance.
 
 Lecture: 002 "Flow Matching" (ODE, flow, Euler's scheme, probability path, conditional and marginal paths,
 "Example: Gaussian conditional probability path", CFM loss, "The marginalization trick", "Data coupling",
-"Guidance", "Classifier-free guidance") and "Diffusion models" (SDE, Euler-Maruyama, score, Theorem 2).
+"Guidance", "Classifier-free guidance") and "Diffusion models" (SDE, Euler-Maruyama, score, and the second
+"Theorem 2" of 002, the one of the diffusion part: the SDE with the same path p_t; the first is flow matching's).
 Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both` (independent vs OT),
-`--data digits` (the U-Net of ddpm.py), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`.
+`--data digits` (a small U-Net), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`.
 
     path       x_t = alpha_t x_1 + beta_t x_0, x_0 ~ N(0, I), x_1 ~ data: p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I)
                linear: alpha_t = t, beta_t = 1 - t (default); cosine: alpha_t = sin(pi t/2), beta_t = cos(pi t/2)
     CFM loss   |v_theta(x_t, t) - (alpha'_t x_1 + beta'_t x_0)|^2, t ~ U[0, 1]  (linear: target x_1 - x_0)
     sampling   dx/dt = v_theta(x, t) from t = 0 to 1: Euler x_{t+h} = x_t + h v_theta(x_t, t) (002), or midpoint / Heun
     coupling   independent pairs (x_0, x_1) (default), or minibatch OT: pairs drawn from an entropic OT plan between
-               the two minibatches (sinkhorn.py), which makes the paths straighter (Tong et al. 2023)
+               the two minibatches (a log-domain Sinkhorn, below; Tong et al. 2023), meant to straighten the paths
     guidance   labels dropped to a null token with probability eta = 0.1 per sample; sampling with
-               v~ = (1 - w) v_theta(x | null) + w v_theta(x | y)  (002, "Classifier-free guidance"; w = 1: conditional)
+               v~ = (1 - w) v_theta(x | null) + w v_theta(x | y)  (002, "Classifier-free guidance"; w = 1: conditional),
+               2 network calls per step when w != 1. Beware: ddpm.py's --guidance w means (1 + w) eps(y) - w eps(null),
+               so its w is this w minus 1 (ddpm --guidance 1 = flow_matching --guidance 2).
     SDE        dX = [v_theta + sigma^2/2 s_theta] dt + sigma dW (002, Theorem 2), by Euler-Maruyama, with the score
                s_theta obtained from the velocity. For the Gaussian path E[x_1|x] = (x - beta E[x_0|x])/alpha and
                s(x) = -E[x_0|x]/beta, so v = alpha'/alpha x - beta (beta' - alpha' beta/alpha) s, i.e.
                s = (alpha' x - alpha v) / (beta (alpha beta' - alpha' beta));  linear path: s = (t v - x)/(1 - t).
-Differences from the slides: the printed CFG training loss has sign typos; the target used here is the derivative
-of x_t, alpha'_t x_1 + beta'_t x_0 (tested against finite differences). The score is singular at t = 1 (beta = 0),
-so the SDE takes its last step from t = 1 - h, where it is finite, and adds no noise there. The OT coupling draws one x_0 per x_1 from the
-plan (with replacement), as OT-CFM does, rather than an exact permutation (exact assignment is too slow per step).
+Notation: x_0 is the noise and x_1 the data here (ddpm.py writes x_0 for the data).
+Differences from the slides: the printed CFG training loss |v - alpha'_t eps + beta'_t x_1|^2 swaps the roles of
+alpha' and beta' (and its linear-path form |v - eps - x_1|^2 follows that slip); the target used here is the
+derivative of x_t, alpha'_t x_1 + beta'_t x_0 (tested against finite differences), x_1 - x_0 on the linear path.
+F.mse_loss averages over the d coordinates: it is 1/d of the slide's squared norm (the same minimizer).
+The score is singular at t = 1 (beta = 0), so the SDE takes its last step from t = 1 - h, where it is finite,
+and adds no noise there. The OT coupling draws one x_0 per x_1 from the plan (with replacement), as OT-CFM does,
+rather than an exact permutation (exact assignment is too slow per step). On digits it straightens the pairs
+little: mean |x_0 - x_1|^2 was 1503 for independent pairs, 1490 for ours, 1444 for an exact assignment.
 """
 import dataclasses, math, os, time
 
@@ -32,8 +40,6 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import common
-import ddpm
-import sinkhorn
 
 
 @dataclasses.dataclass
@@ -55,6 +61,7 @@ class Config(common.Config):
     ch: int = common.arg(16, "U-Net base channels (images)")
     hidden: int = common.arg(256, "MLP hidden units (2-D)")
     n_samples: int = common.arg(2500, "samples for the metrics (images: 1000 unless given)")
+    MODEL_FLAGS = ("data", "path", "cond", "ch", "hidden")
 
     def defaults(self, given):
         if self.data in common.IMAGE_DATA:
@@ -82,17 +89,44 @@ def cfm_target(kind, x0, x1, t):
     return a * x1 + b * x0, da * x1 + db * x0
 
 
+def sinkhorn_plan(C, eps, tol=1e-4, max_iter=2000):
+    r"""Entropic OT plan between two uniform batches of n points, cost C (n, n), by the lecture's scaling form
+    (000, "Sinkhorn Algorithm"; sinkhorn.py has the full solver):
+        K = exp(-C/eps),   u = a / (K v),   v = b / (K^T u),   P = diag(u) K diag(v),   a = b = 1/n,
+    stopping when the column sums of P are within tol of b (L1). C is first reduced by its row and column minima,
+    which changes no plan and leaves a 1 in every row and column of K: K v never underflows to 0."""
+    C = C - C.amin(1, keepdim=True)
+    C = C - C.amin(0, keepdim=True)
+    K = torch.exp(-C / eps)
+    a = torch.full((len(C),), 1.0 / len(C), dtype=C.dtype, device=C.device)   # = b
+    v = torch.ones_like(a)
+    for _ in range(max_iter):
+        u = a / (K @ v)                                                  # u = a / (K v)
+        Ktu = K.T @ u
+        err = float((v * Ktu - a).abs().sum())                           # column sums of diag(u) K diag(v) - b
+        v = a / Ktu                                                      # v = b / (K^T u)
+        if err < tol:
+            break
+    return u[:, None] * K * v[None, :]
+
+
 def ot_pairs(x0, x1, gen=None):
     """Minibatch OT coupling: for each x_1[j] draw x_0[i] with probability P_ij / b_j, P the entropic OT plan
-    (cost |x_0 - x_1|^2, eps = 0.05 * mean cost) from sinkhorn.py. Returns x_0 re-ordered to pair with x_1."""
-    C = sinkhorn.sq_dist(x0.flatten(1).double(), x1.flatten(1).double())
-    w = torch.full((len(x0),), 1.0 / len(x0), dtype=torch.float64, device=C.device)
-    P = sinkhorn.sinkhorn(w, w, C / C.mean(), 0.05, tol=1e-4, max_iter=2000)["plan"]
+    (cost |x_0 - x_1|^2 divided by its mean, eps = 0.05). Returns x_0 re-ordered to pair with x_1."""
+    C = torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()) ** 2
+    P = sinkhorn_plan(C / C.mean(), 0.05)
     i = torch.multinomial(P.T.float().cpu() + 1e-30, 1, generator=gen)[:, 0]   # one row i per column j
     return x0[i.to(x0.device)]
 
 
 # ----------------------------------------------------------------------------- velocity networks
+def time_embedding(t, dim):
+    """Sinusoidal embedding of real times t (B,), as the transformer's positions: (B, dim)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]                            # (B, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
 class MLPVelocity(nn.Module):
     """v_theta(x, t) for 2-D data: [x, sinusoidal(t)] -> 3 hidden SiLU layers -> R^2."""
     def __init__(self, hidden=256):
@@ -102,13 +136,53 @@ class MLPVelocity(nn.Module):
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, x, t, y=None):
-        return self.net(torch.cat([x, ddpm.time_embedding(1000 * t, 32)], 1))
+        return self.net(torch.cat([x, time_embedding(1000 * t, 32)], 1))
 
 
-class UNetVelocity(ddpm.UNet):
-    """The U-Net of ddpm.py (imported, not copied), with t in [0, 1] scaled to ddpm's 0..1000 time axis."""
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv; + the time (and label) embedding; GroupNorm, SiLU, 3x3 conv; + skip."""
+    def __init__(self, c_in, c_out, t_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(min(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(min(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class UNetVelocity(nn.Module):
+    """v_theta(x, t, y) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation (000 section 5),
+    t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null token."""
+    def __init__(self, ch=16, n_classes=0):
+        super().__init__()
+        c1, c2, e = ch, 2 * ch, 4 * ch
+        self.ch, self.n_classes = ch, n_classes
+        self.t_mlp = nn.Sequential(nn.Linear(ch, e), nn.SiLU(), nn.Linear(e, e))
+        self.label = nn.Embedding(n_classes + 1, e) if n_classes else None
+        self.inp = nn.Conv2d(1, c1, 3, padding=1)
+        self.down1, self.pool1 = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)       # 28 -> 14
+        self.down2, self.pool2 = ResBlock(c1, c2, e), nn.Conv2d(c2, c2, 3, 2, 1)       # 14 -> 7
+        self.mid1, self.mid2 = ResBlock(c2, c2, e), ResBlock(c2, c2, e)
+        self.up2 = ResBlock(2 * c2, c2, e)                                # 7 -> 14 after it
+        self.up1 = ResBlock(c2 + c2, c1, e)                               # 14 -> 28 after it
+        self.up0 = ResBlock(c1 + c1, c1, e)
+        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
+
     def forward(self, x, t, y=None):
-        return super().forward(x, 1000 * t, y)
+        emb = self.t_mlp(time_embedding(1000 * t, self.ch))
+        if self.label is not None:
+            emb = emb + self.label(y if y is not None else torch.full_like(t, self.n_classes, dtype=torch.long))
+        h0 = self.down1(self.inp(x), emb)                                 # (B, c1, 28, 28)
+        h1 = self.down2(self.pool1(h0), emb)                              # (B, c2, 14, 14)
+        h2 = self.pool2(h1)                                               # (B, c2, 7, 7)
+        h = self.mid2(self.mid1(h2, emb), emb)
+        h = F.interpolate(self.up2(torch.cat([h, h2], 1), emb), scale_factor=2.0)      # (B, c2, 14, 14)
+        h = F.interpolate(self.up1(torch.cat([h, h1], 1), emb), scale_factor=2.0)      # (B, c1, 28, 28)
+        return self.out(self.up0(torch.cat([h, h0], 1), emb))
 
 
 def velocity(model, x, t, y=None, w=1.0):
@@ -171,7 +245,8 @@ def save_path_and_field(cfg, model, device, out):
     """path.png: the marginal path p_t at t = 0, 1/4, 1/2, 3/4, 1 (exact samples alpha_t x_1 + beta_t x_0, 002's
     figure); field.png: the learned velocity arrows at the same times."""
     ts = [0.0, 0.25, 0.5, 0.75, 1.0]
-    x1, x0 = common.sample_2d(cfg.data, 5000), torch.randn(5000, 2)
+    x1 = common.sample_2d(cfg.data, 5000)
+    x0 = torch.randn(5000, 2)
     fig, fig2 = Figure(figsize=(15, 3)), Figure(figsize=(15, 3))
     g = torch.linspace(-4.5, 4.5, 19)
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)     # (361, 2)
@@ -182,7 +257,7 @@ def save_path_and_field(cfg, model, device, out):
             v = velocity(model, grid.to(device), t).cpu()
         ax2.quiver(*grid.numpy().T, *v.numpy().T, angles="xy")
         for a in (ax, ax2):
-            a.set_title(f"t = {t}"), a.set_aspect("equal"), a.set_xticks([]), a.set_yticks([])
+            a.set(title=f"t = {t}", aspect="equal", xticks=[], yticks=[])
     fig.savefig(os.path.join(out, "path.png"), dpi=90, bbox_inches="tight")
     fig2.savefig(os.path.join(out, "field.png"), dpi=90, bbox_inches="tight")
 
@@ -192,21 +267,24 @@ def save_trajectories(traj, path):
     ax = fig.subplots()
     paths = torch.stack(traj)[:, :300].numpy()                          # (steps + 1, 300, 2)
     ax.plot(paths[:, :, 0], paths[:, :, 1], c="0.5", lw=0.4, alpha=0.6)
-    ax.scatter(*paths[0].T, s=3, c="tab:blue", label="x_0 ~ N(0, I)"), ax.scatter(*paths[-1].T, s=3, c="tab:red", label="x_1")
-    ax.set_aspect("equal"), ax.legend()
+    ax.scatter(*paths[0].T, s=3, c="tab:blue", label="x_0 ~ N(0, I)")
+    ax.scatter(*paths[-1].T, s=3, c="tab:red", label="x_1")
+    ax.set_aspect("equal")
+    ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- training
 def train(cfg, coupling, device):
     points = cfg.data in common.POINT_DATA
-    model = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, False, 10 if cfg.cond else 0)).to(device)
+    model = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     if not points:
         x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
-    history, progress = [], common.Progress(cfg.steps)
+    history = []
+    progress = common.Progress(cfg.steps)
     ckpt = os.path.join(cfg.out, f"checkpoint_{coupling}.pt")
     for step in range(1, cfg.steps + 1):
         y = None
@@ -231,7 +309,8 @@ def train(cfg, coupling, device):
         history.append(loss.item())
         progress(step, loss.item(), ckpt)
         if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, model=model.state_dict(), step=step, config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="flow_matching", model=model.state_dict(), step=step,
+                                   config=dataclasses.asdict(cfg))
     return model, history
 
 
@@ -249,6 +328,7 @@ def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1):
                            cfg.sigma, cfg.path, gen)
         x.append(xb.cpu())
     x = torch.cat(x)
+    calls *= 2 if cfg.cond and cfg.guidance != 1.0 else 1               # guidance: v(x|y) and v(x|null) per call
     if points:
         return x, dict(point_scores(cfg, x), network_calls=calls)
     x = (x.clamp(-1, 1) + 1) / 2
@@ -263,23 +343,28 @@ def main(argv=None):
     common.check(cfg.sigma >= 0 and 0 <= cfg.p_uncond < 1, "--sigma must be >= 0 and --p-uncond in [0, 1)")
     common.check(not cfg.cond or cfg.data in common.IMAGE_DATA, "--cond needs labelled image data (e.g. --data digits)")
     common.check(cfg.guidance == 1.0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
+    common.check(cfg.sampler == "ode" or cfg.coupling == "independent",
+                 "--sampler sde needs --coupling independent: the score is recovered from the velocity by a formula "
+                 "that holds only when x_0 and x_1 are independent (OT-coupled pairs are not)")
+    couplings = ["independent", "ot"] if cfg.coupling == "both" else [cfg.coupling]
+    if cfg.sample_only:                                                  # the model's flags come from the checkpoint
+        states = {c: common.load_run(cfg, "flow_matching", f"checkpoint_{c}.pt") for c in couplings}
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    points, t0 = cfg.data in common.POINT_DATA, time.time()
-    couplings = ["independent", "ot"] if cfg.coupling == "both" else [cfg.coupling]
-    models, histories = {}, {}
+    points = cfg.data in common.POINT_DATA
+    t0 = time.time()
+    models = {}
+    histories = {}
     for c in couplings:
         if cfg.sample_only:
-            models[c] = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, False, 10 if cfg.cond else 0)).to(device)
-            models[c].load_state_dict(common.load_checkpoint(os.path.join(cfg.out, f"checkpoint_{c}.pt"))["model"])
+            models[c] = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
+            models[c].load_state_dict(states[c]["model"])
         else:
             models[c], histories[f"CFM loss ({c})"] = train(cfg, c, device)
-    train_seconds, model = time.time() - t0, models[couplings[0]]
-    if histories:
-        common.save_losses(histories, os.path.join(cfg.out, "loss.png"))
+    train_seconds = time.time() - t0
+    model = models[couplings[0]]
     x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler)
-    torch.save(x, os.path.join(cfg.out, "samples.pt"))
     if not points:
         labels = torch.arange(len(x[:100])) % 10 if cfg.cond else None           # evaluate() asks class i % 10
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=labels)
@@ -290,20 +375,20 @@ def main(argv=None):
         sample(lambda z, t: velocity(model, z.to(device), t).cpu(), traj[0], cfg.sample_steps, cfg.solver, trajectory=traj)
         save_trajectories(traj, os.path.join(cfg.out, "trajectories.png"))
         save_path_and_field(cfg, model, device, cfg.out)
-        table, fig = {}, Figure(figsize=(6, 4))
+        table = {}
+        fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         for c in couplings:                                              # quality vs network calls
             for solver in ("euler", "midpoint", "heun"):
                 rows = [(evaluate(cfg, models[c], device, solver, n)[1]) for n in (1, 2, 4, 8, 20, 100)]
                 table[f"{c}/{solver}"] = {str(n): r for n, r in zip((1, 2, 4, 8, 20, 100), rows)}
                 ax.loglog([r["network_calls"] for r in rows], [max(r["mmd"], 1e-5) for r in rows], "o-", label=f"{c}, {solver}")
-        ax.set_xlabel("network calls (NFE)"), ax.set_ylabel("MMD^2 to data"), ax.legend(fontsize=7)
+        ax.set(xlabel="network calls (NFE)", ylabel="MMD^2 to data")
+        ax.legend(fontsize=7)
         fig.savefig(os.path.join(cfg.out, "nfe.png"), dpi=100, bbox_inches="tight")
         metrics["by_solver"] = table
     metrics["train_seconds"] = round(train_seconds, 2)
-    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print({k: v for k, v in metrics.items() if k != "by_solver"}, f"({record['seconds']}s)")
-    return record
+    return common.finish(cfg, metrics, t0, device, samples=x, history=histories)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `pyt
     LSGAN       L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2,  L(G) = E (D(G(z)) - c)^2,  a=0, b=c=1 (Mao et al.)
     optimum     D*(x) = p_data / (p_data + p_g),  V(D*, G) = -log 4 + 2 JSD(p_data, p_g)      (002, proof)
 D works on logits l (D = sigmoid(l)) for stability: log D = -softplus(-l), log(1 - D) = -softplus(l).
+Slip in 004's Algorithm 1 (line 9): it says G is updated by "ascending" the gradient of log(1 - D(G(z))). G
+*minimizes* that term (it is the player who lowers V), so the code descends it; ascending would help D.
 2-D data use MLPs; images use DCGAN nets (strided convolutions, BatchNorm except the G output and the D input,
 ReLU in G, LeakyReLU(0.2) in D, tanh output; pixels mapped to [-1, 1]). Adam(2e-4, betas (0.5, 0.999)).
 """
@@ -20,7 +22,6 @@ import dataclasses, math, os, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 import common
 
@@ -37,6 +38,7 @@ class Config(common.Config):
     z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
     hidden: int = common.arg(256, "hidden units of the 2-D MLPs")
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
+    MODEL_FLAGS = ("data", "z_dim", "hidden", "loss")
 
     def defaults(self, given):                                           # image data: DCGAN steps fit the CPU
         if self.data in common.IMAGE_DATA:
@@ -83,19 +85,33 @@ def make_nets(cfg, batchnorm=True):
     return dcgan_generator(z_dim), dcgan_discriminator(batchnorm), z_dim
 
 
-# ----------------------------------------------------------------------------- losses
-def d_loss(cfg, l_real, l_fake):
-    if cfg.loss == "lsgan":                                              # E (D(x) - 1)^2 + E (D(G(z)) - 0)^2
-        return ((l_real - 1) ** 2).mean() + (l_fake ** 2).mean()
+# ----------------------------------------------------------------------------- losses (l: D's logits)
+def d_loss(l_real, l_fake):
+    """-V(D, G): D maximizes V, i.e. minimizes the binary cross-entropy with real -> 1, fake -> 0."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()        # -[E log D(x) + E log(1 - D(G(z)))]
 
 
-def g_loss(cfg, l_fake):
-    if cfg.loss == "lsgan":
-        return ((l_fake - 1) ** 2).mean()                                # E (D(G(z)) - c)^2, c = 1
-    if cfg.g_loss == "saturating":
-        return -F.softplus(l_fake).mean()                                # E log(1 - D(G(z))), minimized
+def g_loss_saturating(l_fake):
+    return -F.softplus(l_fake).mean()                                    # E log(1 - D(G(z))), minimized
+
+
+def g_loss_nonsaturating(l_fake):
     return F.softplus(-l_fake).mean()                                    # -E log D(G(z))
+
+
+def lsgan_d_loss(d_real, d_fake):
+    return ((d_real - 1) ** 2).mean() + (d_fake ** 2).mean()             # E (D(x) - b)^2 + E (D(G(z)) - a)^2
+
+
+def lsgan_g_loss(d_fake):
+    return ((d_fake - 1) ** 2).mean()                                    # E (D(G(z)) - c)^2, c = 1
+
+
+def losses(cfg):
+    """(D's loss, G's loss) chosen by --loss and --g-loss."""
+    if cfg.loss == "lsgan":
+        return lsgan_d_loss, lsgan_g_loss
+    return d_loss, g_loss_saturating if cfg.g_loss == "saturating" else g_loss_nonsaturating
 
 
 # ----------------------------------------------------------------------------- theory (discrete densities)
@@ -115,37 +131,78 @@ def jsd(p, q):
     return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def surface(f):
-    """f (D's probability or the critic) on a 120x120 grid over [-5, 5]^2, evaluated now: (120, 120)."""
-    g = torch.linspace(-5, 5, 120)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)          # (120*120, 2)
-    return f(grid).view(120, 120)
-
-
-def surface_panel(ax, values, x_fake, x_real, title):
-    """Heat map of a surface (see `surface`) with real and fake points."""
-    im = ax.imshow(values.numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="coolwarm", alpha=0.8)
-    ax.scatter(*x_real.numpy().T, s=1, c="k", alpha=0.3), ax.scatter(*x_fake.numpy().T, s=2, c="yellow")
-    ax.set_xlim(-5, 5), ax.set_ylim(-5, 5), ax.set_title(title, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
-    return im
-
-
-def save_progress(snapshots, path):
-    """snapshots: list of (surface values, fake points, real points, title) -> one panel each."""
-    fig = Figure(figsize=(3 * len(snapshots), 3.2))
-    for ax, snap in zip(fig.subplots(1, len(snapshots)), snapshots):
-        fig.colorbar(surface_panel(ax, *snap), ax=ax, fraction=0.046)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-
-
-def finish(cfg, G, z_dim, device, history, t0, extra):
-    """Sample, compute the shared metrics, write samples.png/.pt, loss.png and metrics.json (also used by wgan.py)."""
+def sample(G, n, z_dim, device):
+    """x = G(z), z ~ N(0, I), in batches of 1000, on the CPU."""
     G.eval()
-    with torch.no_grad():
-        x = torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(math.ceil(cfg.n_samples / 1000))])
-    x = x[:cfg.n_samples]
+    return torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(math.ceil(n / 1000))])[:n]
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, G, D, z_dim, device):
+    real = batch_sampler(cfg)
+    loss_of_d, loss_of_g = losses(cfg)
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
+    history = {"D loss": [], "G loss": []}
+    snapshots = []
+    progress = common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    for step in range(1, cfg.steps + 1):
+        for _ in range(cfg.k):                                           # k discriminator steps (Algorithm 1)
+            x = real().to(device)
+            z = torch.randn(cfg.batch_size, z_dim, device=device)
+            loss_d = loss_of_d(D(x), D(G(z).detach()))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+        loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))   # one generator step
+        opt_g.zero_grad()
+        loss_g.backward()                                                # descends: see the docstring's note
+        opt_g.step()
+        history["D loss"].append(loss_d.item())
+        history["G loss"].append(loss_g.item())
+        progress(step, loss_d.item() + loss_g.item(), ckpt)
+        if step in snap_at and cfg.data in common.POINT_DATA:
+            with torch.no_grad():
+                fake = G(torch.randn(1000, z_dim, device=device)).cpu()
+            prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
+            snapshots.append((common.surface(prob), fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
+        if step % 1000 == 0 or step == cfg.steps:
+            common.save_checkpoint(ckpt, script="gan", G=G.state_dict(), D=D.state_dict(), step=step,
+                                   config=dataclasses.asdict(cfg))
+    if snapshots:
+        common.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
+    return history
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, "gan", __doc__)
+    common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
+                 "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
+    state = common.load_run(cfg, "gan") if cfg.sample_only else None   # the model's flags come from the checkpoint
+    common.seed_all(cfg.seed)
+    device = common.get_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    G, D, z_dim = make_nets(cfg)
+    G = G.to(device)
+    D = D.to(device)
+    t0 = time.time()
+    history = {}
+    if cfg.sample_only:
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+    else:
+        history = train(cfg, G, D, z_dim, device)
+    D.eval()
+    with torch.no_grad():                                                # the equilibrium says D = 1/2 on both
+        x = batch_sampler(cfg)().to(device)
+        l_real = D(x)
+        l_fake = D(G.eval()(torch.randn(len(x), z_dim, device=device)))
+    squash = torch.sigmoid if cfg.loss == "gan" else (lambda l: l)
+    x = sample(G, cfg.n_samples, z_dim, device)
     if cfg.data in common.POINT_DATA:
         metrics = common.point_metrics(x, cfg.data)
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
@@ -154,69 +211,8 @@ def finish(cfg, G, z_dim, device, history, t0, extra):
         x = (x + 1) / 2                                                  # back to [0, 1]
         metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
-    torch.save(x, os.path.join(cfg.out, "samples.pt"))
-    if history:
-        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
-    record = common.save_metrics(cfg.out, dict(metrics, **extra), cfg, 0 if cfg.sample_only else cfg.steps,
-                                 time.time() - t0, device)
-    print(" ".join(f"{k} {v:.4g}" for k, v in dict(metrics, **extra).items()), f"({record['seconds']}s)")
-    return record
-
-
-# ----------------------------------------------------------------------------- training
-def train(cfg, G, D, z_dim, device):
-    real = batch_sampler(cfg)
-    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
-    history, snapshots = {"D loss": [], "G loss": []}, []
-    progress, ckpt = common.Progress(cfg.steps), os.path.join(cfg.out, "checkpoint.pt")
-    snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
-    for step in range(1, cfg.steps + 1):
-        for _ in range(cfg.k):                                           # k discriminator steps (Algorithm 1)
-            x, z = real().to(device), torch.randn(cfg.batch_size, z_dim, device=device)
-            loss_d = d_loss(cfg, D(x), D(G(z).detach()))
-            opt_d.zero_grad()
-            loss_d.backward()
-            opt_d.step()
-        loss_g = g_loss(cfg, D(G(torch.randn(cfg.batch_size, z_dim, device=device))))   # one generator step
-        opt_g.zero_grad()
-        loss_g.backward()
-        opt_g.step()
-        history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
-        progress(step, loss_d.item() + loss_g.item(), ckpt)
-        if step in snap_at and cfg.data in common.POINT_DATA:
-            with torch.no_grad():
-                fake = G(torch.randn(1000, z_dim, device=device)).cpu()
-            prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
-            snapshots.append((surface(prob), fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
-        if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), step=step, config=dataclasses.asdict(cfg))
-    if snapshots:
-        save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
-    return history
-
-
-def main(argv=None):
-    cfg = common.parse_config(Config, argv, "gan", __doc__)
-    common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
-                 "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
-    common.seed_all(cfg.seed)
-    device = common.get_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
-    G, D, z_dim = make_nets(cfg)
-    G, D, t0, history = G.to(device), D.to(device), time.time(), {}
-    if cfg.sample_only:
-        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
-    else:
-        history = train(cfg, G, D, z_dim, device)
-    D.eval()
-    with torch.no_grad():                                                # the equilibrium says D = 1/2 on both
-        x = batch_sampler(cfg)().to(device)
-        l_real, l_fake = D(x), D(G.eval()(torch.randn(len(x), z_dim, device=device)))
-    squash = torch.sigmoid if cfg.loss == "gan" else (lambda l: l)
-    extra = {"D_real": float(squash(l_real).mean()), "D_fake": float(squash(l_fake).mean())}
-    return finish(cfg, G, z_dim, device, history, t0, extra)
+    metrics.update(D_real=float(squash(l_real).mean()), D_fake=float(squash(l_fake).mean()))
+    return common.finish(cfg, metrics, t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

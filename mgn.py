@@ -19,21 +19,21 @@ M-MGN (modular), K modules W_k (h, d), s(z) = sum_i log cosh z_i, grad s = tanh:
   convex because s >= 0 is convex (so s^2 is convex). J_g = V^T V + sum_k W_k^T (s_k diag(1 - tanh^2) + t_k t_k^T) W_k.
 OT tasks (Brenier): the optimal map for |x - y|^2 from mu to nu is the unique gradient of a convex function with
 T#mu = nu, so T = scale * g((x - m_x) / s_x) + m_y is trained to minimise the debiased Sinkhorn divergence
-S_eps(T#mu_n, nu_n) between minibatches (sinkhorn.sinkhorn_divergence). The fixed scalar scales s_x, scale > 0
-and shifts (data means and stds) keep the Jacobian (scale / s_x) J_g symmetric PSD: T stays monotone.
+S_eps(T#mu_n, nu_n) between minibatches (written below, log-domain; sinkhorn.py has the full solver). The fixed
+scalars s_x, scale > 0 (the pooled per-coordinate stds sqrt(mean_j Var x_j) of source and target) and shifts
+(their per-coordinate means) keep the Jacobian (scale / s_x) J_g symmetric PSD: T stays monotone.
 Protocol differences from 001: every metric is on held-out samples (001's table does not say), W_2 is exact
 (assignment on 1000 points), and 001's "Wasserstein" is taken as the mean over coordinates of the 1-D W_1
 (`coord_w1`); each metric's value for two independent samples of the target itself (`*_floor`) is reported too.
 """
 import dataclasses, math, os, time
 
-import matplotlib, matplotlib.image
+import matplotlib
 import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 
 import common
-import sinkhorn
 
 TASKS = ("gradient", "ot-gaussian", "ot-banana", "generate", "recolor")
 # task -> steps, batch, lr, hidden h, layers L / modules K, eps (in standardised units)
@@ -54,13 +54,18 @@ class Config(common.Config):
     depth: int = common.arg(0, "layers L (C-MGN) or modules K (M-MGN) (0: the task's default)")
     eps: float = common.arg(0.0, "Sinkhorn epsilon in standardised units, cost |x - y|^2 (0: the task's default)")
     n_test: int = common.arg(10000, "held-out points for the metrics")
+    MODEL_FLAGS = ("task", "net", "hidden", "depth")
     source: str = common.arg("", "recolor: source image (default matplotlib's grace_hopper.jpg)")
     target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
 
     def defaults(self, given):
         steps, batch, lr, hidden, depth, eps = TASK_DEFAULTS[self.task]
-        self.steps, self.batch_size, self.lr = self.steps or steps, self.batch_size or batch, self.lr or lr
-        self.hidden, self.depth, self.eps = self.hidden or hidden, self.depth or depth, self.eps or eps
+        self.steps = self.steps or steps
+        self.batch_size = self.batch_size or batch
+        self.lr = self.lr or lr
+        self.hidden = self.hidden or hidden
+        self.depth = self.depth or depth
+        self.eps = self.eps or eps
         self.net = self.net if "--net" in given or self.task != "generate" else "cmgn"
 
 
@@ -99,15 +104,6 @@ def ot_samplers(task):
     if task == "ot-banana":
         return source, lambda n, gen: common.sample_2d("banana", n, gen)
     return source, lambda n, gen: m2 + torch.randn(n, 2, generator=gen) @ sqrtm(S2)
-
-
-def read_rgb(path):
-    """(image (H, W, 3), its colours (N, 3)), float32 in [0, 1]; with alpha, the colours of opaque pixels only."""
-    common.check(os.path.exists(path), f"image not found: {path}; give an existing file to --source/--target")
-    im = matplotlib.image.imread(path)
-    im = torch.tensor(im.copy(), dtype=torch.float32) / (255.0 if im.dtype.kind == "u" else 1.0)
-    common.check(im.ndim == 3 and im.shape[-1] in (3, 4), f"{path}: need an RGB or RGBA image, got shape {tuple(im.shape)}")
-    return im[..., :3], im[..., :3][im[..., 3] > 0.5] if im.shape[-1] == 4 else im[..., :3].reshape(-1, 3)
 
 
 # ----------------------------------------------------------------------------- models
@@ -161,7 +157,10 @@ class Transport(nn.Module):
     def __init__(self, g, x=None, y=None):                                # no data: the identity scaling
         super().__init__()
         self.g, d = g, g.V.shape[0]
-        stats = (x.mean(0), x.std(), y.mean(0), y.std()) if x is not None else (torch.zeros(d), 1, torch.zeros(d), 1)
+        pooled_std = lambda z: z.var(0).mean().sqrt()                   # sqrt(mean_j Var z_j): one scalar
+        stats = (torch.zeros(d), 1, torch.zeros(d), 1)
+        if x is not None:
+            stats = (x.mean(0), pooled_std(x), y.mean(0), pooled_std(y))
         for name, v in zip(("m_x", "s_x", "m_y", "scale"), stats):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
 
@@ -174,9 +173,58 @@ def make_net(cfg, d):
 
 
 # ----------------------------------------------------------------------------- losses
+def sinkhorn_potentials(C, eps, tol=1e-3, max_iter=2000, tau=30.0):
+    r"""Log-domain Sinkhorn between uniform weights a = 1/n, b = 1/m and cost C (n, m) (000, "Sinkhorn Algorithm"):
+        f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps),   g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps),
+        P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps).
+    Each log-sum is a matrix-vector product with the kernel at reference potentials f0, g0,
+        sum_j b_j exp((g_j - C_ij)/eps) = exp(-f0_i/eps) sum_j K_ij b_j exp((g_j - g0_j)/eps),  K = exp((f0 + g0 - C)/eps),
+    and K is rebuilt when f or g drift by more than tau eps (no overflow). eps-scaling: eps_k = max C / 2^k down
+    to eps, each warm-started; a level stops when the L1 error of P's column sums, b_j exp((g_j - g_new_j)/eps) - b_j,
+    is below tol. Returns f, g and P at eps."""
+    a = torch.full((C.shape[0],), 1.0 / C.shape[0], dtype=C.dtype, device=C.device)
+    b = torch.full((C.shape[1],), 1.0 / C.shape[1], dtype=C.dtype, device=C.device)
+    f = torch.zeros_like(a)
+    g = torch.zeros_like(b)
+    e = 2 * max(float(C.max()), eps)
+    while e > eps:
+        e = max(e / 2, eps)
+        f0, g0 = f, g
+        K = torch.exp((f0[:, None] + g0[None, :] - C) / e)
+        for _ in range(max_iter):
+            f = f0 - e * torch.log(K @ (b * torch.exp((g - g0) / e)))
+            g_new = g0 - e * torch.log(K.T @ (a * torch.exp((f - f0) / e)))
+            if not (torch.isfinite(f).all() and torch.isfinite(g_new).all()):   # a kernel row underflowed
+                f = -e * torch.logsumexp(torch.log(b)[None, :] + (g[None, :] - C) / e, 1)
+                g_new = -e * torch.logsumexp(torch.log(a)[:, None] + (f[:, None] - C) / e, 0)
+            err = float((b * torch.expm1((g - g_new) / e)).abs().sum())
+            g = g_new
+            if err < tol:
+                break
+            if max(float((f - f0).abs().max()), float((g - g0).abs().max())) > tau * e:
+                f0, g0 = f, g                                            # move the reference
+                K = torch.exp((f0[:, None] + g0[None, :] - C) / e)
+    return f, g, a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - C) / eps)
+
+
+def ot_eps(x, y, eps, tol=1e-3):
+    r"""OT_eps(x, y) = <P, C> + eps KL(P | a b^T) = sum_ij P_ij (f_i + g_j) at the optimum, cost C_ij = |x_i - y_j|^2.
+    Envelope theorem: dOT_eps/dC = P, so <P, C> with P held fixed carries the gradient in x and y."""
+    C = (x[:, None, :] - y[None, :, :]).pow(2).sum(-1)                   # (n, m)
+    with torch.no_grad():
+        f, g, P = sinkhorn_potentials(C, eps, tol)
+    pc = (P * C).sum()
+    return pc + ((P * (f[:, None] + g[None, :])).sum() - pc).detach()
+
+
+def sinkhorn_divergence(x, y, eps, tol=1e-3):
+    r"""Debiased S_eps(x, y) = OT_eps(x, y) - 1/2 OT_eps(x, x) - 1/2 OT_eps(y, y) >= 0 (Feydy et al. 2019; 001's loss)."""
+    return ot_eps(x, y, eps, tol) - 0.5 * ot_eps(x, x, eps, tol) - 0.5 * ot_eps(y, y, eps, tol)
+
+
 def sinkhorn_loss(Tx, y, T, eps):
     """S_eps between pushed and target points, in the standardised units of T (divide by scale^2)."""
-    return sinkhorn.sinkhorn_divergence(Tx / T.scale, y / T.scale, eps, tol=1e-3, max_iter=2000)
+    return sinkhorn_divergence(Tx / T.scale, y / T.scale, eps)
 
 
 # ----------------------------------------------------------------------------- training
@@ -193,8 +241,8 @@ def task_data(cfg):
         return (lambda gen: torch.randn(b, 784, generator=gen)), \
             (lambda gen: y[torch.randint(len(y), (b,), generator=gen)]), torch.randn(n, 784, generator=gen_test), y
     data = os.path.join(matplotlib.get_data_path(), "sample_data")       # recolor: pixels as points in RGB
-    x, xs = read_rgb(cfg.source or os.path.join(data, "grace_hopper.jpg"))
-    y_image, y = read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
+    x, xs = common.read_rgb(cfg.source or os.path.join(data, "grace_hopper.jpg"))
+    y_image, y = common.read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
     pick = lambda z, gen: z[torch.randint(len(z), (b,), generator=gen)]
     return (lambda gen: pick(xs, gen)), (lambda gen: pick(y, gen)), x, (y_image, y)
 
@@ -217,7 +265,7 @@ def train(cfg, T, sample_x, sample_y, history, device):
         history.append(loss.item())
         progress(step, loss.item(), ckpt)
         if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, T=T.state_dict(), step=step, config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="mgn", T=T.state_dict(), step=step, config=dataclasses.asdict(cfg))
 
 
 # ----------------------------------------------------------------------------- evaluation and pictures
@@ -235,23 +283,25 @@ def ot_metrics(cfg, T, x, y):
     with torch.no_grad():
         Tx = T(x)
     y2 = ot_samplers(cfg.task)[1](len(x), torch.Generator().manual_seed(cfg.seed + 2000))   # fresh target
-    out = {"w2": sinkhorn.w_exact(Tx[:1000], y[:1000]), "w2_floor": sinkhorn.w_exact(y2[:1000], y[:1000]),
-           "coord_w1": float(sinkhorn.w1d(Tx, y).mean()), "coord_w1_floor": float(sinkhorn.w1d(y2, y).mean())}
+    out = {"w2": common.w_exact(Tx[:1000], y[:1000]), "w2_floor": common.w_exact(y2[:1000], y[:1000]),
+           "coord_w1": float(common.w1_sorted(Tx, y).mean()), "coord_w1_floor": float(common.w1_sorted(y2, y).mean())}
     if cfg.task == "ot-gaussian":
         A, c = gaussian_map(*GAUSS)
         out["map_error"] = float((Tx - (x @ A.T + c)).norm(dim=1).mean())   # mean |T_theta(x) - T(x)|
     fig = Figure(figsize=(16, 4))
     axes = fig.subplots(1, 4)
     for ax, p, title, c in zip(axes, (x, y, Tx), ("source", "target", "pushed T(x)"), ("tab:blue", "tab:orange", "tab:green")):
-        ax.scatter(*p[:2000].numpy().T, s=2, c=c), ax.set_title(title)
+        ax.scatter(*p[:2000].numpy().T, s=2, c=c)
+        ax.set_title(title)
     k = torch.arange(0, len(x), len(x) // 150)[:150]
     d = Tx[k] - x[k]
     axes[3].quiver(*x[k].numpy().T, *d.numpy().T, angles="xy", scale_units="xy", scale=1, width=0.003, alpha=0.6)
-    axes[3].scatter(*y[:2000].numpy().T, s=1, c="tab:orange", alpha=0.3), axes[3].set_title("displacement T(x) - x")
+    axes[3].scatter(*y[:2000].numpy().T, s=1, c="tab:orange", alpha=0.3)
+    axes[3].set_title("displacement T(x) - x")
     both = torch.cat([x[:2000], y[:2000]])
     lo, hi = (both.min(0).values - 1).tolist(), (both.max(0).values + 1).tolist()
     for ax in axes:
-        ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1]), ax.set_aspect("equal")
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), aspect="equal")
     fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=90, bbox_inches="tight")
     return Tx, out
 
@@ -279,16 +329,18 @@ def recolor_metrics(cfg, T, x, target):
     pick = lambda z: z[torch.randint(len(z), (2000,), generator=gen)]
     xt, yt, ot = pick(xs), pick(y), pick(out)
     metrics = {"monotone_violations": monotone_violations(T, xs[::7]),
-               "S_eps_before": float(sinkhorn.sinkhorn_divergence(xt, yt, 0.01)),
-               "S_eps_after": float(sinkhorn.sinkhorn_divergence(ot, yt, 0.01))}
+               "S_eps_before": float(sinkhorn_divergence(xt.double(), yt.double(), 0.01, tol=1e-4)),
+               "S_eps_after": float(sinkhorn_divergence(ot.double(), yt.double(), 0.01, tol=1e-4))}
     fig = Figure(figsize=(16, 8))
     for i, (im, title) in enumerate(((x, "source"), (y_image, "target"), (out.view(x.shape), "result"))):
         ax = fig.add_subplot(2, 3, i + 1)
-        ax.imshow(im.numpy()), ax.axis("off"), ax.set_title(title)
+        ax.imshow(im.numpy())
+        ax.axis("off")
+        ax.set_title(title)
     for i, (c, title) in enumerate(((xt, "source colours"), (yt, "target colours"), (ot, "result colours"))):
         ax = fig.add_subplot(2, 3, 4 + i, projection="3d")
-        ax.scatter(*c.numpy().T, c=c.numpy(), s=2), ax.set_title(title)
-        ax.set_xlabel("R"), ax.set_ylabel("G"), ax.set_zlabel("B"), ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_zlim(0, 1)
+        ax.scatter(*c.numpy().T, c=c.numpy(), s=2)
+        ax.set(title=title, xlabel="R", ylabel="G", zlabel="B", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1))
     fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=80, bbox_inches="tight")
     return out.view(x.shape), metrics
 
@@ -297,20 +349,21 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "mgn", __doc__)
     common.check(cfg.hidden > 0 and cfg.depth > 0 and cfg.eps > 0 and cfg.n_test >= 1000,
                  "--hidden, --depth and --eps must be positive and --n-test at least 1000")
+    state = common.load_run(cfg, "mgn") if cfg.sample_only else None   # the model's flags come from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     sample_x, sample_y, x_test, y_test = task_data(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     x0 = torch.cat([sample_x(gen) for _ in range(8)])                   # for the fixed scalings of T
-    d, y0 = x0.shape[1], torch.cat([sample_y(gen) for _ in range(8)]) if sample_y else None
-    T = Transport(make_net(cfg, d), *((x0, y0) if sample_y else ()))   # gradient: plain regression, no scaling
-    t0, history = time.time(), []
+    y0 = torch.cat([sample_y(gen) for _ in range(8)]) if sample_y else None
+    T = Transport(make_net(cfg, x0.shape[1]), *((x0, y0) if sample_y else ()))   # gradient: plain regression
+    t0 = time.time()
+    history = []
     if cfg.sample_only:
-        T.load_state_dict(common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["T"])
+        T.load_state_dict(state["T"])
     else:
         train(cfg, T.to(device), sample_x, sample_y, history, device)
-        common.save_losses({"loss": history}, os.path.join(cfg.out, "loss.png"), logy=True)
     T = T.cpu().eval()                                                  # evaluation on the CPU
     if cfg.task == "gradient":
         result, metrics = gradient_metrics(cfg, T, x_test)
@@ -325,11 +378,10 @@ def main(argv=None):
         result, metrics = ot_metrics(cfg, T, x_test, y_test)
     if cfg.task != "recolor":
         metrics["monotone_violations"] = monotone_violations(T, x_test)
-    torch.save(result, os.path.join(cfg.out, "samples.pt"))
     metrics["parameters"] = sum(p.numel() for p in T.parameters())
-    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print(cfg.task, cfg.net, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
-    return record
+    print(cfg.task, cfg.net)
+    return common.finish(cfg, metrics, t0, device, samples=result,
+                         history={"loss": history} if history else None, logy=True)
 
 
 if __name__ == "__main__":

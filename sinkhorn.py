@@ -9,19 +9,20 @@ K = exp(-C/eps) (the lecture's scaling form), i.e. P_ij = a_i b_j exp((f_i + g_j
     scaling:  u = a / (K v),  v = b / (K^T u)                                   (000, "Sinkhorn Algorithm")
     log:      f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps),  g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)
 K underflows for small eps or far-apart clouds and the scaling form then returns garbage; `sinkhorn` uses the
-log domain there. It evaluates each logsumexp as log(K_ref @ w), K_ref the kernel at reference potentials,
+log domain there. Subtracting row and column minima from C changes no plan (it shifts f and g), so "auto"
+decides on the size of the reduced C, and runs the scaling form on it when it is safe. It evaluates each logsumexp as log(K_ref @ w), K_ref the kernel at reference potentials,
 moved when the potentials drift by tau*eps: logsumexp's numbers at a matrix-vector product's cost.
 eps-scaling solves eps_0 > eps_0/2 > ... > eps, each warm-started from the last.
 
-Also here: the debiased Sinkhorn divergence S_eps (the loss of mgn.py), exact baselines (1-D W_p by
-sorting, sliced Wasserstein, an exact assignment solver by auction), and three demos:
+Also here: the debiased Sinkhorn divergence S_eps, 1-D W_p by sorting and sliced Wasserstein (004, 000); the
+exact assignment solver (auction) that serves as ground truth is common.assignment. Three demos:
     python sinkhorn.py                    # --demo plan: plan, convergence, OT_eps -> exact as eps -> 0
     python sinkhorn.py --demo kl-vs-w     # KL blows up, JSD saturates, W tracks the distance
     python sinkhorn.py --demo color       # colour transfer of a photograph (matplotlib's grace_hopper.jpg)
 """
-import dataclasses, math, os, sys, time, warnings
+import dataclasses, math, os, time, warnings
 
-import matplotlib.image
+import matplotlib
 import torch
 from matplotlib.figure import Figure
 
@@ -29,11 +30,11 @@ import common
 
 @dataclasses.dataclass
 class Config(common.Config):
+    NOT_FLAGS = ("device", "data_dir", "lr", "sample_only")              # nothing is trained or loaded here
     demo: str = common.arg("plan", "which demo to run", ["plan", "kl-vs-w", "color"])
     data: str = common.arg("moons", "target cloud of the plan demo (the source is N(0, I))", common.POINT_DATA)
     steps: int = common.arg(10000, "maximum Sinkhorn iterations")
     batch_size: int = common.arg(300, "points per cloud (plan demo) or sampled pixels per image (color demo)")
-    lr: float = common.arg(1.0, "unused: nothing is trained here")
     eps: str = common.arg("3,1,0.3,0.1,0.03,0.01", "comma-separated eps values of the plan demo")
     tol: float = common.arg(1e-6, "stop when the L1 marginal error is below this")
     pixels: int = common.arg(1000, "color demo: pixels sampled from each image for the OT problem")
@@ -45,6 +46,7 @@ def check_problem(a, b, C, eps):
     check(C.dim() in (2, 3) and a.shape == C.shape[:-1] and b.shape == C.shape[:-2] + C.shape[-1:],
           f"shape mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}; need a (..., n), b (..., m), C (..., n, m)")
     check(eps > 0, f"eps must be positive, got {eps}")
+    check(bool(torch.isfinite(C).all()), "the cost matrix C must be finite (it holds NaN or inf)")
     check(bool((a >= 0).all() and (b >= 0).all()), "weights a and b must be non-negative")
     for w, name in ((a, "a"), (b, "b")):
         check(bool(((w.sum(-1) - 1).abs() < 1e-5).all()), f"weights {name} must sum to 1, got {w.sum(-1).tolist()}")
@@ -96,14 +98,26 @@ def sinkhorn(a, b, C, eps, tol=1e-6, max_iter=10000, method="auto", eps_scaling=
     err (final marginal error), converged, method, history (error per iteration)."""
     check_problem(a, b, C, eps)
     common.check(method in ("auto", "scaling", "log"), f"method must be auto, scaling or log, got {method!r}")
+    if C.dim() == 2 and not bool((a > 0).all() and (b > 0).all()):
+        return _on_support(a, b, C, eps, tol, max_iter, method, eps_scaling)
+    common.check(bool((a > 0).all() and (b > 0).all()), "zero weights are supported for a single problem (2-D C) "
+                 "only; drop the zero-weight points from the batch")
     single, auto = C.dim() == 2, method == "auto"
     a, b, C = (a[None], b[None], C[None]) if single else (a, b, C)
     span = float(C.amax() - C.amin()) / eps
-    if method == "auto":  # exp(-C/eps) keeps >= half of the exponent range free for u and v
-        method = "scaling" if span < -0.5 * math.log(torch.finfo(C.dtype).tiny) else "log"
+    row_min = C.amin(-1)                                                # the plan is unchanged by C_ij - r_i - c_j
+    col_min = (C - row_min[..., :, None]).amin(-2)
+    C_red = C - row_min[..., :, None] - col_min[..., None, :]            # >= 0, a zero in every row and column
+    if method == "auto":  # exp(-C_red/eps) keeps >= half of the exponent range free for u and v
+        method = "scaling" if float(C_red.amax()) / eps < -0.5 * math.log(torch.finfo(C.dtype).tiny) else "log"
     hist, iters = [], 0
     if method == "scaling":
-        f, g, iters, err = _scaling_loop(a, b, C, eps, tol, max_iter, hist)
+        if auto:                                                        # scaling on C_red, potentials shifted back
+            f, g, iters, err = _scaling_loop(a, b, C_red, eps, tol, max_iter, hist)
+            f = f + row_min
+            g = g + col_min
+        else:                                                           # the lecture's loop on C, as asked
+            f, g, iters, err = _scaling_loop(a, b, C, eps, tol, max_iter, hist)
         if auto and not math.isfinite(err):                             # u or v overflowed: redo in the log domain
             method, hist = "log", []
     if method == "log":
@@ -125,6 +139,17 @@ def sinkhorn(a, b, C, eps, tol=1e-6, max_iter=10000, method="auto", eps_scaling=
     out = {k: v[0] if single else v for k, v in out.items()}
     return dict(out, iterations=iters, err=err, converged=converged, method=method, history=hist)
 
+def _on_support(a, b, C, eps, tol, max_iter, method, eps_scaling):
+    """Zero weights (a legal histogram): solve on the support, plan 0 elsewhere; the potentials off the support
+    are the c-transforms f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps) (and likewise g_j), finite everywhere."""
+    i, j = a > 0, b > 0
+    out = sinkhorn(a[i], b[j], C[i][:, j], eps, tol, max_iter, method, eps_scaling)
+    P = torch.zeros_like(C)
+    P[i[:, None] & j[None, :]] = out["plan"].reshape(-1)
+    f = -eps * torch.logsumexp((out["g"][None, :] - C[:, j]) / eps + torch.log(b[j])[None, :], 1)
+    g = -eps * torch.logsumexp((out["f"][:, None] - C[i]) / eps + torch.log(a[i])[:, None], 0)
+    return dict(out, plan=P, f=f, g=g)
+
 def sq_dist(x, y):  # C_ij = |x_i - y_j|^2 written out (no sqrt), so its gradient is exact everywhere
     return (x[..., :, None, :] - y[..., None, :, :]).pow(2).sum(-1)
 
@@ -145,7 +170,7 @@ def sinkhorn_divergence(x, y, eps, **kw):
     >= 0, = 0 iff the clouds are equal (Feydy et al. 2019), differentiable in the point positions."""
     return ot_eps(x, y, eps, **kw) - 0.5 * ot_eps(x, x, eps, **kw) - 0.5 * ot_eps(y, y, eps, **kw)
 
-# ----------------------------------------------------------------------------- exact baselines
+# ----------------------------------------------------------------------------- 1-D and sliced OT
 def w1d(x, y, p=1):
     r"""W_p between equal-size uniform 1-D samples by sorting (004, "Special case: 1D distribution"): the optimal
     plan is the monotone rearrangement, W_p^p = mean_i |x_(i) - y_(i)|^p. Columns of (n, d) inputs separately."""
@@ -158,42 +183,6 @@ def sliced_wasserstein(x, y, n_proj=200, p=1, gen=None):
     theta = torch.nn.functional.normalize(torch.randn(x.shape[1], n_proj, generator=gen, dtype=x.dtype), dim=0)
     return w1d(x @ theta, y @ theta, p).pow(p).mean().pow(1 / p)
 
-def assignment(C, eps_final=None, factor=5.0):
-    r"""Exact min-cost assignment for a square C (n, n): perm with perm[i] = j, by Bertsekas' auction with
-    eps-scaling. Person i values object j at -C_ij - price_j; every unassigned person bids for its best object,
-    raising its price by (best - second best value + eps); each object goes to its highest bidder, whose
-    previous owner is freed. At the end all persons are within eps of their best value, so the total cost is
-    within n * eps of the optimum; eps_final = 1e-9 max|C| / n makes that a 1e-9 relative certificate."""
-    common.check(C.dim() == 2 and C.shape[0] == C.shape[1], f"assignment needs a square cost matrix, got {tuple(C.shape)}")
-    C, n = C.double().cpu(), C.shape[0]
-    if n == 1:
-        return torch.zeros(1, dtype=torch.long)
-    scale = float(C.abs().max()) or 1.0
-    eps_final = eps_final or 1e-9 * scale / n
-    price, eps = torch.zeros(n, dtype=torch.float64), scale / 2
-    while True:
-        obj_of, owner = torch.full((n,), -1), torch.full((n,), -1)
-        while (free := (obj_of < 0).nonzero()[:, 0]).numel():
-            top = (-C[free] - price).topk(2, dim=1)                    # best and second-best values (k, 2)
-            j = top.indices[:, 0]
-            bid = price[j] + top.values[:, 0] - top.values[:, 1] + eps
-            best = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, j, bid, "amax")
-            winner = torch.full((n,), -1)
-            won = bid >= best[j]
-            winner[j[won]] = free[won]                                  # one winner per object
-            objs = (winner >= 0).nonzero()[:, 0]
-            old = owner[objs]
-            obj_of[old[old >= 0]] = -1
-            owner[objs], obj_of[winner[objs]], price[objs] = winner[objs], objs, best[objs]
-        if eps <= eps_final:
-            return obj_of
-        eps = max(eps / factor, eps_final)
-
-def w_exact(x, y, p=2):
-    """W_p between two uniform clouds of equal size: (mean_i |x_i - y_perm(i)|^p)^{1/p}, perm from `assignment`."""
-    C = torch.cdist(x.double(), y.double()) ** p
-    return float(C[torch.arange(len(x)), assignment(C)].mean() ** (1 / p))
-
 # ----------------------------------------------------------------------------- demos
 def parse_eps(text):
     """'3,1,0.3' -> [3.0, 1.0, 0.3], or a clear error."""
@@ -205,13 +194,17 @@ def parse_eps(text):
     return values
 
 def demo_plan(cfg, out):
-    gen, n = torch.Generator().manual_seed(cfg.seed), cfg.batch_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.batch_size
     x = (common.sample_2d("gaussian", n, gen) - torch.tensor([2.0, 0])).double()
     y = common.sample_2d(cfg.data, n, gen).double()
-    C, w = torch.cdist(x, y) ** 2, torch.full((n,), 1.0 / n, dtype=torch.float64)
+    C = torch.cdist(x, y) ** 2
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
     t0 = time.time()
-    exact, t_exact = float(C[torch.arange(n), assignment(C)].mean()), time.time() - t0   # W_2^2, exact
-    epsilons, runs = parse_eps(cfg.eps), {}
+    exact = float(C[torch.arange(n), common.assignment(C)].mean())     # W_2^2, exact (ground truth)
+    t_exact = time.time() - t0
+    epsilons = parse_eps(cfg.eps)
+    runs = {}
     for e in epsilons:
         t0 = time.time()
         runs[e] = sinkhorn(w, w, C, e, tol=cfg.tol, max_iter=cfg.steps)
@@ -220,15 +213,19 @@ def demo_plan(cfg, out):
               f"{runs[e]['method']}, {runs[e]['seconds']:.3f}s")
     small = runs[min(epsilons)]
     bary = n * small["plan"] @ y                                         # barycentric map T(x_i) = sum_j P_ij y_j / a_i
-    fig, P = Figure(figsize=(11, 5)), small["plan"]
+    P = small["plan"]
+    fig = Figure(figsize=(11, 5))
     ax, ax2 = fig.subplots(1, 2)
     for i, j in (P > 0.2 / n).nonzero().tolist():
         ax.plot([x[i, 0], y[j, 0]], [x[i, 1], y[j, 1]], c="0.6", lw=0.5, alpha=min(1.0, float(P[i, j]) * n))
-    ax.scatter(*x.T, s=6, label="source N((-2,0), I)"), ax.scatter(*y.T, s=6, label=f"target {cfg.data}")
-    ax.set_aspect("equal"), ax.legend(), ax.set_title(f"entropic plan, eps = {min(epsilons):g}")
+    ax.scatter(*x.T, s=6, label="source N((-2,0), I)")
+    ax.scatter(*y.T, s=6, label=f"target {cfg.data}")
+    ax.set(aspect="equal", title=f"entropic plan, eps = {min(epsilons):g}")
+    ax.legend()
     ax2.semilogx(epsilons, [float(runs[e]["cost"]) for e in epsilons], "o-", label="<P_eps, C>")
     ax2.axhline(exact, c="k", ls="--", label="exact W_2^2 (auction)")
-    ax2.set_xlabel("eps"), ax2.legend(), ax2.set_title("entropic cost -> exact cost as eps -> 0")
+    ax2.set(xlabel="eps", title="entropic cost -> exact cost as eps -> 0")
+    ax2.legend()
     fig.savefig(os.path.join(out, "samples.png"), dpi=100, bbox_inches="tight")
     common.save_losses({f"eps {e:g}": r["history"] for e, r in runs.items()}, os.path.join(out, "loss.png"), logy=True)
     torch.save(bary.float(), os.path.join(out, "samples.pt"))
@@ -252,9 +249,11 @@ def demo_kl_vs_w(cfg, out):
     fig = Figure(figsize=(12, 3.5))
     for ax, vals, name in zip(fig.subplots(1, 3), (ds ** 2 / (2 * s * s), jsd, w_samples), ("KL(mu | nu)", "JSD(mu, nu)", "W_1(mu, nu)")):
         ax.plot(ds, vals, lw=2)
-        ax.set_xlabel("distance d between the means"), ax.set_title(name)
-    fig.axes[1].axhline(math.log(2), c="k", ls="--", label="log 2"), fig.axes[1].legend()
-    fig.axes[2].plot(ds, ds, "k--", label="d (exact)"), fig.axes[2].legend()
+        ax.set(xlabel="distance d between the means", title=name)
+    fig.axes[1].axhline(math.log(2), c="k", ls="--", label="log 2")
+    fig.axes[1].legend()
+    fig.axes[2].plot(ds, ds, "k--", label="d (exact)")
+    fig.axes[2].legend()
     fig.savefig(os.path.join(out, "samples.png"), dpi=100, bbox_inches="tight")
     return {"d": ds.tolist(), "kl": (ds ** 2 / (2 * s * s)).tolist(), "jsd": jsd, "w1_sorting": w_samples}
 
@@ -263,13 +262,13 @@ def demo_color(cfg, out):
     eps = the smallest --eps), then every pixel x moves to the entropic barycentric map
     T(x) = sum_j y_j softmax_j(log b_j + (g_j - |x - y_j|^2)/eps), which is sum_j P_ij y_j / a_i on the samples."""
     data = os.path.join(matplotlib.get_data_path(), "sample_data")
-    src = matplotlib.image.imread(os.path.join(data, "grace_hopper.jpg"))
-    tgt = matplotlib.image.imread(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
-    to01 = lambda im: torch.tensor(im.copy(), dtype=torch.float64) / (255.0 if im.dtype.kind == "u" else 1.0)
-    src, tgt = to01(src)[..., :3], to01(tgt)                             # (H, W, 3) in [0, 1]; target maybe RGBA
-    ys = tgt[..., :3][tgt[..., 3] > 0.5] if tgt.shape[-1] == 4 else tgt.reshape(-1, 3)  # opaque pixels only
-    gen, n, eps, xs = torch.Generator().manual_seed(cfg.seed), cfg.pixels, min(parse_eps(cfg.eps)), src.reshape(-1, 3)
-    x, y = xs[torch.randperm(len(xs), generator=gen)[:n]], ys[torch.randperm(len(ys), generator=gen)[:n]]
+    src, xs = common.read_rgb(os.path.join(data, "grace_hopper.jpg"), dtype=torch.float64)   # (H, W, 3), (N, 3)
+    tgt, ys = common.read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.pixels
+    eps = min(parse_eps(cfg.eps))
+    x = xs[torch.randperm(len(xs), generator=gen)[:n]]                    # n source colours
+    y = ys[torch.randperm(len(ys), generator=gen)[:n]]                    # n opaque target colours
     w = torch.full((n,), 1.0 / n, dtype=torch.float64)
     res = sinkhorn(w, w, torch.cdist(x, y) ** 2, eps, tol=cfg.tol, max_iter=cfg.steps)
     logits = lambda c: torch.log(w) + (res["g"] - torch.cdist(c, y) ** 2) / eps    # (chunk, n)
@@ -277,12 +276,14 @@ def demo_color(cfg, out):
     result = mapped.reshape(src.shape).clamp(0, 1)
     fig = Figure(figsize=(12, 4))
     for ax, im, title in zip(fig.subplots(1, 3), (src, tgt.clamp(0, 1), result), ("source", "target palette", "result")):
-        ax.imshow(im.numpy()), ax.set_title(title), ax.axis("off")
+        ax.imshow(im.numpy())
+        ax.set_title(title)
+        ax.axis("off")
     fig.savefig(os.path.join(out, "color.png"), dpi=100, bbox_inches="tight")
     matplotlib.image.imsave(os.path.join(out, "samples.png"), result.numpy())
     torch.save(result.float(), os.path.join(out, "samples.pt"))
     return {"eps": eps, "pixels": n, "cost": float(res["cost"]), "iterations": res["iterations"],
-            "mean_rgb_source": src.reshape(-1, 3).mean(0).tolist(), "mean_rgb_target": ys.mean(0).tolist(),
+            "mean_rgb_source": xs.mean(0).tolist(), "mean_rgb_target": ys.mean(0).tolist(),
             "mean_rgb_result": result.reshape(-1, 3).mean(0).tolist()}
 
 def main(argv=None):
@@ -292,9 +293,7 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
     metrics = {"plan": demo_plan, "kl-vs-w": demo_kl_vs_w, "color": demo_color}[cfg.demo](cfg, cfg.out)
-    record = common.save_metrics(cfg.out, dict(metrics, demo=cfg.demo), cfg, cfg.steps, time.time() - t0, "cpu")
-    print(f"wrote {cfg.out}/ in {record['seconds']}s")
-    return record
+    return common.finish(cfg, dict(metrics, demo=cfg.demo), t0, "cpu")
 
 if __name__ == "__main__":
     common.run(main)

@@ -7,7 +7,7 @@ Run: `python stylegan_lite.py` (digits at 32x32, ~9 CPU minutes), `--data mnist1
     AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y)   per sample and channel; (sigma(y), mu(y)) = (gamma, beta)
                   = A(w), a learned affine map of w per layer                       (002, "AdaIN", "Architecture")
     mapping       w = f(z): PixelNorm(z) = z / sqrt(mean z^2), then --map-layers linear+LeakyReLU layers whose
-                  learning rate is 0.01 times the synthesis network's (Karras et al. section 2)
+                  learning rate is 0.01 times the synthesis network's (Karras et al. 2019, Appendix C)
     synthesis     learned constant 4x4 -> blocks 4, 8, 16, 32; each layer: (upsample), 3x3 conv with bias,
                   + noise B, LeakyReLU(0.2), AdaIN with its own style; two layers per block; toRGB (1x1 conv)
     noise B       x <- x + b * n, n ~ N(0, 1) one single-channel image per layer broadcast to all channels
@@ -17,23 +17,24 @@ Run: `python stylegan_lite.py` (digits at 32x32, ~9 CPU minutes), `--data mnist1
     equalized lr  weights drawn N(0, 1) and scaled at run time by the He constant sqrt(2 / fan_in) (folded
                   into the following LeakyReLU's gain, as in the paper's code: scale 1 / sqrt(fan_in))
     loss          non-saturating logistic: D minimizes softplus(D(G(z))) + softplus(-D(x)), G minimizes
-                  softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data, lazily every 16 steps (x16)
+                  softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018)
     D             small conv net with a minibatch standard deviation feature at 4x4; EMA of G for sampling.
 Data: the 28x28 digits are padded by 2 pixels of background to 32x32 (pixels in [-1, 1]); samples are cropped
 back to 28x28 for the metrics. Differences from the paper: 32x32 and 8 layers (not 1024x1024 and 18), 128-d
 z and w (not 512), 64 channels at most, no progressive growing, nearest-neighbour upsampling without blur,
-Adam(2e-3, betas (0, 0.99)) for both nets.
+Adam(2e-3, betas (0, 0.99)) for both nets. Also departures: the first layer convolves the constant (the paper
+starts with noise and AdaIN on it); truncation acts on all layers (the paper: the coarse ones); R1 is applied
+lazily, every 16 steps and scaled x16 (a StyleGAN2 technique); the sqrt(2) gain after LeakyReLU is placed as in
+StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it is (gamma, beta) = A(w).
 """
-import copy, dataclasses, math, os, time, types
+import copy, dataclasses, math, os, time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-import cgan                                                              # its ema_update
 import common
-import gan                                                               # its logistic GAN losses
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class Config(common.Config):
                                    "step t is min(ema, (1 + t) / (10 + t)), so 0.999 binds only after ~9000 steps")
     psi: float = common.arg(1.0, "truncation psi for samples.png and the metrics (1: none)")
     n_samples: int = common.arg(5000, "samples for the final metrics")
+    MODEL_FLAGS = ("data", "z_dim", "map_layers", "channels")
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,7 +197,15 @@ class Discriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------- losses
-LOGISTIC = types.SimpleNamespace(loss="gan", g_loss="nonsaturating")   # gan.d_loss / gan.g_loss settings
+def d_loss(l_real, l_fake):
+    """D's logistic loss on logits: softplus(-D(x)) + softplus(D(G(z))) = -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
+    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
+
+
+def g_loss(l_fake):
+    """G's non-saturating logistic loss: softplus(-D(G(z))) = -log sigmoid(D(G(z)))."""
+    return F.softplus(-l_fake).mean()
+
 
 
 def r1_penalty(D, x):
@@ -260,7 +270,7 @@ def save_noise_figure(G, path, n_w=4, n_draws=6, n_std=32, seed=3):
             axes[i, j].imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[i, -1].imshow(x.std(0)[0].numpy(), cmap="magma")
         for ax in axes[i]:
-            ax.set_xticks([]), ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
     axes[0, -1].set_title("std over draws", fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
@@ -270,31 +280,33 @@ def train(cfg, G, D, G_ema, device):
     real = batch_sampler(cfg)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.0, 0.99))
-    history, progress = {"D loss": [], "G loss": []}, common.Progress(cfg.steps)
+    history = {"D loss": [], "G loss": []}
+    progress = common.Progress(cfg.steps)
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     for step in range(1, cfg.steps + 1):
         x = real().to(device)
         with torch.no_grad():
             fake = G(*sample_latents(G, cfg.batch_size, device, cfg.mix_prob))
-        loss_d = gan.d_loss(LOGISTIC, D(x), D(fake))                     # -log D(x) - log(1 - D(G(z)))
+        loss_d = d_loss(D(x), D(fake))                                   # -log D(x) - log(1 - D(G(z)))
         if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:               # lazy R1: every r1_every steps, scaled up
             loss_d = loss_d + cfg.r1_gamma * cfg.r1_every * r1_penalty(D, x)
         opt_d.zero_grad()
         loss_d.backward()
         opt_d.step()
         z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
-        loss_g = gan.g_loss(LOGISTIC, D(G(z, z2, crossover)))             # non-saturating: -log D(G(z))
+        loss_g = g_loss(D(G(z, z2, crossover)))                          # non-saturating: -log D(G(z))
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
         with torch.no_grad():
             G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)                   # w_bar: running mean of w
-        cgan.ema_update(G_ema, G, min(cfg.ema, (1 + step) / (10 + step)))   # EMA of G; w_avg copied
-        history["D loss"].append(loss_d.item()), history["G loss"].append(loss_g.item())
+        common.ema_update(G_ema, G, step, cfg.ema)                       # EMA of G with warm-up; w_avg copied
+        history["D loss"].append(loss_d.item())
+        history["G loss"].append(loss_g.item())
         progress(step, loss_d.item() + loss_g.item(), ckpt)
         if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), step=step,
-                                   config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="stylegan_lite", G=G.state_dict(), D=D.state_dict(),
+                                   G_ema=G_ema.state_dict(), step=step, config=dataclasses.asdict(cfg))
     return history
 
 
@@ -304,30 +316,31 @@ def main(argv=None):
                  "--z-dim, --map-layers, --r1-every must be positive, --channels >= 4, --n-samples >= 10")
     common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0,
                  "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0")
+    state = common.load_run(cfg, "stylegan_lite") if cfg.sample_only else None   # model flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    G, D = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device), Discriminator(cfg.channels).to(device)
-    G_ema, t0, history = copy.deepcopy(G), time.time(), {}
+    G = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device)
+    D = Discriminator(cfg.channels).to(device)
+    G_ema = copy.deepcopy(G)
+    t0 = time.time()
+    history = {}
     if cfg.sample_only:
-        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), G_ema.load_state_dict(state["G_ema"])
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        G_ema.load_state_dict(state["G_ema"])
     else:
         history = train(cfg, G, D, G_ema, device)
-        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
     G_ema.eval()
     x = generate(G_ema, cfg.n_samples, cfg.psi)
     metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
-    torch.save(x, os.path.join(cfg.out, "samples.pt"))
     common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
     grid, n = style_mixing_grid(G_ema)
     common.save_images(grid, os.path.join(cfg.out, "style_mixing.png"), nrow=n)
     grid, n = truncation_grid(G_ema)
     common.save_images(grid, os.path.join(cfg.out, "truncation.png"), nrow=n)
     save_noise_figure(G_ema, os.path.join(cfg.out, "noise.png"))
-    record = common.save_metrics(cfg.out, metrics, cfg, 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
-    return record
+    return common.finish(cfg, metrics, t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ Lectures: 002 "Variational Auto-Encoders" to "VAE - instantiation example"; 004 
     ELBO           V_L = -D_KL(q_phi(z|x) || p(z)) + E_q[log p_theta(x|z)]            (002, "Loss criterion")
     closed form    -D_KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)   (002, "VAE - instantiation example")
     reparam.       z = mu + sigma * eps, eps ~ N(0, I)                         (002, "VAE- reparametrization trick")
-    IW bound       log p(x) >= log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q     (002, "Importance sampling ...")
+    IW bound       log p(x) >= E[log 1/K sum_k p(x, z_k) / q(z_k|x)], z_k ~ q  (002, "Importance sampling ...");
+                   the bound holds in expectation over the draws, not for each draw
 The loss is -ELBO in nats per image: summed over pixels and latent dimensions, averaged over the batch.
 Differences from the slides: the Gaussian log-likelihood keeps the -1/2 log(2 pi) constant (the slide drops it,
 and its second form has the sign flipped, i.e. it is -log p), so the nats are true log-densities. With gray
 pixels the Bernoulli "likelihood" is the common practice but not a normalized density of gray images;
 --binarize (dynamic binarization) gives the setting of published binarized-MNIST numbers.
 Networks: MLPs 784 -> hidden -> hidden -> 2J (encoder) and J -> hidden -> hidden -> 784 (decoder), ReLU.
+"Samples" (samples.png/.pt and the image metrics) are the decoder means E[x|z], z ~ p(z), not draws from p(x|z).
+The loss curve is the -ELBO only for beta = 1 (else the beta-weighted loss, labelled so).
 """
 import dataclasses, math, os, time
 
@@ -43,6 +46,7 @@ class Config(common.Config):
     iw_k: int = common.arg(100, "K, importance samples for test_nll_iw")
     eval_n: int = common.arg(2000, "test images used for test_nelbo and test_nll_iw")
     n_samples: int = common.arg(5000, "samples drawn for fd / digit_confidence / class_entropy")
+    MODEL_FLAGS = ("data", "latent_dim", "hidden", "likelihood", "sigma_x")
 
 
 # ----------------------------------------------------------------------------- model
@@ -88,7 +92,7 @@ def kl_to_prior(mu, logvar):
 
 
 def log_normal(z, mu, logvar):
-    """log N(z; mu, diag exp(logvar)) = -sum_j 1/2 log(2 pi sigma_j^2) + (z_j - mu_j)^2 / (2 sigma_j^2)."""
+    """log N(z; mu, diag exp(logvar)) = -sum_j [1/2 log(2 pi sigma_j^2) + (z_j - mu_j)^2 / (2 sigma_j^2)]."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
 
 
@@ -158,7 +162,10 @@ def pictures(model, cfg, x_test, y_test, device):
 def train(model, cfg, x_train, device):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    progress, history, ckpt = common.Progress(cfg.steps), {"-ELBO (nats/image)": []}, os.path.join(cfg.out, "checkpoint.pt")
+    progress = common.Progress(cfg.steps)
+    name = "-ELBO (nats/image)" if cfg.beta == 1 else f"beta-VAE loss, beta = {cfg.beta:g} (nats/image)"
+    history = {name: []}
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
     for step in range(1, cfg.steps + 1):
         x = x_train[torch.randint(len(x_train), (cfg.batch_size,), generator=gen)].to(device)
         if cfg.binarize:
@@ -167,10 +174,10 @@ def train(model, cfg, x_train, device):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history["-ELBO (nats/image)"].append(loss.item())
+        history[name].append(loss.item())
         progress(step, loss.item(), ckpt)
         if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, model=model.state_dict(), step=step, config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="vae", model=model.state_dict(), step=step, config=dataclasses.asdict(cfg))
     return history
 
 
@@ -180,6 +187,7 @@ def main(argv=None):
     common.check(cfg.hidden > 0 and cfg.iw_k > 0 and cfg.eval_n > 0 and cfg.n_samples > 1,
                  "--hidden, --iw-k, --eval-n must be positive and --n-samples at least 2")
     common.check(cfg.sigma_x >= 0 and cfg.beta >= 0, "--sigma-x and --beta must be non-negative")
+    state = common.load_run(cfg, "vae") if cfg.sample_only else None   # the model's flags come from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -189,24 +197,21 @@ def main(argv=None):
     if cfg.binarize:                                                     # the test set is binarized once, seeded
         x_eval = torch.bernoulli(x_eval, generator=torch.Generator().manual_seed(1234))
     model = VAE(cfg.latent_dim, cfg.hidden, cfg.likelihood, cfg.sigma_x).to(device)
-    t0, history = time.time(), {}
+    t0 = time.time()
+    history = {}
     if cfg.sample_only:
-        model.load_state_dict(common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["model"])
+        model.load_state_dict(state["model"])
     else:
         history = train(model, cfg, x_train, device)
-        common.save_losses(history, os.path.join(cfg.out, "loss.png"))
     train_seconds = time.time() - t0
     model.eval()
     metrics = evaluate(model, x_eval.to(device), cfg.iw_k)
     samples = sample(model, cfg.n_samples, cfg.latent_dim, device).cpu()
     metrics.update(common.image_metrics(samples, cfg.data, data_dir=cfg.data_dir))
     common.save_images(samples[:100], os.path.join(cfg.out, "samples.png"))
-    torch.save(samples, os.path.join(cfg.out, "samples.pt"))
     pictures(model, cfg, x_test, y_test, device)
-    record = common.save_metrics(cfg.out, dict(metrics, train_seconds=round(train_seconds, 2)), cfg,
-                                 0 if cfg.sample_only else cfg.steps, time.time() - t0, device)
-    print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), f"({record['seconds']}s)")
-    return record
+    metrics["train_seconds"] = round(train_seconds, 2)
+    return common.finish(cfg, metrics, t0, device, samples=samples, history=history)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ with weight clipping (Algorithm 1) or the gradient penalty of Gulrajani et al. 2
 
 Lectures: 002 "Objective functions - Wasserstein GANs", "Wasserstein GANs" (Kantorovich-Rubinstein duality,
 Algorithm 1); 003 Part II (the "Zero Gradient" wall of JSD) and Part III (clipping vs gradient penalty, n_critic);
-004 "Problem Setting [Arjovsky et al., 2017]", "Improved WGAN". It builds on gan.py (same generators, data, outputs).
+004 "Problem Setting [Arjovsky et al., 2017]", "Improved WGAN".
 Run: `python wgan.py` (gradient penalty, ring8), `python wgan.py --lipschitz clip`, `python wgan.py --data grid25`.
 
     duality     W(p_x, p_g) = sup_{|f|_L <= 1} E_x f(x) - E_z f(g(z))                  (002, Kantorovich-Rubinstein)
@@ -11,10 +11,16 @@ Run: `python wgan.py` (gradient penalty, ring8), `python wgan.py --lipschitz cli
     generator   minimize -E_z f_w(g(z))
     clip        w <- clip(w, -c, c) after each RMSProp step, c = 0.01, lr 5e-5  (002, Algorithm 1)
     GP          lambda E[(|grad f(x_hat)|_2 - 1)^2], x_hat = eps x + (1 - eps) x_fake, one eps ~ U[0,1] per sample,
-                the norm per sample over all non-batch dimensions; lambda = 10, Adam lr 1e-4 betas (0.5, 0.9)  (003)
+                the norm per sample over all non-batch dimensions, lambda = 10   (003, "Gradient Penalty (WGAN-GP)")
+003 gives only the penalty; the optimizer is ours: Adam betas (0.5, 0.9) (the GP paper uses beta_1 = 0, lr 1e-4).
+004's "Improved WGAN" slide penalises the gradient at *real* points x ~ P_r; the code follows 003 and Gulrajani
+et al. and penalises it at the interpolates x_hat. Slip in 003 ("Step 2: The Critic Loss"): the critic loss is
+already written as E f(G(z)) - E f(x), to be minimized; its note "minimize the negative of this loss" would
+make the critic minimize the distance. The code minimizes E f(G(z)) - E f(x).
 The critic's estimate E f(x) - E f(g(z)) on a fresh batch is logged every step (wasserstein.png); on 2-D data
-it is drawn against the exact W_1 of 500 generated and 500 data points (exact assignment, sinkhorn.py).
-With clipping the critic is K-Lipschitz for some unknown K, so its estimate is K * W_1, not W_1 (004).
+it is drawn against the exact W_1 of 500 generated and 500 data points (common.w_exact, exact assignment).
+With clipping the critic is K-Lipschitz for some unknown K, so a trained critic's estimate is at most K * W_1 (004),
+and a clipped, finitely trained network usually gives less.
 Difference from Algorithm 1: the loop index runs n_critic times (the pseudo-code's 0..n_critic is n_critic + 1).
 The critic has no BatchNorm: the gradient penalty is per sample, and BatchNorm would mix the samples.
 Differences from the GP paper's practice: Adam lr 1e-3 decayed linearly to 0 (the paper: 1e-4, constant), which
@@ -23,11 +29,10 @@ a 2-CPU-minute run needs (`--lr 1e-4 --no-decay` for the paper's setting; clippi
 import dataclasses, math, os, time
 
 import torch
+import torch.nn as nn
 from matplotlib.figure import Figure
 
 import common
-import gan
-import sinkhorn
 
 
 @dataclasses.dataclass
@@ -45,14 +50,46 @@ class Config(common.Config):
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
     decay: bool = common.arg(True, "decay both learning rates linearly to 0 over the run")
     exact_every: int = common.arg(200, "2-D: compute the exact W_1 every this many steps (0: never)")
+    MODEL_FLAGS = ("data", "z_dim", "hidden")
 
     def defaults(self, given):
         if self.lipschitz == "clip":                                     # Algorithm 1: alpha = 5e-5, constant
             self.lr = self.lr if "--lr" in given else 5e-5
-            self.decay = self.decay if "--decay" in given or "--no-decay" in given else False
+            self.decay = self.decay if common.was_given(self, "decay") else False
         if self.data in common.IMAGE_DATA:                               # DCGAN steps fit the CPU
             self.steps = self.steps if "--steps" in given else 600
             self.batch_size = self.batch_size if "--batch-size" in given else 64
+
+
+# ----------------------------------------------------------------------------- data
+def batch_sampler(cfg):
+    """() -> a real batch in model range: 2-D points as they are, images mapped from [0, 1] to [-1, 1]."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.data in common.POINT_DATA:
+        return lambda: common.sample_2d(cfg.data, cfg.batch_size, gen)
+    x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    return lambda: x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1
+
+
+# ----------------------------------------------------------------------------- generator and critic
+def mlp(d_in, hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def make_nets(cfg):
+    """(generator g, critic f, z_dim): MLPs for 2-D data; for images a DCGAN generator (z -> 128x7x7 -> 64x14x14
+    -> 1x28x28, tanh) and a DCGAN-like critic with no BatchNorm and no sigmoid: f(x) is any real number."""
+    if cfg.data in common.POINT_DATA:
+        z_dim = cfg.z_dim or 8
+        return mlp(z_dim, cfg.hidden, 2), mlp(2, cfg.hidden, 1), z_dim
+    z_dim = cfg.z_dim or 64
+    G = nn.Sequential(nn.Linear(z_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)), nn.BatchNorm2d(128), nn.ReLU(),
+                      nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                      nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
+    critic = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1),
+                           nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+    return G, critic, z_dim
 
 
 # ----------------------------------------------------------------------------- Lipschitz constraint
@@ -71,15 +108,21 @@ def clip_weights(critic, c):
 
 
 # ----------------------------------------------------------------------------- the zero-gradient wall
+def jsd(p, q):
+    """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats (003)."""
+    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a | (a+b)/2)
+    return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
+
+
 def jsd_vs_w(ds, s=0.05, n=20000, seed=0):
-    """JSD and W_1 between N(0, s^2) and N(d, s^2) for each d: JSD from the two densities on a fine grid
-    (gan.jsd), W_1 from samples by sorting (sinkhorn.w1d). JSD saturates at log 2 (zero gradient); W_1 = d."""
+    """JSD and W_1 between N(0, s^2) and N(d, s^2) for each d: JSD from the two densities on a fine grid,
+    W_1 from samples by sorting (common.w1_sorted). JSD saturates at log 2 (zero gradient); W_1 = d."""
     grid = torch.arange(-1.0, float(max(ds)) + 1.0, 0.002, dtype=torch.float64)
     density = lambda m: torch.exp(-(grid - m) ** 2 / (2 * s * s))
     p = density(0.0)
-    jsds = [gan.jsd(p / p.sum(), density(d) / density(d).sum()) for d in ds]
+    jsds = [jsd(p / p.sum(), density(d) / density(d).sum()) for d in ds]
     z = s * torch.randn(2, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return jsds, [float(sinkhorn.w1d(z[0], z[1] + d)) for d in ds]
+    return jsds, [float(common.w1_sorted(z[0], z[1] + d)) for d in ds]
 
 
 def save_jsd_vs_w(path):
@@ -87,27 +130,49 @@ def save_jsd_vs_w(path):
     jsds, ws = jsd_vs_w(ds)
     fig = Figure(figsize=(10, 3.5))
     ax, ax2 = fig.subplots(1, 2)
-    ax.plot(ds, jsds, label="JSD"), ax.plot(ds, ws, label="W_1"), ax.axhline(math.log(2), c="k", ls=":", label="log 2")
-    ax.set_xlabel("distance d between two narrow Gaussians (std 0.05)"), ax.legend()
+    ax.plot(ds, jsds, label="JSD")
+    ax.plot(ds, ws, label="W_1")
+    ax.axhline(math.log(2), c="k", ls=":", label="log 2")
+    ax.set_xlabel("distance d between two narrow Gaussians (std 0.05)")
+    ax.legend()
     grad = lambda v: [(b - a) / (ds[1] - ds[0]) for a, b in zip(v, v[1:])]
-    ax2.plot(ds[1:], grad(jsds), label="d JSD / dd"), ax2.plot(ds[1:], grad(ws), label="d W_1 / dd")
-    ax2.set_xlabel("d"), ax2.legend(), ax2.set_title("the generator's learning signal")
+    ax2.plot(ds[1:], grad(jsds), label="d JSD / dd")
+    ax2.plot(ds[1:], grad(ws), label="d W_1 / dd")
+    ax2.set(xlabel="d", title="the generator's learning signal")
+    ax2.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return {"jsd_at_d3": jsds[-1], "w1_at_d3": ws[-1]}
 
 
+def save_w_estimate(history, exact, path):
+    """The critic's running W estimate against the exact W_1 (2-D data)."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(history["critic's W estimate"], lw=0.6, label="critic: E f(x) - E f(g(z)), fresh batch")
+    if exact:
+        ax.plot(*zip(*exact), "k.-", label="exact W_1, 500 vs 500 points (assignment)")
+    ax.set_xlabel("generator step")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
 # ----------------------------------------------------------------------------- training
 def train(cfg, G, critic, z_dim, device):
-    real = gan.batch_sampler(cfg)
+    real = batch_sampler(cfg)
     if cfg.lipschitz == "gp":
         opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.9))
         opt_c = torch.optim.Adam(critic.parameters(), cfg.lr, betas=(0.5, 0.9))
     else:
-        opt_g, opt_c = torch.optim.RMSprop(G.parameters(), cfg.lr), torch.optim.RMSprop(critic.parameters(), cfg.lr)
+        opt_g = torch.optim.RMSprop(G.parameters(), cfg.lr)
+        opt_c = torch.optim.RMSprop(critic.parameters(), cfg.lr)
     decay = lambda s: 1 - s / cfg.steps if cfg.decay else 1.0
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_c)]
-    history, exact, snapshots = {"critic loss": [], "G loss": [], "critic's W estimate": []}, [], []
-    progress, ckpt, points = common.Progress(cfg.steps), os.path.join(cfg.out, "checkpoint.pt"), cfg.data in common.POINT_DATA
+    history = {"critic loss": [], "G loss": [], "critic's W estimate": []}
+    exact = []
+    snapshots = []
+    progress = common.Progress(cfg.steps)
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    points = cfg.data in common.POINT_DATA
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
     noise = lambda n: torch.randn(n, z_dim, device=device)
     for step in range(1, cfg.steps + 1):
@@ -126,34 +191,30 @@ def train(cfg, G, critic, z_dim, device):
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
-        [sched.step() for sched in scheds]
+        for sched in scheds:
+            sched.step()
         with torch.no_grad():                                           # W estimate on a fresh batch
             x = real().to(device)
             w_est = float(critic(x).mean() - critic(G(noise(len(x)))).mean())
-        history["critic loss"].append(loss_c.item()), history["G loss"].append(loss_g.item())
+        history["critic loss"].append(loss_c.item())
+        history["G loss"].append(loss_g.item())
         history["critic's W estimate"].append(w_est)
-        progress(step, loss_c.item(), ckpt)
+        progress(step, loss_c.item() + loss_g.item(), ckpt)             # guards both losses against NaN
         if points and cfg.exact_every and (step % cfg.exact_every == 0 or step == 1):
             with torch.no_grad():
                 fake = G(noise(500)).cpu()
-            exact.append((step, sinkhorn.w_exact(fake, common.sample_2d(cfg.data, 500), p=1)))
+            exact.append((step, common.w_exact(fake, common.sample_2d(cfg.data, 500), p=1)))
         if points and step in snap_at:
             with torch.no_grad():
                 fake = G(noise(1000)).cpu()
-            values = gan.surface(lambda p: critic(p.to(device)).cpu())   # the critic as it is at this step
+            values = common.surface(lambda p: critic(p.to(device)).cpu())   # the critic as it is at this step
             snapshots.append((values, fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
         if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, G=G.state_dict(), critic=critic.state_dict(), step=step,
+            common.save_checkpoint(ckpt, script="wgan", G=G.state_dict(), critic=critic.state_dict(), step=step,
                                    config=dataclasses.asdict(cfg))
     if snapshots:
-        gan.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    ax.plot(history["critic's W estimate"], lw=0.6, label="critic: E f(x) - E f(g(z)), fresh batch")
-    if exact:
-        ax.plot(*zip(*exact), "k.-", label="exact W_1, 500 vs 500 points (assignment)")
-    ax.set_xlabel("generator step"), ax.legend()
-    fig.savefig(os.path.join(cfg.out, "wasserstein.png"), dpi=100, bbox_inches="tight")
+        common.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
+    save_w_estimate(history, exact, os.path.join(cfg.out, "wasserstein.png"))
     return history, exact
 
 
@@ -162,21 +223,37 @@ def main(argv=None):
     common.check(cfg.n_critic > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1 and cfg.exact_every >= 0,
                  "--n-critic and --hidden must be positive, --z-dim and --exact-every non-negative, --n-samples >= 2")
     common.check(cfg.clip > 0 and cfg.gp_lambda >= 0, "--clip must be positive and --gp-lambda non-negative")
+    state = common.load_run(cfg, "wgan") if cfg.sample_only else None  # the model's flags come from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    G, critic, z_dim = gan.make_nets(cfg, batchnorm=False)
-    G, critic, t0, history, extra = G.to(device), critic.to(device), time.time(), {}, {}
-    extra.update(save_jsd_vs_w(os.path.join(cfg.out, "jsd_vs_w.png")))
+    G, critic, z_dim = make_nets(cfg)
+    G = G.to(device)
+    critic = critic.to(device)
+    t0 = time.time()
+    history = {}
+    extra = save_jsd_vs_w(os.path.join(cfg.out, "jsd_vs_w.png"))
     if cfg.sample_only:
-        state = common.load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
-        G.load_state_dict(state["G"]), critic.load_state_dict(state["critic"])
+        G.load_state_dict(state["G"])
+        critic.load_state_dict(state["critic"])
     else:
         history, exact = train(cfg, G, critic, z_dim, device)
         extra["w_estimate_final"] = sum(history["critic's W estimate"][-50:]) / len(history["critic's W estimate"][-50:])
         if exact:
             extra["w1_exact_final"] = exact[-1][1]
-    return gan.finish(cfg, G, z_dim, device, history, t0, extra)
+    G.eval()
+    with torch.no_grad():                                               # x = g(z), z ~ N(0, I), in batches
+        x = torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(math.ceil(cfg.n_samples / 1000))])
+    x = x[:cfg.n_samples]
+    if cfg.data in common.POINT_DATA:
+        metrics = common.point_metrics(x, cfg.data)
+        common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
+                           title=", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+    else:
+        x = (x + 1) / 2                                                  # back to [0, 1]
+        metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
+        common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
+    return common.finish(cfg, dict(metrics, **extra), t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,6 @@ import cgan
 import common
 
 
-class Cfg:
-    loss, g_loss = "gan", "nonsaturating"
-
-
 def test_generator_and_discriminator_use_the_label():
     torch.manual_seed(0)
     G, D = cgan.Generator(8, 4).eval(), cgan.Discriminator().eval()
@@ -29,8 +25,11 @@ def test_conditional_loss_is_the_minimax_value_on_hand_logits():
     l_real, l_fake = torch.tensor([[2.0]]), torch.tensor([[-1.0]])
     D_real, D_fake = torch.sigmoid(l_real), torch.sigmoid(l_fake)
     value = torch.log(D_real) + torch.log(1 - D_fake)                   # log D(x|y) + log(1 - D(G(z|y)|y))
-    assert cgan.gan.d_loss(Cfg, l_real, l_fake).item() == pytest.approx(-value.item(), abs=1e-6)
-    assert cgan.gan.g_loss(Cfg, l_fake).item() == pytest.approx(-torch.log(D_fake).item(), abs=1e-6)
+    assert cgan.d_loss(l_real, l_fake).item() == pytest.approx(-value.item(), abs=1e-6)
+    assert cgan.g_loss(l_fake).item() == pytest.approx(-torch.log(D_fake).item(), abs=1e-6)
+    assert cgan.g_loss(l_fake, saturating=True).item() == pytest.approx(torch.log(1 - D_fake).item(), abs=1e-6)
+    assert cgan.lsgan_d_loss(torch.tensor([0.5]), torch.tensor([0.25])).item() == pytest.approx(0.25 + 0.0625)
+    assert cgan.lsgan_g_loss(torch.tensor([0.5])).item() == pytest.approx(0.25)
 
 
 def test_grids_put_classes_in_rows_and_z_in_columns():

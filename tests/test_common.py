@@ -1,5 +1,5 @@
 """Tests of common.py: CLI, device, seeding, the 2-D distributions, digits, the IDX loader, outputs, metrics."""
-import dataclasses, gzip, json, math, os, shutil
+import dataclasses, gzip, json, math, os, shutil, time
 
 import pytest
 import torch
@@ -30,6 +30,26 @@ def test_parse_config_defaults_flags_and_out():
 def test_parse_config_rejects_non_positive(argv, words):
     with pytest.raises(common.UserError, match=words):
         common.parse_config(DemoConfig, argv, "demo")
+
+
+def test_abbreviated_flags_are_refused_not_silently_reset(capsys):
+    with pytest.raises(SystemExit):                                       # --step is not --steps
+        common.parse_config(DemoConfig, ["--step", "10"], "demo")
+    assert "unrecognized arguments: --step" in capsys.readouterr().err
+
+
+def test_negative_seed_is_one_clear_error():
+    with pytest.raises(common.UserError, match="--seed must be a non-negative integer, got -1"):
+        common.parse_config(DemoConfig, ["--seed", "-1"], "demo")
+
+
+def test_not_flags_are_not_offered(capsys):
+    @dataclasses.dataclass
+    class Cfg(DemoConfig):
+        NOT_FLAGS = ("lr",)
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, ["--lr", "0.1"], "demo")
+    assert "unrecognized arguments: --lr" in capsys.readouterr().err
 
 
 def test_unknown_dataset_is_a_clear_cli_error(capsys):
@@ -178,22 +198,57 @@ def test_offline_error_names_files_folder_and_alternative(tmp_path, monkeypatch)
     def no_network(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(common.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(common, "CACHE", str(tmp_path))
     with pytest.raises(common.UserError) as e:
-        common.load_idx_dataset("fashion", "train", str(tmp_path))
+        common.load_idx_dataset("fashion", "train")
     msg = str(e.value)
     assert "train-images-idx3-ubyte.gz" in msg and str(tmp_path) in msg and "--data digits" in msg
     assert "\n" not in msg
 
 
-def test_download_checks_md5(tmp_path, monkeypatch):
-    class Fake:
-        def __enter__(self): return self
-        def __exit__(self, *a): return False
-        def read(self): return b"not the real file"
-    monkeypatch.setattr(common.urllib.request, "urlopen", lambda *a, **k: Fake())
+def test_a_mistyped_data_dir_is_an_error_and_never_downloaded_into(tmp_path, monkeypatch):
+    def network(*a, **k):
+        raise AssertionError("no download may happen for a --data-dir")
+    monkeypatch.setattr(common.urllib.request, "urlopen", network)
+    typo = tmp_path / "mnsit"
+    with pytest.raises(common.UserError, match="not found in --data-dir .*mnsit"):
+        common.load_idx_dataset("mnist", "test", str(typo))
+    assert not typo.exists()                                              # not created either
+
+
+class FakeResponse:
+    def __init__(self, body):
+        self.body = body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def read(self, n=-1):
+        return self.body if n < 0 else self.body[:n]
+
+
+def test_download_checks_each_file_against_its_own_md5(tmp_path, monkeypatch):
+    import hashlib
+    body = b"a file whose MD5 is listed, but for another file"
+    hashes = common.MD5["mnist"].split()
+    hashes[0] = hashlib.md5(body).hexdigest()                             # listed for train images only
+    monkeypatch.setitem(common.MD5, "mnist", " ".join(hashes))
+    monkeypatch.setattr(common, "CACHE", str(tmp_path))
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda *a, **k: FakeResponse(body))
     with pytest.raises(common.UserError, match="checksum mismatch"):
-        common.load_idx_dataset("mnist", "test", str(tmp_path))
-    assert not any(tmp_path.iterdir())                                    # nothing unverified is kept
+        common.load_idx_dataset("mnist", "test")                          # test images: another MD5
+    assert not any((tmp_path / "mnist").iterdir())                        # nothing unverified is kept
+
+
+def test_download_has_a_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "MAX_DOWNLOAD", 10)
+    monkeypatch.setattr(common, "CACHE", str(tmp_path))
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"x" * 11))
+    with pytest.raises(common.UserError, match="too large"):
+        common.load_idx_dataset("mnist", "test")
 
 
 # ----------------------------------------------------------------------------- outputs and progress
@@ -209,14 +264,67 @@ def test_checkpoint_round_trip(tmp_path):
         common.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
+def test_save_checkpoint_refuses_nan_and_keeps_the_old_file(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, script="demo", model=net.state_dict(), step=1)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(common.UserError, match="model weight holds NaN"):
+        common.save_checkpoint(path, script="demo", model=net.state_dict(), step=2)
+    state = common.load_checkpoint(path, "demo")
+    assert state["step"] == 1 and torch.isfinite(state["model"]["weight"]).all()
+
+
+def test_corrupt_and_foreign_checkpoints_get_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a zip file")
+    with pytest.raises(common.UserError, match="not a readable checkpoint"):
+        common.load_checkpoint(str(bad))
+    other = str(tmp_path / "other.pt")
+    common.save_checkpoint(other, script="vae", step=1)
+    with pytest.raises(common.UserError, match="was not written by gan.py"):
+        common.load_checkpoint(other, "gan")
+
+
+def test_load_run_takes_model_flags_from_the_checkpoint(tmp_path):
+    @dataclasses.dataclass
+    class Cfg(DemoConfig):
+        MODEL_FLAGS = ("width",)
+    trained = common.parse_config(Cfg, ["--width", "7", "--out", str(tmp_path)], "demo")
+    common.save_checkpoint(str(tmp_path / "checkpoint.pt"), script="demo", config=dataclasses.asdict(trained))
+    cfg = common.parse_config(Cfg, ["--sample-only", "--out", str(tmp_path)], "demo")
+    common.load_run(cfg, "demo")
+    assert cfg.width == 7                                                 # not the default 64
+    cfg = common.parse_config(Cfg, ["--sample-only", "--width", "8", "--out", str(tmp_path)], "demo")
+    with pytest.raises(common.UserError, match="--width 8 contradicts the checkpoint"):
+        common.load_run(cfg, "demo")
+
+
+def test_ema_update_warm_up_and_buffers():
+    model = torch.nn.BatchNorm1d(2)
+    ema = torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        ema.weight.fill_(1.0)
+        model.running_mean.fill_(5.0)
+    d = common.ema_update(ema, model, step=1, max_decay=0.999)
+    assert d == pytest.approx(2 / 11)                                     # (1 + t) / (10 + t) at t = 1
+    assert torch.allclose(ema.weight, torch.full((2,), 2 / 11 * 1 + 9 / 11 * 3))
+    assert torch.equal(ema.running_mean, model.running_mean)             # buffers are copied
+    assert common.ema_update(ema, model, step=10 ** 6, max_decay=0.999) == 0.999
+    assert common.ema_update(ema, model, step=5, max_decay=0.0) == 0.0 and torch.equal(ema.weight, model.weight)
+
+
 def test_outputs_and_metrics_json(tmp_path):
-    cfg = common.parse_config(DemoConfig, ["--seed", "4"], "demo")
-    rec = common.save_metrics(str(tmp_path), {"mmd": 0.5}, cfg, steps=10, seconds=1.234, device="cpu")
+    cfg = common.parse_config(DemoConfig, ["--seed", "4", "--steps", "10", "--out", str(tmp_path)], "demo")
+    rec = common.finish(cfg, {"mmd": 0.5}, time.time() - 1.5, "cpu", samples=torch.zeros(3, 2), history={"l": [2, 1]})
     saved = json.load(open(tmp_path / "metrics.json"))
     assert saved == json.loads(json.dumps(rec))
     for key in ("mmd", "steps", "seconds", "device", "seed", "torch_version", "config"):
         assert key in saved
-    assert saved["seed"] == 4 and saved["config"]["width"] == 64
+    assert saved["seed"] == 4 and saved["config"]["width"] == 64 and saved["steps"] == 10 and saved["seconds"] >= 1.5
+    assert torch.equal(torch.load(tmp_path / "samples.pt"), torch.zeros(3, 2)) and (tmp_path / "loss.png").exists()
     x, y = common.load_images("digits", "test")
     common.save_images(x[:50], str(tmp_path / "grid.png"), labels=y[:50])
     common.save_images(x[:8].repeat(1, 3, 1, 1), str(tmp_path / "rgb.png"), nrow=4)
@@ -288,3 +396,32 @@ def test_classifier_accuracy_on_real_mnist_halves():
     net = common.train_classifier(x[perm[:5000]], y[perm[:5000]], epochs=20)
     _, p = common.classify(net, x[perm[5000:]])
     assert (p.argmax(1) == y[perm[5000:]]).float().mean() >= 0.98
+
+
+# ----------------------------------------------------------------------------- exact OT metrics
+def brute_force_assignment(C):
+    import itertools
+    n = len(C)
+    return min(sum(float(C[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n))) / n
+
+
+@pytest.mark.parametrize("n", [2, 5, 7])
+def test_assignment_matches_brute_force(n):
+    C = torch.rand(n, n, generator=gen(n), dtype=torch.float64)
+    perm = common.assignment(C)
+    assert sorted(perm.tolist()) == list(range(n))
+    assert abs(float(C[torch.arange(n), perm].mean()) - brute_force_assignment(C)) < 1e-9
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_assignment_refuses_nan_and_inf(bad):
+    C = torch.rand(4, 4, generator=gen(1))
+    C[1, 2] = bad
+    with pytest.raises(common.UserError, match="finite cost matrix"):     # it used to loop forever
+        common.assignment(C)
+
+
+def test_w1_sorted_equals_exact_assignment_in_1d():
+    x = torch.randn(40, generator=gen(3), dtype=torch.float64)
+    y = torch.randn(40, generator=gen(4), dtype=torch.float64) * 2 + 1
+    assert abs(float(common.w1_sorted(x, y)) - common.w_exact(x[:, None], y[:, None], p=1)) < 1e-9

@@ -106,7 +106,7 @@ def test_2d_and_image_runs(tmp_path):
     assert fm.main(["--sample-only", "--out", str(tmp_path), "--n-samples", "200", "--hidden", "32", "--coupling", "both"])["steps"] == 0
     rec = fm.main(["--data", "digits", "--steps", "5", "--ch", "8", "--out", str(tmp_path / "img"), "--n-samples", "50",
                    "--sample-steps", "3", "--cond", "--guidance", "2"])
-    assert "class_accuracy" in rec and rec["network_calls"] == 3
+    assert "class_accuracy" in rec and rec["network_calls"] == 6          # 3 steps, 2 calls each (guided)
     rec = fm.main(["--steps", "5", "--hidden", "16", "--out", str(tmp_path / "sde"), "--n-samples", "100", "--sampler", "sde"])
     assert math.isfinite(rec["mmd"])
 

@@ -9,10 +9,6 @@ import gan
 import wgan
 
 
-class Cfg:
-    loss, g_loss = "gan", "nonsaturating"
-
-
 def test_optimal_discriminator_and_value_equal_minus_log4_plus_2jsd():
     p = torch.tensor([0.5, 0.25, 0.25, 0.0], dtype=torch.float64)
     q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
@@ -36,7 +32,7 @@ def test_trained_discriminator_approaches_d_star():
     opt = torch.optim.Adam(D.parameters(), 1e-2)
     for _ in range(1500):                                                # p_data = N(0, 1), p_g = N(1, 1)
         x, xg = torch.randn(512, 1), torch.randn(512, 1) + 1
-        loss = gan.d_loss(Cfg, D(x), D(xg))
+        loss = gan.d_loss(D(x), D(xg))
         opt.zero_grad(), loss.backward(), opt.step()
     t = torch.linspace(-1.5, 2.5, 41)[:, None]
     d_star = gan.optimal_discriminator(torch.exp(-t ** 2 / 2), torch.exp(-(t - 1) ** 2 / 2))  # = sigmoid(1/2 - t)
@@ -47,23 +43,19 @@ def test_trained_discriminator_approaches_d_star():
 def test_saturating_loss_vanishes_where_nonsaturating_does_not():
     l_fake = torch.tensor([-8.0], requires_grad=True)                   # D(g(z)) = sigmoid(-8) ~ 3e-4: D wins
     grads = {}
-    for kind in ("saturating", "nonsaturating"):
-        Cfg.g_loss = kind
-        grads[kind] = torch.autograd.grad(gan.g_loss(Cfg, l_fake), l_fake)[0].abs().item()
-    Cfg.g_loss = "nonsaturating"
+    for kind, loss in (("saturating", gan.g_loss_saturating), ("nonsaturating", gan.g_loss_nonsaturating)):
+        grads[kind] = torch.autograd.grad(loss(l_fake), l_fake)[0].abs().item()
     assert grads["saturating"] < 1e-3 and grads["nonsaturating"] > 0.99   # d/dl log(1 - sigmoid(l)) = -sigmoid(l)
 
 
 def test_lsgan_losses_on_hand_values():
-    class C:
-        loss = "lsgan"
-    assert gan.d_loss(C, torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])).item() == pytest.approx(0.125 + 0.5)
-    assert gan.g_loss(C, torch.tensor([0.0, 1.0])).item() == pytest.approx(0.5)
+    assert gan.lsgan_d_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])).item() == pytest.approx(0.125 + 0.5)
+    assert gan.lsgan_g_loss(torch.tensor([0.0, 1.0])).item() == pytest.approx(0.5)
 
 
 def test_gradient_penalty_is_per_sample():
     torch.manual_seed(1)
-    critic = gan.dcgan_discriminator(batchnorm=False)
+    critic = wgan.make_nets(wgan.Config(data="digits"))[1]
     x, xf = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
     torch.manual_seed(2)
     gp = wgan.gradient_penalty(critic, x, xf)
