@@ -2,7 +2,7 @@ r"""common.py - the plumbing every script shares (CLI, device, data, outputs, pr
 Image tensors are float32 (N, 1, 28, 28) with pixels in [0, 1]; each script maps to its own model range
 (e.g. [-1, 1]) and back before saving or evaluating. 2-D data are float32 (N, 2).
 """
-import argparse, dataclasses, functools, gzip, hashlib, json, math, os, random, struct, sys, time, urllib.request
+import argparse, dataclasses, functools, glob, gzip, hashlib, json, math, os, random, struct, sys, time, urllib.request
 
 import matplotlib.image
 import numpy as np
@@ -46,8 +46,7 @@ class Config:
         """Hook: a script sets defaults that depend on other flags, for the flags not in `given` (e.g. {"--lr"})."""
 
 def parse_config(cls, argv, script, doc=""):
-    """Build an argparse parser from the dataclass `cls`, parse argv and check the shared flags.
-    The flags given on the command line are kept in cfg.given (a set such as {"--steps", "--no-cond"})."""
+    """Parse argv with flags made from the dataclass `cls`; cfg.given: the flags given (e.g. {"--steps"})."""
     p = argparse.ArgumentParser(prog=f"python {script}.py", description=(doc or "").strip().split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
@@ -60,20 +59,16 @@ def parse_config(cls, argv, script, doc=""):
             kind = {"type": type(f.default), "choices": f.metadata["choices"]}
         p.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
     cfg = cls(**vars(p.parse_args(argv)))
-    tokens = sys.argv[1:] if argv is None else argv
-    cfg.given = {a.split("=")[0] for a in tokens if a.startswith("--")}
+    cfg.given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
     cfg.defaults(cfg.given)
     check(cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
     check(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
     check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     check(cfg.seed >= 0, f"--seed must be a non-negative integer, got {cfg.seed}")
     cfg.out = cfg.out or os.path.join("runs", script)
+    for path in glob.glob(os.path.join(CACHE, f"classifier_{cfg.data}_*.pt")):
+        load_checkpoint(path)                             # a broken cached evaluator: an error now, not after training
     return cfg
-
-def was_given(cfg, name):
-    """Whether the flag of config field `name` was on the command line (--name, or --no-name for a switch)."""
-    flag = name.replace("_", "-")
-    return bool({"--" + flag, "--no-" + flag} & getattr(cfg, "given", set()))
 
 def run(main):
     """`if __name__ == "__main__": common.run(main)`: bad input ends in one line on stderr, exit status 1."""
@@ -88,7 +83,7 @@ def get_device(name="auto"):
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    check(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    check(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA GPU is visible; use --device cpu")
     check(name != "mps" or has_mps, "--device mps: Apple's MPS backend is not available here; use --device cpu")
     return torch.device(name)
 
@@ -240,13 +235,13 @@ def download(name, file, folder):
         out.write(raw)
 
 def load_idx_dataset(name, split, data_dir=""):
-    """mnist / fashion from the standard IDX files in data_dir, or in .cache/<name> (downloaded there once).
-    A --data-dir that lacks the files is an error: nothing is ever downloaded into it."""
+    """mnist / fashion from the IDX files in data_dir, else in .cache/<name> (downloaded there, never into data_dir)."""
     folder = data_dir or os.path.join(CACHE, name)
     files = IDX_FILES[split]
     missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
-    check(not missing or not data_dir, f"{name}: {', '.join(missing)} not found in --data-dir {os.path.abspath(folder)}; "
-          f"check the folder, leave --data-dir out to download into {CACHE}, or use --data digits")
+    check(not missing or not data_dir, f"{name}: {', '.join(missing)} not found in --data-dir "
+          f"{os.path.abspath(folder)}; check the folder, leave --data-dir out to download into {CACHE}, "
+          f"or use --data digits")
     if missing:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -254,8 +249,8 @@ def load_idx_dataset(name, split, data_dir=""):
                 download(name, f, folder)
         except OSError as e:
             raise UserError(f"{name}: {', '.join(missing)} not found in {os.path.abspath(folder)} and the download "
-                            f"failed ({e}); put the files in a folder and pass --data-dir FOLDER, or use --data digits, "
-                            f"which needs no files")
+                            f"failed ({e}); put the files in a folder and pass --data-dir FOLDER, or use "
+                            f"--data digits, which needs no files")
     x, y = (read_idx(os.path.join(folder, f)) for f in files)
     check(len(x) == len(y), f"{name} {split}: {len(x)} images but {len(y)} labels")
     return torch.from_numpy(x.astype(np.float32) / 255)[:, None], torch.from_numpy(y.astype(np.int64))
@@ -313,8 +308,7 @@ def save_losses(history, path, logy=False):
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 def finish(cfg, metrics, t0, device, samples=None, history=None, logy=False):
-    """The end of every run: samples.pt (raw samples in data range), loss.png, and metrics.json (the run's
-    numbers plus steps, seconds, device, seed, torch version and config); prints the numbers on one line."""
+    """End of a run: samples.pt (data range), loss.png, metrics.json (+ steps, seconds, device, seed, config)."""
     if samples is not None:
         torch.save(samples, os.path.join(cfg.out, "samples.pt"))
     if history:
@@ -329,8 +323,7 @@ def finish(cfg, metrics, t0, device, samples=None, history=None, logy=False):
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, **state):
-    """torch.save to path.tmp, then rename: an interrupted save never spoils the last good checkpoint.
-    Non-finite weights (in any state dict given) are refused and the old file is kept."""
+    """Save via path.tmp and a rename (atomic); non-finite weights are refused and the old file is kept."""
     for key, value in state.items():
         for name, t in (value.items() if isinstance(value, dict) else [(key, value)]):
             if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -341,7 +334,7 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, script=None):
     """The dict saved by save_checkpoint; with script, it must have been written by that script."""
-    check(os.path.exists(path), f"no checkpoint at {path}: train first (without --sample-only) or set --out to a run folder")
+    check(os.path.exists(path), f"no checkpoint at {path}: train first (without --sample-only) or set --out to a run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)         # tensors and plain types only
     except Exception as e:                                                    # any unpickling or zip error
@@ -352,14 +345,14 @@ def load_checkpoint(path, script=None):
     return state
 
 def load_run(cfg, script, name="checkpoint.pt"):
-    """--sample-only: the checkpoint in cfg.out, with cfg's MODEL_FLAGS set from the run that wrote it.
-    A model flag given on the command line with another value than the saved one is an error."""
+    """--sample-only: the checkpoint in cfg.out; cfg's MODEL_FLAGS are set from it (a different given value: error)."""
     state = load_checkpoint(os.path.join(cfg.out, name), script)
     saved = state.get("config", {})
     for field in cfg.MODEL_FLAGS:
         value = saved.get(field, getattr(cfg, field))
         flag = "--" + field.replace("_", "-")
-        check(not was_given(cfg, field) or getattr(cfg, field) == value,
+        given = {flag, "--no-" + flag[2:]} & cfg.given                  # --name, or --no-name for a switch
+        check(not given or getattr(cfg, field) == value,
               f"{flag} {getattr(cfg, field)} contradicts the checkpoint in {cfg.out}, trained with {flag} {value}; "
               f"leave {flag} out (it is read from the checkpoint)")
         setattr(cfg, field, value)
@@ -404,8 +397,7 @@ def surface(f):
     return f(grid).view(120, 120)
 
 def save_progress(snapshots, path):
-    """snapshots: list of (surface values, fake points, real points, title) -> one panel each: the surface (see
-    `surface`) as a heat map with real (black) and generated (yellow) points."""
+    """One panel per (surface values, fake points, real points, title): heat map, real black, generated yellow."""
     fig = Figure(figsize=(3 * len(snapshots), 3.2))
     for ax, (values, x_fake, x_real, title) in zip(fig.subplots(1, len(snapshots)), snapshots):
         im = ax.imshow(values.numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="coolwarm", alpha=0.8)

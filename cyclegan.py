@@ -13,7 +13,8 @@ Two mappings G: X -> Y and F: Y -> X, two discriminators D_Y (y vs G(x)) and D_X
     L = L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc + lambda_id lambda L_id,  lambda = 10, lambda_id = 0.5
   Where each piece comes from: the slide's total loss has no lambda (Zhu et al. eq. 3 has it) and writes the
   GAN terms with logs; the squares are the least-squares variant the slide's note names; D's factor 1/2 is
-  Zhu et al.'s code (it halves D's learning speed). |.|_1 is averaged over pixels (the paper's code). D sees fakes from a pool of the last 50 generated images
+  Zhu et al.'s code (it halves D's learning speed). |.|_1 is averaged over pixels (the paper's code).
+  D sees fakes from a pool of the last 50 generated images
   (half the time a stored one, Shrivastava et al.), --pool 0 turns it off. Adam(2e-4, (0.5, 0.999)), the
   learning rate constant for the first half of the steps and then linearly decayed to 0, as in the paper.
 Built-in domains, made from the `digits` (or --data) images, both stored as 3 channels in [-1, 1]:
@@ -139,7 +140,8 @@ def discriminator(c_in=3, ndf=32):
     """PatchGAN: each output pixel scores one overlapping patch of the input as real (1) or fake (0)."""
     return nn.Sequential(nn.Conv2d(c_in, ndf, 4, 2, 1), nn.LeakyReLU(0.2),
                          nn.Conv2d(ndf, 2 * ndf, 4, 2, 1), nn.InstanceNorm2d(2 * ndf, affine=True), nn.LeakyReLU(0.2),
-                         nn.Conv2d(2 * ndf, 4 * ndf, 4, 1, 1), nn.InstanceNorm2d(4 * ndf, affine=True), nn.LeakyReLU(0.2),
+                         nn.Conv2d(2 * ndf, 4 * ndf, 4, 1, 1), nn.InstanceNorm2d(4 * ndf, affine=True),
+                         nn.LeakyReLU(0.2),
                          nn.Conv2d(4 * ndf, 1, 4, 1, 1))
 
 
@@ -203,7 +205,8 @@ def train(cfg, nets, device):
         y = batch(y_all)
         fake_y = G(x)
         fake_x = F(y)
-        loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x)) + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)
+        loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
+        loss_g = loss_g + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)   # L_GAN(G) + L_GAN(F) + lambda L_cyc
         if cfg.lambda_id > 0:
             loss_g = loss_g + cfg.lambda_id * cfg.lam * identity_loss(G, F, x, y)
         opt_g.zero_grad()
@@ -263,8 +266,9 @@ def evaluate(cfg, G, F):
         net_y = y_classifier(cfg)                                       # trained on Y
         feats_fake, p_fake = common.classify(net_y, grey(fake_y))
         feats_real, p_real = common.classify(net_y, grey(y))
+        p_back = common.classify(net_x, grey(fake_x))[1]
         metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx).float().mean()),
-                       label_preservation_yx=float((common.classify(net_x, grey(fake_x))[1].argmax(1) == ly).float().mean()),
+                       label_preservation_yx=float((p_back.argmax(1) == ly).float().mean()),
                        fd_y=common.frechet_distance(feats_fake, feats_real),
                        evaluator_y_accuracy=float((p_real.argmax(1) == ly).float().mean()))
     rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]  # x, G(x), F(G(x)); y, F(y), G(F(y))

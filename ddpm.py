@@ -73,7 +73,8 @@ class Config(common.Config):
 # ----------------------------------------------------------------------------- schedule and forward process
 class Schedule:
     """beta, alpha, alpha_bar as float64 tensors indexed by t = 0..T (index 0: alpha_bar = 1, beta = 0); float64
-    because 1 - alpha_bar_t / alpha_bar_s cancels badly in float32 at small t. sqrt_ab, sqrt_1m_ab: float32, on device."""
+    because 1 - alpha_bar_t / alpha_bar_s cancels badly in float32 at small t. sqrt_ab, sqrt_1m_ab: float32, on
+    the device."""
     def __init__(self, T=1000, kind="linear", device="cpu"):
         if kind == "linear":
             beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -288,11 +289,13 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "ddpm", __doc__)
     state = common.load_run(cfg, "ddpm") if cfg.sample_only else None  # the model's flags come from the checkpoint
     common.check(cfg.T > 1 and cfg.n_samples > 1, "--T must be > 1 and --n-samples >= 2")
-    common.check(cfg.ch >= 8 and cfg.ch % 8 == 0, f"--ch must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.ch}")
+    common.check(cfg.ch >= 8 and cfg.ch % 8 == 0,
+                 f"--ch must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.ch}")
     common.check(cfg.grad_clip > 0, f"--grad-clip must be positive (a norm threshold), got {cfg.grad_clip}")
     common.check(not cfg.compare or cfg.T >= 50, f"--compare runs 50-step samplers: it needs --T >= 50, got {cfg.T}")
     common.check(0 < cfg.sample_steps <= cfg.T, f"--sample-steps must be in 1..T={cfg.T}, got {cfg.sample_steps}")
-    common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1, "need eta >= 0, 0 <= p_uncond < 1, 0 <= ema < 1")
+    common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1,
+                 "need --eta >= 0, 0 <= --p-uncond < 1, 0 <= --ema < 1")
     common.check(cfg.guidance == 0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
@@ -308,12 +311,13 @@ def main(argv=None):
     else:
         history = train(model, ema, sch, cfg, x_train, y_train, device)
     train_seconds = time.time() - t0
-    print(f"trained {cfg.steps} steps in {train_seconds:.0f}s; sampling {cfg.n_samples} with {cfg.sampler}-{cfg.sample_steps}")
+    print(f"trained in {train_seconds:.0f}s; sampling {cfg.n_samples} with {cfg.sampler}-{cfg.sample_steps}")
     x, metrics, y = evaluate(ema, sch, cfg, device, cfg.sampler, cfg.sample_steps)
     common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=y[:100].cpu() if y is not None else None)
     save_forward(sch, x_train[:4].to(device) * 2 - 1, os.path.join(cfg.out, "forward.png"))
     trajectory = []
-    sample(ema, sch, 1, cfg, device, None if not cfg.cond else torch.tensor([3], device=device), "ddpm", cfg.T, trajectory)
+    y3 = torch.tensor([3], device=device) if cfg.cond else None         # one chain, Algorithm 2 with all T steps
+    sample(ema, sch, 1, cfg, device, y3, "ddpm", cfg.T, trajectory)
     save_denoising(trajectory, os.path.join(cfg.out, "denoising.png"), cfg.T)
     if cfg.cond:                                                         # one row per guidance weight
         rows = []

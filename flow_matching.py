@@ -29,8 +29,9 @@ derivative of x_t, alpha'_t x_1 + beta'_t x_0 (tested against finite differences
 F.mse_loss averages over the d coordinates: it is 1/d of the slide's squared norm (the same minimizer).
 The score is singular at t = 1 (beta = 0), so the SDE takes its last step from t = 1 - h, where it is finite,
 and adds no noise there. The OT coupling draws one x_0 per x_1 from the plan (with replacement), as OT-CFM does,
-rather than an exact permutation (exact assignment is too slow per step). On digits it straightens the pairs
-little: mean |x_0 - x_1|^2 was 1503 for independent pairs, 1490 for ours, 1444 for an exact assignment.
+rather than an exact permutation (exact assignment is too slow per step). On digits it shortens the pairs
+very little: mean |x_0 - x_1|^2 over 20 batches of 64 was 1511 for independent pairs, 1503 for ours and 1455
+for an exact assignment (in 784 dimensions noise is about equally far from every digit).
 """
 import dataclasses, math, os, time
 
@@ -301,7 +302,7 @@ def train(cfg, coupling, device):
             x0 = ot_pairs(x0, x1, gen)
         t = torch.rand(len(x1), generator=gen).to(device)                # t ~ U[0, 1]
         xt, target = cfm_target(cfg.path, x0, x1, t)
-        loss = F.mse_loss(model(xt, t, y), target)                       # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2
+        loss = F.mse_loss(model(xt, t, y), target)       # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2 / d (mean)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -372,7 +373,8 @@ def main(argv=None):
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
                            title=f"{cfg.sampler} {cfg.solver}, {cfg.sample_steps} steps")
         traj = [torch.randn(300, 2, generator=torch.Generator().manual_seed(5))]
-        sample(lambda z, t: velocity(model, z.to(device), t).cpu(), traj[0], cfg.sample_steps, cfg.solver, trajectory=traj)
+        field = lambda z, t: velocity(model, z.to(device), t).cpu()
+        sample(field, traj[0], cfg.sample_steps, cfg.solver, trajectory=traj)
         save_trajectories(traj, os.path.join(cfg.out, "trajectories.png"))
         save_path_and_field(cfg, model, device, cfg.out)
         table = {}
@@ -382,7 +384,8 @@ def main(argv=None):
             for solver in ("euler", "midpoint", "heun"):
                 rows = [(evaluate(cfg, models[c], device, solver, n)[1]) for n in (1, 2, 4, 8, 20, 100)]
                 table[f"{c}/{solver}"] = {str(n): r for n, r in zip((1, 2, 4, 8, 20, 100), rows)}
-                ax.loglog([r["network_calls"] for r in rows], [max(r["mmd"], 1e-5) for r in rows], "o-", label=f"{c}, {solver}")
+                calls = [r["network_calls"] for r in rows]
+                ax.loglog(calls, [max(r["mmd"], 1e-5) for r in rows], "o-", label=f"{c}, {solver}")
         ax.set(xlabel="network calls (NFE)", ylabel="MMD^2 to data")
         ax.legend(fontsize=7)
         fig.savefig(os.path.join(cfg.out, "nfe.png"), dpi=100, bbox_inches="tight")

@@ -127,7 +127,7 @@ def gan_value(D, p_data, p_g):
 
 def jsd(p, q):
     """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats."""
-    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a | (a+b)/2)
+    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a|m)
     return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
 
 

@@ -53,7 +53,7 @@ class Config(common.Config):
     hidden: int = common.arg(0, "width h of W (C-MGN) or of each W_k (M-MGN) (0: the task's default)")
     depth: int = common.arg(0, "layers L (C-MGN) or modules K (M-MGN) (0: the task's default)")
     eps: float = common.arg(0.0, "Sinkhorn epsilon in standardised units, cost |x - y|^2 (0: the task's default)")
-    n_test: int = common.arg(10000, "held-out points for the metrics")
+    n_test: int = common.arg(10000, "held-out points for the metrics (recolor: n_test / 5 pixels for each S_eps)")
     MODEL_FLAGS = ("task", "net", "hidden", "depth")
     source: str = common.arg("", "recolor: source image (default matplotlib's grace_hopper.jpg)")
     target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
@@ -71,7 +71,8 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- data
 def f_convex(x):
-    """f(x) = x1^4 + x1^2/2 + x1 x2/2 + 3 x2^2/2 - x2^3/3; Hessian [[12 x1^2 + 1, 1/2], [1/2, 3 - 2 x2]] > 0 on [0,1]^2."""
+    """f(x) = x1^4 + x1^2/2 + x1 x2/2 + 3 x2^2/2 - x2^3/3;
+    Hessian [[12 x1^2 + 1, 1/2], [1/2, 3 - 2 x2]] > 0 on [0,1]^2."""
     x1, x2 = x[:, 0], x[:, 1]
     return x1 ** 4 + x1 ** 2 / 2 + x1 * x2 / 2 + 1.5 * x2 ** 2 - x2 ** 3 / 3
 
@@ -90,7 +91,8 @@ def sqrtm(S):
 
 
 def gaussian_map(m1, S1, m2, S2):
-    r"""Brenier map N(m1, S1) -> N(m2, S2): T(x) = m2 + A (x - m1), A = S1^{-1/2} (S1^{1/2} S2 S1^{1/2})^{1/2} S1^{-1/2}."""
+    r"""Brenier map N(m1, S1) -> N(m2, S2): T(x) = m2 + A (x - m1),
+    A = S1^{-1/2} (S1^{1/2} S2 S1^{1/2})^{1/2} S1^{-1/2}."""
     r = sqrtm(S1)
     ri = torch.linalg.inv(r)
     A = ri @ sqrtm(r @ S2 @ r) @ ri                                     # symmetric PD: T = grad of 1/2 x^T A x + ...
@@ -178,7 +180,8 @@ def sinkhorn_potentials(C, eps, tol=1e-3, max_iter=2000, tau=30.0):
         f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps),   g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps),
         P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps).
     Each log-sum is a matrix-vector product with the kernel at reference potentials f0, g0,
-        sum_j b_j exp((g_j - C_ij)/eps) = exp(-f0_i/eps) sum_j K_ij b_j exp((g_j - g0_j)/eps),  K = exp((f0 + g0 - C)/eps),
+        sum_j b_j exp((g_j - C_ij)/eps) = exp(-f0_i/eps) sum_j K_ij b_j exp((g_j - g0_j)/eps),
+        K_ij = exp((f0_i + g0_j - C_ij)/eps),
     and K is rebuilt when f or g drift by more than tau eps (no overflow). eps-scaling: eps_k = max C / 2^k down
     to eps, each warm-started; a level stops when the L1 error of P's column sums, b_j exp((g_j - g_new_j)/eps) - b_j,
     is below tol. Returns f, g and P at eps."""
@@ -218,7 +221,7 @@ def ot_eps(x, y, eps, tol=1e-3):
 
 
 def sinkhorn_divergence(x, y, eps, tol=1e-3):
-    r"""Debiased S_eps(x, y) = OT_eps(x, y) - 1/2 OT_eps(x, x) - 1/2 OT_eps(y, y) >= 0 (Feydy et al. 2019; 001's loss)."""
+    r"""Debiased S_eps(x, y) = OT_eps(x, y) - 1/2 OT_eps(x, x) - 1/2 OT_eps(y, y) >= 0 (Feydy et al. 2019; 001)."""
     return ot_eps(x, y, eps, tol) - 0.5 * ot_eps(x, x, eps, tol) - 0.5 * ot_eps(y, y, eps, tol)
 
 
@@ -290,7 +293,8 @@ def ot_metrics(cfg, T, x, y):
         out["map_error"] = float((Tx - (x @ A.T + c)).norm(dim=1).mean())   # mean |T_theta(x) - T(x)|
     fig = Figure(figsize=(16, 4))
     axes = fig.subplots(1, 4)
-    for ax, p, title, c in zip(axes, (x, y, Tx), ("source", "target", "pushed T(x)"), ("tab:blue", "tab:orange", "tab:green")):
+    colours = ("tab:blue", "tab:orange", "tab:green")
+    for ax, p, title, c in zip(axes, (x, y, Tx), ("source", "target", "pushed T(x)"), colours):
         ax.scatter(*p[:2000].numpy().T, s=2, c=c)
         ax.set_title(title)
     k = torch.arange(0, len(x), len(x) // 150)[:150]
@@ -326,7 +330,7 @@ def recolor_metrics(cfg, T, x, target):
     with torch.no_grad():
         out = torch.cat([T(c) for c in xs.split(65536)]).clamp(0, 1)
     gen = torch.Generator().manual_seed(cfg.seed + 3000)
-    pick = lambda z: z[torch.randint(len(z), (2000,), generator=gen)]
+    pick = lambda z: z[torch.randint(len(z), (cfg.n_test // 5,), generator=gen)]   # 2000 pixels by default
     xt, yt, ot = pick(xs), pick(y), pick(out)
     metrics = {"monotone_violations": monotone_violations(T, xs[::7]),
                "S_eps_before": float(sinkhorn_divergence(xt.double(), yt.double(), 0.01, tol=1e-4)),

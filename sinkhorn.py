@@ -10,7 +10,8 @@ K = exp(-C/eps) (the lecture's scaling form), i.e. P_ij = a_i b_j exp((f_i + g_j
     log:      f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps),  g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)
 K underflows for small eps or far-apart clouds and the scaling form then returns garbage; `sinkhorn` uses the
 log domain there. Subtracting row and column minima from C changes no plan (it shifts f and g), so "auto"
-decides on the size of the reduced C, and runs the scaling form on it when it is safe. It evaluates each logsumexp as log(K_ref @ w), K_ref the kernel at reference potentials,
+decides on the size of the reduced C, and runs the scaling form on it when it is safe.
+It evaluates each logsumexp as log(K_ref @ w), K_ref the kernel at reference potentials,
 moved when the potentials drift by tau*eps: logsumexp's numbers at a matrix-vector product's cost.
 eps-scaling solves eps_0 > eps_0/2 > ... > eps, each warm-started from the last.
 
@@ -44,7 +45,8 @@ class Config(common.Config):
 def check_problem(a, b, C, eps):
     check = common.check
     check(C.dim() in (2, 3) and a.shape == C.shape[:-1] and b.shape == C.shape[:-2] + C.shape[-1:],
-          f"shape mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}; need a (..., n), b (..., m), C (..., n, m)")
+          f"shape mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}; "
+          f"need a (..., n), b (..., m), C (..., n, m)")
     check(eps > 0, f"eps must be positive, got {eps}")
     check(bool(torch.isfinite(C).all()), "the cost matrix C must be finite (it holds NaN or inf)")
     check(bool((a >= 0).all() and (b >= 0).all()), "weights a and b must be non-negative")
@@ -132,8 +134,9 @@ def sinkhorn(a, b, C, eps, tol=1e-6, max_iter=10000, method="auto", eps_scaling=
     P = a[..., :, None] * b[..., None, :] * torch.exp((f[..., :, None] + g[..., None, :] - C) / eps)
     converged = math.isfinite(err) and err < tol
     if not converged:
+        hint = ", or use method='log'" if method == "scaling" else ""
         warnings.warn(f"sinkhorn ({method}) did not converge: marginal error {err:.3g} > tol {tol:g} after "
-                      f"{iters} iterations; raise max_iter or eps" + (", or use method='log'" if method == "scaling" else ""))
+                      f"{iters} iterations; raise max_iter or eps{hint}")
     out = dict(plan=P, f=f, g=g, cost=(P * C).sum((-2, -1)),
                objective=(P * (f[..., :, None] + g[..., None, :])).sum((-2, -1)))  # = <P,C> + eps KL(P | ab^T)
     out = {k: v[0] if single else v for k, v in out.items()}
@@ -230,7 +233,8 @@ def demo_plan(cfg, out):
     common.save_losses({f"eps {e:g}": r["history"] for e, r in runs.items()}, os.path.join(out, "loss.png"), logy=True)
     torch.save(bary.float(), os.path.join(out, "samples.pt"))
     keys = ("cost", "objective", "iterations", "err", "seconds", "converged", "method")
-    entropic = {f"{e:g}": {k: r[k] if k in ("converged", "method") else float(r[k]) for k in keys} for e, r in runs.items()}
+    as_json = lambda r: {k: r[k] if k in ("converged", "method") else float(r[k]) for k in keys}
+    entropic = {f"{e:g}": as_json(r) for e, r in runs.items()}
     return {"exact_cost": exact, "exact_seconds": t_exact, "entropic": entropic,
             "relative_gap_smallest_eps": float(small["cost"]) / exact - 1}
 
@@ -247,7 +251,8 @@ def demo_kl_vs_w(cfg, out):
     z = s * torch.randn(2, 20000, 1, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
     w_samples = w1d(z[0].expand(-1, len(ds)), z[1] + ds).tolist()      # one column per d
     fig = Figure(figsize=(12, 3.5))
-    for ax, vals, name in zip(fig.subplots(1, 3), (ds ** 2 / (2 * s * s), jsd, w_samples), ("KL(mu | nu)", "JSD(mu, nu)", "W_1(mu, nu)")):
+    names = ("KL(mu | nu)", "JSD(mu, nu)", "W_1(mu, nu)")
+    for ax, vals, name in zip(fig.subplots(1, 3), (ds ** 2 / (2 * s * s), jsd, w_samples), names):
         ax.plot(ds, vals, lw=2)
         ax.set(xlabel="distance d between the means", title=name)
     fig.axes[1].axhline(math.log(2), c="k", ls="--", label="log 2")
@@ -275,7 +280,8 @@ def demo_color(cfg, out):
     mapped = torch.cat([torch.softmax(logits(c), 1) @ y for c in xs.split(65536)])
     result = mapped.reshape(src.shape).clamp(0, 1)
     fig = Figure(figsize=(12, 4))
-    for ax, im, title in zip(fig.subplots(1, 3), (src, tgt.clamp(0, 1), result), ("source", "target palette", "result")):
+    titles = ("source", "target palette", "result")
+    for ax, im, title in zip(fig.subplots(1, 3), (src, tgt.clamp(0, 1), result), titles):
         ax.imshow(im.numpy())
         ax.set_title(title)
         ax.axis("off")

@@ -183,7 +183,8 @@ class Discriminator(nn.Module):
         super().__init__()
         c = [ch // 4, ch // 2, ch, ch]
         self.from_rgb = EqConv2d(1, c[0], 1)
-        self.blocks = nn.ModuleList(nn.ModuleList([EqConv2d(c[i], c[i], 3), EqConv2d(c[i], c[i + 1], 3)]) for i in range(3))
+        self.blocks = nn.ModuleList(nn.ModuleList([EqConv2d(c[i], c[i], 3), EqConv2d(c[i], c[i + 1], 3)])
+                                    for i in range(3))
         self.final_conv = EqConv2d(ch + 1, ch, 3)
         self.fc1, self.fc2 = EqLinear(ch * 16, ch), EqLinear(ch, 1)
 
@@ -198,7 +199,8 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------- losses
 def d_loss(l_real, l_fake):
-    """D's logistic loss on logits: softplus(-D(x)) + softplus(D(G(z))) = -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
+    """D's logistic loss on logits: softplus(-D(x)) + softplus(D(G(z)))
+    = -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
 
 
@@ -252,8 +254,8 @@ def style_mixing_grid(G, n=5, seed=1, coarse=4):
 def truncation_grid(G, n_rows=6, n_psi=8, seed=2):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n_rows, G.w_avg.numel(), generator=gen).to(G.w_avg.device)
-    rows = [to_image(G(z[i:i + 1].repeat(n_psi, 1), psi=torch.linspace(0, 1, n_psi, device=z.device)[:, None, None])).cpu()
-            for i in range(n_rows)]
+    psi = torch.linspace(0, 1, n_psi, device=z.device)[:, None, None]      # one psi per column
+    rows = [to_image(G(z[i:i + 1].repeat(n_psi, 1), psi=psi)).cpu() for i in range(n_rows)]
     return torch.cat(rows), n_psi
 
 
@@ -312,7 +314,7 @@ def train(cfg, G, D, G_ema, device):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "stylegan_lite", __doc__)
-    common.check(cfg.z_dim > 0 and cfg.map_layers > 0 and cfg.channels >= 4 and cfg.r1_every > 0 and cfg.n_samples >= 10,
+    common.check(min(cfg.z_dim, cfg.map_layers, cfg.r1_every) > 0 and cfg.channels >= 4 and cfg.n_samples >= 10,
                  "--z-dim, --map-layers, --r1-every must be positive, --channels >= 4, --n-samples >= 10")
     common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0,
                  "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0")

@@ -51,7 +51,8 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- model
 def mlp(d_in, hidden, d_out):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, d_out))
 
 
 class VAE(nn.Module):
@@ -84,7 +85,7 @@ class VAE(nn.Module):
 
 # ----------------------------------------------------------------------------- loss
 def reparametrize(mu, logvar):
-    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)           # z = mu + sigma * eps  (002, reparametrization)
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)           # z = mu + sigma * eps  (002, reparam.)
 
 
 def kl_to_prior(mu, logvar):
@@ -106,7 +107,8 @@ def log_px_given_z(model, x, z):
 
 
 def negative_elbo(model, x, beta=1.0):
-    """-V_L = -E_q[log p(x|z)] + beta * D_KL(q(z|x) || p(z)), one z sample per image; returns (loss, recon, kl) per image."""
+    """-V_L = -E_q[log p(x|z)] + beta * D_KL(q(z|x) || p(z)), one z sample per image;
+    returns (loss, recon, kl) per image."""
     mu, logvar = model.encode(x)
     recon = -log_px_given_z(model, x, reparametrize(mu, logvar))
     kl = kl_to_prior(mu, logvar)
@@ -126,7 +128,8 @@ def iw_log_likelihood(model, x, K=100):
 @torch.no_grad()
 def evaluate(model, x, K, batch=100):
     """test_nelbo, test_recon, test_kl, test_nll_iw in nats per image (one z for the ELBO: a true ELBO sample)."""
-    parts = [(*[t.sum() for t in negative_elbo(model, xb)], -iw_log_likelihood(model, xb, K).sum()) for xb in x.split(batch)]
+    parts = [(*[t.sum() for t in negative_elbo(model, xb)], -iw_log_likelihood(model, xb, K).sum())
+             for xb in x.split(batch)]
     nelbo, recon, kl, nll = (float(sum(p[i] for p in parts)) / len(x) for i in range(4))
     return {"test_nelbo": nelbo, "test_recon": recon, "test_kl": kl, "test_nll_iw": nll}
 
@@ -144,7 +147,7 @@ def pictures(model, cfg, x_test, y_test, device):
     common.save_images(torch.cat([x, model.mean(model.encode(x)[0])]), os.path.join(out, "reconstructions.png"))
     mu = model.encode(x_test[:2].to(device))[0]
     t = torch.linspace(0, 1, 10, device=device)[:, None]
-    common.save_images(model.mean((1 - t) * mu[0] + t * mu[1]), os.path.join(out, "interpolation.png"))  # straight line in z
+    common.save_images(model.mean((1 - t) * mu[0] + t * mu[1]), os.path.join(out, "interpolation.png"))  # a line in z
     if J == 2:
         u = torch.linspace(0.03, 0.97, 20)
         g = torch.distributions.Normal(0, 1).icdf(u)                      # grid evenly spaced in prior probability
@@ -177,7 +180,8 @@ def train(model, cfg, x_train, device):
         history[name].append(loss.item())
         progress(step, loss.item(), ckpt)
         if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="vae", model=model.state_dict(), step=step, config=dataclasses.asdict(cfg))
+            common.save_checkpoint(ckpt, script="vae", model=model.state_dict(), step=step,
+                                   config=dataclasses.asdict(cfg))
     return history
 
 

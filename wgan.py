@@ -55,7 +55,7 @@ class Config(common.Config):
     def defaults(self, given):
         if self.lipschitz == "clip":                                     # Algorithm 1: alpha = 5e-5, constant
             self.lr = self.lr if "--lr" in given else 5e-5
-            self.decay = self.decay if common.was_given(self, "decay") else False
+            self.decay = self.decay if "--decay" in given or "--no-decay" in given else False
         if self.data in common.IMAGE_DATA:                               # DCGAN steps fit the CPU
             self.steps = self.steps if "--steps" in given else 600
             self.batch_size = self.batch_size if "--batch-size" in given else 64
@@ -104,13 +104,13 @@ def gradient_penalty(critic, x, x_fake):
 def clip_weights(critic, c):
     with torch.no_grad():
         for p in critic.parameters():
-            p.clamp_(-c, c)                                              # w <- clip(w, -c, c)  (002, Algorithm 1, line 7)
+            p.clamp_(-c, c)                                              # w <- clip(w, -c, c)  (002, Algorithm 1)
 
 
 # ----------------------------------------------------------------------------- the zero-gradient wall
 def jsd(p, q):
     """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats (003)."""
-    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a | (a+b)/2)
+    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a|m)
     return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
 
 
@@ -238,12 +238,14 @@ def main(argv=None):
         critic.load_state_dict(state["critic"])
     else:
         history, exact = train(cfg, G, critic, z_dim, device)
-        extra["w_estimate_final"] = sum(history["critic's W estimate"][-50:]) / len(history["critic's W estimate"][-50:])
+        last = history["critic's W estimate"][-50:]
+        extra["w_estimate_final"] = sum(last) / len(last)
         if exact:
             extra["w1_exact_final"] = exact[-1][1]
     G.eval()
     with torch.no_grad():                                               # x = g(z), z ~ N(0, I), in batches
-        x = torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(math.ceil(cfg.n_samples / 1000))])
+        batches = math.ceil(cfg.n_samples / 1000)
+        x = torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(batches)])
     x = x[:cfg.n_samples]
     if cfg.data in common.POINT_DATA:
         metrics = common.point_metrics(x, cfg.data)

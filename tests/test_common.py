@@ -361,6 +361,16 @@ def test_mmd_small_for_same_large_for_different():
     assert abs(common.mmd(a, b)) < 0.01 and common.mmd(a, c) > 0.1
 
 
+def test_mmd_equals_the_unbiased_double_sum():
+    x = torch.randn(7, 2, generator=gen(4), dtype=torch.float64)
+    y = torch.randn(9, 2, generator=gen(5), dtype=torch.float64) + 0.5
+    hs = (0.1, 0.3, 1.0, 3.0)
+    k = lambda a, b: sum(math.exp(-float(((a - b) ** 2).sum()) / (2 * h * h)) for h in hs)
+    within = lambda s: sum(k(s[i], s[j]) for i in range(len(s)) for j in range(len(s)) if i != j) / (len(s) * (len(s) - 1))
+    across = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
+    assert common.mmd(x, y) == pytest.approx(within(x) + within(y) - 2 * across, abs=1e-12)
+
+
 def test_frechet_distance_closed_form_and_zero():
     torch.manual_seed(0)
     f = torch.randn(20000, 3)

@@ -80,9 +80,9 @@ def test_folder_loader_and_run(tmp_path):
     rec = cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--steps", "2", "--batch-size", "2",
                          "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
     assert "cycle_l1_x" in rec and "label_preservation_xy" not in rec   # no labels in folders
-    with pytest.raises(common.UserError):
+    with pytest.raises(common.UserError, match="--image-size must be a multiple of 4"):
         cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "18", "--out", str(tmp_path / "run")])
-    with pytest.raises(common.UserError):
+    with pytest.raises(common.UserError, match="has no trainA/ and trainB/ folders"):
         cyclegan.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
 
 

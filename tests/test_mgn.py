@@ -96,7 +96,7 @@ def test_smoke_runs(task, tmp_path):
 
 
 def test_bad_input_is_a_user_error(tmp_path):
-    with pytest.raises(common.UserError):
+    with pytest.raises(common.UserError, match="image not found: .*missing.png"):
         mgn.main(["--task", "recolor", "--source", str(tmp_path / "missing.png"), "--out", str(tmp_path)])
-    with pytest.raises(common.UserError):
+    with pytest.raises(common.UserError, match="--hidden, --depth and --eps must be positive"):
         mgn.main(["--eps", "-1", "--out", str(tmp_path)])

@@ -164,6 +164,9 @@ def test_corrupt_cached_evaluator_names_the_file(tmp_path, monkeypatch):
     (tmp_path / "classifier_digits_v1.pt").write_bytes(b"junk")
     with pytest.raises(common.UserError, match="classifier_digits_v1.pt is not a readable checkpoint.*delete it"):
         common.get_classifier("digits")
+    with pytest.raises(common.UserError, match="classifier_digits_v1.pt is not a readable checkpoint"):
+        vae.main(["--out", str(tmp_path / "run")])                        # at once, before any training
+    assert not (tmp_path / "run").exists()
 
 
 def test_cyclegan_folder_with_a_broken_image_mixed_sizes_and_modes(tmp_path):

@@ -110,5 +110,5 @@ def test_main_smoke_and_sample_only(tmp_path):
     assert x.shape == (200, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
     again = sg.main(args + ["--sample-only"])
     assert again["fd"] == pytest.approx(rec["fd"], rel=0.05)             # same weights and z (noise draws differ)
-    with pytest.raises(common.UserError):
+    with pytest.raises(common.UserError, match=r"--mix-prob must be in \[0, 1\]"):
         sg.main(["--mix-prob", "2", "--out", str(tmp_path)])
