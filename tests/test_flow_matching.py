@@ -117,3 +117,17 @@ def test_bad_input(tmp_path):
         fm.main(["--cond", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--guidance needs --cond"):
         fm.main(["--guidance", "3", "--out", str(tmp_path)])
+
+
+def test_own_sinkhorn_plan_matches_sinkhorn_py():
+    import sinkhorn
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    x1 = torch.randn(50, 2, generator=g, dtype=torch.float64) + 3
+    C = torch.cdist(x0, x1) ** 2
+    C = C / C.mean()
+    w = torch.full((50,), 1 / 50, dtype=torch.float64)
+    P = fm.sinkhorn_plan(C, 0.05, tol=1e-10)
+    ref = sinkhorn.sinkhorn(w, w, C, 0.05, tol=1e-10, method="log")["plan"]   # an independent solver
+    assert torch.allclose(P, ref, atol=1e-9)
+    assert torch.allclose(P.sum(0), w, atol=1e-9) and torch.allclose(P.sum(1), w, atol=1e-9)
