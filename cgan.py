@@ -42,9 +42,8 @@ class Config(common.Config):
 
 
 # ----------------------------------------------------------------------------- data
-def batch_sampler(cfg):
-    """() -> (images in [-1, 1] (B, 1, 28, 28), labels (B,)), drawn with replacement from the train split."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def batch_sampler(cfg, gen):
+    """() -> (images in [-1, 1] (B, 1, 28, 28), labels (B,)), drawn with replacement from the train split by gen."""
     x, y = common.load_images(cfg.data, "train", cfg.data_dir)
 
     def sample():
@@ -126,41 +125,50 @@ def interpolation_grid(G, z_dim, seed=1, n=10):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, G, D, G_ema, device):
-    real = batch_sampler(cfg)
+def train(cfg, G, D, G_ema, device, state=None):
+    """cfg.steps steps of the conditional game; state: a saved run to continue (--resume)."""
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
+    real = batch_sampler(cfg, gen)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
     decay = lambda step: min(1.0, 2 * (1 - step / cfg.steps))            # constant, then linear to 0 (2nd half)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
     history = {"D loss": [], "G loss": []}
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
     lsgan = cfg.loss == "lsgan"
-    for step in range(1, cfg.steps + 1):
-        x, y = (t.to(device) for t in real())
-        z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
-        y_fake = torch.randint(10, (cfg.batch_size,), device=device)    # y ~ p(y), uniform
-        x_fake = G(z, y_fake)
-        l_real = D(x, y)
-        l_fake = D(x_fake.detach(), y_fake)
-        loss_d = lsgan_d_loss(l_real, l_fake) if lsgan else d_loss(l_real, l_fake)
-        opt_d.zero_grad()
-        loss_d.backward()
-        opt_d.step()
-        l_fake = D(x_fake, y_fake)
-        loss_g = lsgan_g_loss(l_fake) if lsgan else g_loss(l_fake, cfg.g_loss == "saturating")
-        opt_g.zero_grad()
-        loss_g.backward()
-        opt_g.step()
-        common.ema_update(G_ema, G, step, cfg.ema)                       # with warm-up: forgets the random init
-        for s in scheds:
-            s.step()
-        history["D loss"].append(loss_d.item())
-        history["G loss"].append(loss_g.item())
-        progress(step, loss_d.item() + loss_g.item(), ckpt)
-        if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="cgan", G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
-                                   step=step, config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        for key, obj in zip(("opt_g", "opt_d", "sched_g", "sched_d"), (opt_g, opt_d) + tuple(scheds)):
+            obj.load_state_dict(state[key])
+        history = state["history"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "cgan", every=1000) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            x, y = (t.to(device) for t in real())
+            z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
+            y_fake = torch.randint(10, (cfg.batch_size,), device=device)    # y ~ p(y), uniform
+            x_fake = G(z, y_fake)
+            l_real = D(x, y)
+            l_fake = D(x_fake.detach(), y_fake)
+            loss_d = lsgan_d_loss(l_real, l_fake) if lsgan else d_loss(l_real, l_fake)
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            l_fake = D(x_fake, y_fake)
+            loss_g = lsgan_g_loss(l_fake) if lsgan else g_loss(l_fake, cfg.g_loss == "saturating")
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            common.ema_update(G_ema, G, step, cfg.ema)                   # with warm-up: forgets the random init
+            for s in scheds:
+                s.step()
+            history["D loss"].append(loss_d.item())
+            history["G loss"].append(loss_g.item())
+            progress(step, loss_d.item() + loss_g.item())
+            save(step, lambda: dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
+                                    opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sched_g=scheds[0].state_dict(),
+                                    sched_d=scheds[1].state_dict(), history=history, rng=common.rng_states(gen)))
     return history
 
 
@@ -169,7 +177,7 @@ def main(argv=None):
     common.check(cfg.z_dim > 0 and cfg.emb_dim > 0 and cfg.n_samples >= 10,
                  "--z-dim and --emb-dim must be positive and --n-samples at least 10")
     common.check(0 <= cfg.ema < 1, f"--ema must be in [0, 1) (0: no averaging), got {cfg.ema}")
-    state = common.load_run(cfg, "cgan") if cfg.sample_only else None  # the model's flags come from the checkpoint
+    state = common.load_run(cfg, "cgan") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -178,12 +186,14 @@ def main(argv=None):
     G_ema = copy.deepcopy(G)
     t0 = time.time()
     history = {}
-    if cfg.sample_only:
+    if state:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         G_ema.load_state_dict(state["G_ema"])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
-        history = train(cfg, G, D, G_ema, device)
+        history = train(cfg, G, D, G_ema, device, state)
     G = G_ema                                                            # sample from the average (= G if --ema 0)
     y = torch.arange(cfg.n_samples) % 10                                 # balanced classes
     x = sample(G, torch.randn(cfg.n_samples, cfg.z_dim), y)

@@ -2,7 +2,8 @@ r"""common.py - the plumbing every script shares (CLI, device, data, outputs, pr
 Image tensors are float32 (N, 1, 28, 28) with pixels in [0, 1]; each script maps to its own model range
 (e.g. [-1, 1]) and back before saving or evaluating. 2-D data are float32 (N, 2).
 """
-import argparse, dataclasses, functools, glob, gzip, hashlib, json, math, os, random, struct, sys, time, urllib.request
+import argparse, dataclasses, functools, glob, gzip, hashlib, json, math, os, random, shlex, signal, struct, sys
+import threading, time, urllib.request
 
 import matplotlib.image
 import numpy as np
@@ -41,6 +42,7 @@ class Config:
     seed: int = arg(0, "random seed for python, numpy and torch (>= 0)")
     out: str = arg("", "output folder (default runs/<script>)")
     sample_only: bool = arg(False, "skip training: load the checkpoint in --out, sample and evaluate")
+    resume: bool = arg(False, "continue the run saved in --out up to --steps steps (its other flags are read from it)")
 
     def defaults(self, given):
         """Hook: a script sets defaults that depend on other flags, for the flags not in `given` (e.g. {"--lr"})."""
@@ -59,23 +61,34 @@ def parse_config(cls, argv, script, doc=""):
             kind = {"type": type(f.default), "choices": f.metadata["choices"]}
         p.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
     cfg = cls(**vars(p.parse_args(argv)))
-    cfg.given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)
+    cfg.given = {a.split("=")[0] for a in cfg.argv if a.startswith("--")}
     cfg.defaults(cfg.given)
     check(cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
     check(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
     check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     check(cfg.seed >= 0, f"--seed must be a non-negative integer, got {cfg.seed}")
+    check(not (cfg.resume and cfg.sample_only), "--resume trains and --sample-only does not: give one of them")
     cfg.out = cfg.out or os.path.join("runs", script)
+    if not (cfg.resume or cfg.sample_only) and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        print(f"note: this new run replaces the checkpoint in {cfg.out} (to continue that run, add --resume)")
     for path in glob.glob(os.path.join(CACHE, f"classifier_{cfg.data}_*.pt")):
         load_checkpoint(path)                             # a broken cached evaluator: an error now, not after training
     return cfg
 
 def run(main):
-    """`if __name__ == "__main__": common.run(main)`: bad input ends in one line on stderr, exit status 1."""
+    """`if __name__ == "__main__": common.run(main)`: bad input ends in one line on stderr, exit status 1;
+    Ctrl-C in one line too, exit status 130 (during training the run is saved first: see Checkpoints)."""
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted (outside the training loop: nothing was saved)", file=sys.stderr)
+        sys.exit(130)
 
 # ----------------------------------------------------------------------------- device and seed
 def get_device(name="auto"):
@@ -344,11 +357,19 @@ def load_checkpoint(path, script=None):
           f"{written_by or 'nothing'}); point --out at a {script}.py run folder")
     return state
 
-def load_run(cfg, script, name="checkpoint.pt"):
-    """--sample-only: the checkpoint in cfg.out; cfg's MODEL_FLAGS are set from it (a different given value: error)."""
-    state = load_checkpoint(os.path.join(cfg.out, name), script)
+RESUME_FREE = ("device", "out", "steps", "resume", "sample_only")      # flags a resumed run may change
+
+def load_run(cfg, script):
+    r"""The checkpoint in cfg.out, with cfg made to agree with it. --sample-only: the MODEL_FLAGS are read from it.
+    --resume: every flag but --device, --out and --steps is, and --steps defaults to the saved run's. A given flag
+    that differs from the saved one is an error that names it."""
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    check(os.path.exists(path) or not cfg.resume,
+          f"--resume: no checkpoint at {path}; start the run without --resume (it saves there as it trains)")
+    state = load_checkpoint(path, script)
     saved = state.get("config", {})
-    for field in cfg.MODEL_FLAGS:
+    fields = cfg.MODEL_FLAGS if cfg.sample_only else [f for f in saved if f not in RESUME_FREE and hasattr(cfg, f)]
+    for field in fields:
         value = saved.get(field, getattr(cfg, field))
         flag = "--" + field.replace("_", "-")
         given = {flag, "--no-" + flag[2:]} & cfg.given                  # --name, or --no-name for a switch
@@ -356,7 +377,73 @@ def load_run(cfg, script, name="checkpoint.pt"):
               f"{flag} {getattr(cfg, field)} contradicts the checkpoint in {cfg.out}, trained with {flag} {value}; "
               f"leave {flag} out (it is read from the checkpoint)")
         setattr(cfg, field, value)
+    if cfg.resume:
+        check("rng" in state, f"{path} holds weights only (an older version wrote it): it cannot be continued")
+        cfg.steps = cfg.steps if "--steps" in cfg.given else saved["steps"]
+        check(state["step"] < cfg.steps, f"the run in {cfg.out} already has {state['step']} steps: continue it with "
+              f"a larger --steps, or sample it with --sample-only")
     return state
+
+# ----------------------------------------------------------------------------- resume and Ctrl-C
+def rng_states(*generators):
+    """Every random state of a run: python, numpy, torch (CPU and CUDA; not MPS) and the script's torch.Generators."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": [g.get_state() for g in generators]}
+
+def set_rng_states(states, *generators):
+    """Undo rng_states: every random stream continues exactly where it was saved."""
+    random.setstate(states["python"])
+    keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for g, s in zip(generators, states["generators"]):
+        g.set_state(s)
+
+def restore_rng(cfg, state):
+    """--sample-only: the random state at the end of the saved run, so the samples are the training run's own
+    (with --seed given: fresh ones from that seed)."""
+    if "--seed" not in cfg.given and "rng" in state:                   # (checkpoints of older versions have none)
+        set_rng_states(state["rng"])
+
+class Interrupted(Exception):
+    """Ctrl-C while training, after the run was saved: run() prints the message alone, exit status 130."""
+
+class Checkpoints:
+    r"""`with Checkpoints(cfg, script, every) as save:` around the training loop and `save(step, state)` at the end
+    of each step, where state() returns all the run needs to continue (called only when saving). It saves to
+    cfg.out/checkpoint.pt every `every` steps, at the last step, and after Ctrl-C: inside the block SIGINT only
+    sets a flag, so the step in progress finishes and is saved, then Interrupted stops the run."""
+    def __init__(self, cfg, script, every):
+        self.cfg = cfg
+        self.script = script
+        self.every = every
+        self.stop = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():       # only the main thread can catch signals
+            self.previous = signal.signal(signal.SIGINT, self.request_stop)
+        return self
+
+    def request_stop(self, signum=None, frame=None):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self, step, state):
+        if self.stop or step % self.every == 0 or step == self.cfg.steps:
+            record = {"script": self.script, "step": step, "config": dataclasses.asdict(self.cfg), **state()}
+            save_checkpoint(os.path.join(self.cfg.out, "checkpoint.pt"), **record)
+        if self.stop:
+            flags = [shlex.quote(a) for a in self.cfg.argv if a != "--resume"] + ["--resume"]
+            again = " ".join(["python", f"{self.script}.py"] + flags)
+            raise Interrupted(f"interrupted at step {step}/{self.cfg.steps}; continue with: {again}")
 
 # ----------------------------------------------------------------------------- moving average of weights
 @torch.no_grad()
@@ -417,11 +504,11 @@ class Progress:
         self.every = max(1, total // lines)
         self.t0 = time.time()
 
-    def __call__(self, step, loss, checkpoint=""):
+    def __call__(self, step, loss):
         loss = float(loss)
         if not math.isfinite(loss):
-            kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
-            raise UserError(f"loss became {loss} at step {step}: training diverged{kept}; try a smaller --lr")
+            raise UserError(f"loss became {loss} at step {step}: training diverged (the checkpoints saved before it "
+                            f"are kept); try a smaller --lr")
         if step % self.every == 0 or step == self.total:
             rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
             print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s  "
@@ -460,7 +547,8 @@ def cached_classifier(path, make_data, epochs):
         with torch.random.fork_rng():                  # training it must not change the caller's random stream
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_checkpoint(path, **train_classifier(x, y, epochs).state_dict())
-    net = make_classifier()
+    with torch.random.fork_rng():                      # nor must building it (its random initial weights)
+        net = make_classifier()
     net.load_state_dict(load_checkpoint(path))                         # a corrupt cache file: one line naming it
     return net.eval()
 
@@ -487,11 +575,16 @@ def frechet_distance(f1, f2):
     tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
     return float((m1 - m2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
 
+@functools.lru_cache(maxsize=4)
+def real_features(data, data_dir, n_real, cache):
+    """The evaluator's features of the first n_real test images, computed once per process (and cache folder)."""
+    return classify(get_classifier(data, data_dir), load_images(data, "test", data_dir)[0][:n_real])[0]
+
 def image_metrics(x, data, labels=None, data_dir="", n_real=10000):
     """fd (vs held-out test images), digit_confidence, class_entropy (nats), and class_accuracy if labels."""
     net = get_classifier(data, data_dir)
     feats, probs = classify(net, x)
-    real_feats, _ = classify(net, load_images(data, "test", data_dir)[0][:n_real])
+    real_feats = real_features(data, data_dir, n_real, CACHE)
     hist = torch.bincount(probs.argmax(1), minlength=10).float() / len(x)
     out = {"fd": frechet_distance(feats, real_feats),
            "digit_confidence": float((probs.max(1).values >= 0.9).float().mean()),
@@ -518,8 +611,10 @@ def mode_metrics(x, name):
     return {"modes_covered": int(nearest[good].unique().numel()), "high_quality_frac": float(good.float().mean())}
 
 def point_metrics(x, name, seed=12345):
-    """2-D metrics: mmd against 2500 fresh data points, plus the mode metrics on ring8 / grid25."""
-    out = {"mmd": mmd(x[:2500], sample_2d(name, 2500, torch.Generator().manual_seed(seed)))}
+    """2-D metrics: mmd of (up to) 2500 samples against as many fresh data points, and the mode metrics on ring8 /
+    grid25."""
+    n = min(len(x), 2500)
+    out = {"mmd": mmd(x[:n], sample_2d(name, n, torch.Generator().manual_seed(seed)))}
     return dict(out, **mode_metrics(x[:2500], name)) if name in MODES else out
 
 # ----------------------------------------------------------------------------- exact optimal transport (metrics)

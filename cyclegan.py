@@ -186,10 +186,11 @@ def identity_loss(G, F, x, y):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, nets, device):
+def train(cfg, nets, device, state=None):
+    """cfg.steps steps of the two games and the cycle; state: a saved run to continue (--resume)."""
     G, F, D_X, D_Y = nets
     x_all, y_all, _, _ = load_domains(cfg, "train")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order and the image pools
     batch = lambda t: t[torch.randint(len(t), (cfg.batch_size,), generator=gen)].to(device)   # independent draws
     opt_g = torch.optim.Adam(list(G.parameters()) + list(F.parameters()), cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(list(D_X.parameters()) + list(D_Y.parameters()), cfg.lr, betas=(0.5, 0.999))
@@ -198,32 +199,42 @@ def train(cfg, nets, device):
     pool_x = ImagePool(cfg.pool, gen)
     pool_y = ImagePool(cfg.pool, gen)
     history = {"G+F loss": [], "D_X+D_Y loss": []}
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    for step in range(1, cfg.steps + 1):
-        x = batch(x_all)
-        y = batch(y_all)
-        fake_y = G(x)
-        fake_x = F(y)
-        loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
-        loss_g = loss_g + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)   # L_GAN(G) + L_GAN(F) + lambda L_cyc
-        if cfg.lambda_id > 0:
-            loss_g = loss_g + cfg.lambda_id * cfg.lam * identity_loss(G, F, x, y)
-        opt_g.zero_grad()
-        loss_g.backward()
-        opt_g.step()
-        loss_d = lsgan_d_loss(D_Y(y), D_Y(pool_y.query(fake_y))) + lsgan_d_loss(D_X(x), D_X(pool_x.query(fake_x)))
-        opt_d.zero_grad()
-        loss_d.backward()
-        opt_d.step()
-        for s in scheds:
-            s.step()
-        history["G+F loss"].append(loss_g.item())
-        history["D_X+D_Y loss"].append(loss_d.item())
-        progress(step, loss_g.item() + loss_d.item(), ckpt)
-        if step % 500 == 0 or step == cfg.steps:
-            weights = {k: n.state_dict() for k, n in zip(("G", "F", "D_X", "D_Y"), nets)}
-            common.save_checkpoint(ckpt, script="cyclegan", **weights, step=step, config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        for key, obj in zip(("opt_g", "opt_d", "sched_g", "sched_d"), (opt_g, opt_d) + tuple(scheds)):
+            obj.load_state_dict(state[key])
+        pool_x.images = [img.to(device) for img in state["pool_x"]]
+        pool_y.images = [img.to(device) for img in state["pool_y"]]
+        history = state["history"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "cyclegan", every=500) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            x = batch(x_all)
+            y = batch(y_all)
+            fake_y = G(x)
+            fake_x = F(y)
+            loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
+            loss_g = loss_g + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)   # L_GAN(G) + L_GAN(F) + lambda L_cyc
+            if cfg.lambda_id > 0:
+                loss_g = loss_g + cfg.lambda_id * cfg.lam * identity_loss(G, F, x, y)
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            loss_d = lsgan_d_loss(D_Y(y), D_Y(pool_y.query(fake_y))) + lsgan_d_loss(D_X(x), D_X(pool_x.query(fake_x)))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            for s in scheds:
+                s.step()
+            history["G+F loss"].append(loss_g.item())
+            history["D_X+D_Y loss"].append(loss_d.item())
+            progress(step, loss_g.item() + loss_d.item())
+            save(step, lambda: dict({k: n.state_dict() for k, n in zip(("G", "F", "D_X", "D_Y"), nets)},
+                                    opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sched_g=scheds[0].state_dict(),
+                                    sched_d=scheds[1].state_dict(), pool_x=pool_x.images, pool_y=pool_y.images,
+                                    history=history, rng=common.rng_states(gen)))
     return history
 
 
@@ -285,7 +296,7 @@ def main(argv=None):
                  and cfg.n_res >= 0, "--lam, --lambda-id, --pool, --n-res must be >= 0 and --ngf, --ndf, --n-eval > 0")
     common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits",
                  f"--data-dir {cfg.data_dir} has no trainA/ and trainB/ folders (digits need no --data-dir)")
-    state = common.load_run(cfg, "cyclegan") if cfg.sample_only else None   # the model's flags from the checkpoint
+    state = common.load_run(cfg, "cyclegan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -293,11 +304,13 @@ def main(argv=None):
         [discriminator(3, cfg.ndf).to(device) for _ in range(2)]
     t0 = time.time()
     history = {}
-    if cfg.sample_only:
+    if state:
         for key, net in zip(("G", "F", "D_X", "D_Y"), nets):
             net.load_state_dict(state[key])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
-        history = train(cfg, nets, device)
+        history = train(cfg, nets, device, state)
     metrics, samples = evaluate(cfg, nets[0], nets[1])
     return common.finish(cfg, metrics, t0, device, samples=samples, history=history)
 

@@ -247,28 +247,35 @@ def save_denoising(trajectory, path, T):
 
 
 # ----------------------------------------------------------------------------- training
-def train(model, ema, sch, cfg, x_train, y_train, device):
+def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
+    """Algorithm 1 for cfg.steps steps; state: a saved run to continue (--resume)."""
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     net = torch.compile(model) if cfg.compile else model
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
     history = {"loss": []}
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    for step in range(1, cfg.steps + 1):
-        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
-        x0 = (x_train[idx] * 2 - 1).to(device)                            # pixels to [-1, 1]
-        y = y_train[idx].to(device) if cfg.cond else None
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-            loss = diffusion_loss(net, sch, x0, y, cfg.p_uncond)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        common.ema_update(ema, model, step, cfg.ema)                       # EMA, warmed up over the first steps
-        history["loss"].append(loss.item())
-        progress(step, loss.item(), ckpt)
-        if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="ddpm", ema=ema.state_dict(), step=step, config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        opt.load_state_dict(state["opt"])
+        history = state["history"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "ddpm", every=500) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
+            x0 = (x_train[idx] * 2 - 1).to(device)                        # pixels to [-1, 1]
+            y = y_train[idx].to(device) if cfg.cond else None
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                loss = diffusion_loss(net, sch, x0, y, cfg.p_uncond)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            common.ema_update(ema, model, step, cfg.ema)                   # EMA, warmed up over the first steps
+            history["loss"].append(loss.item())
+            progress(step, loss.item())
+            save(step, lambda: dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                    history=history, rng=common.rng_states(gen)))
     return history
 
 
@@ -287,7 +294,7 @@ def evaluate(ema, sch, cfg, device, sampler, steps):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "ddpm", __doc__)
-    state = common.load_run(cfg, "ddpm") if cfg.sample_only else None  # the model's flags come from the checkpoint
+    state = common.load_run(cfg, "ddpm") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
     common.check(cfg.T > 1 and cfg.n_samples > 1, "--T must be > 1 and --n-samples >= 2")
     common.check(cfg.ch >= 8 and cfg.ch % 8 == 0,
                  f"--ch must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.ch}")
@@ -306,10 +313,13 @@ def main(argv=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     t0 = time.time()
     history = {}
-    if cfg.sample_only:
+    if state:
+        model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
-        history = train(model, ema, sch, cfg, x_train, y_train, device)
+        history = train(model, ema, sch, cfg, x_train, y_train, device, state)
     train_seconds = time.time() - t0
     print(f"trained in {train_seconds:.0f}s; sampling {cfg.n_samples} with {cfg.sampler}-{cfg.sample_steps}")
     x, metrics, y = evaluate(ema, sch, cfg, device, cfg.sampler, cfg.sample_steps)

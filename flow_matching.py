@@ -238,7 +238,8 @@ def support_frac(x):
 
 
 def point_scores(cfg, x):
-    m = {"mmd": common.mmd(x[:2500], common.sample_2d(cfg.data, 2500, torch.Generator().manual_seed(99)))}
+    n = min(len(x), 2500)                                                # as many fresh data points as samples
+    m = {"mmd": common.mmd(x[:n], common.sample_2d(cfg.data, n, torch.Generator().manual_seed(99)))}
     return dict(m, support_frac=support_frac(x)) if cfg.data == "checkerboard" else m
 
 
@@ -276,43 +277,57 @@ def save_trajectories(traj, path):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, coupling, device):
+def train(cfg, coupling, model, device, runs, couplings):
+    r"""Trains v_theta = model with one coupling for cfg.steps steps; returns the loss history. runs: {coupling: its
+    saved state}, what the checkpoint holds for this run (couplings: all it trains); a coupling found in runs is
+    continued (--resume)."""
     points = cfg.data in common.POINT_DATA
-    model = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)   # planned over --steps
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data, noise, t and the OT draws
     if not points:
         x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
     history = []
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, f"checkpoint_{coupling}.pt")
-    for step in range(1, cfg.steps + 1):
-        y = None
-        if points:
-            x1 = common.sample_2d(cfg.data, cfg.batch_size, gen).to(device)
-        else:
-            idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
-            x1 = (x_train[idx] * 2 - 1).to(device)                        # pixels to [-1, 1]
-            if cfg.cond:                                                  # drop labels to null, per sample
-                y = y_train[idx].to(device)
-                y = torch.where(torch.rand(len(y), generator=gen).to(device) < cfg.p_uncond, torch.full_like(y, 10), y)
-        x0 = torch.randn(x1.shape, generator=gen).to(device)              # x_0 ~ p_0 = N(0, I)
-        if coupling == "ot":
-            x0 = ot_pairs(x0, x1, gen)
-        t = torch.rand(len(x1), generator=gen).to(device)                # t ~ U[0, 1]
-        xt, target = cfm_target(cfg.path, x0, x1, t)
-        loss = F.mse_loss(model(xt, t, y), target)       # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2 / d (mean)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-        progress(step, loss.item(), ckpt)
-        if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="flow_matching", model=model.state_dict(), step=step,
-                                   config=dataclasses.asdict(cfg))
-    return model, history
+    start = 0
+    if coupling in runs:                                                 # --resume: continue the saved run
+        for key, obj in (("model", model), ("opt", opt), ("sched", sched)):
+            obj.load_state_dict(runs[coupling][key])
+        history = runs[coupling]["history"]
+        start = runs[coupling]["step"]
+        common.set_rng_states(runs[coupling]["rng"], gen)
+
+    def state():                                                         # saved: this coupling beside the others
+        runs[coupling] = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                              history=history, step=step, rng=common.rng_states(gen))
+        least = min(runs[c]["step"] if c in runs else 0 for c in couplings)   # the run's step: its least trained model
+        return {"runs": runs, "rng": runs[coupling]["rng"], "step": least}
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "flow_matching", every=1000) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            y = None
+            if points:
+                x1 = common.sample_2d(cfg.data, cfg.batch_size, gen).to(device)
+            else:
+                idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
+                x1 = (x_train[idx] * 2 - 1).to(device)                    # pixels to [-1, 1]
+                if cfg.cond:                                              # drop labels to null, per sample
+                    y = y_train[idx].to(device)
+                    drop = torch.rand(len(y), generator=gen).to(device) < cfg.p_uncond
+                    y = torch.where(drop, torch.full_like(y, 10), y)
+            x0 = torch.randn(x1.shape, generator=gen).to(device)          # x_0 ~ p_0 = N(0, I)
+            if coupling == "ot":
+                x0 = ot_pairs(x0, x1, gen)
+            t = torch.rand(len(x1), generator=gen).to(device)            # t ~ U[0, 1]
+            xt, target = cfm_target(cfg.path, x0, x1, t)
+            loss = F.mse_loss(model(xt, t, y), target)   # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2 / d (mean)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append(loss.item())
+            progress(step, loss.item())
+            save(step, state)
+    return history
 
 
 def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1):
@@ -348,21 +363,25 @@ def main(argv=None):
                  "--sampler sde needs --coupling independent: the score is recovered from the velocity by a formula "
                  "that holds only when x_0 and x_1 are independent (OT-coupled pairs are not)")
     couplings = ["independent", "ot"] if cfg.coupling == "both" else [cfg.coupling]
-    if cfg.sample_only:                                                  # the model's flags come from the checkpoint
-        states = {c: common.load_run(cfg, "flow_matching", f"checkpoint_{c}.pt") for c in couplings}
+    state = common.load_run(cfg, "flow_matching") if cfg.sample_only or cfg.resume else None   # flags from it
+    runs = state["runs"] if state else {}
+    common.check(not cfg.sample_only or all(c in runs for c in couplings),
+                 f"the checkpoint in {cfg.out} holds no model for --coupling {cfg.coupling}: train it first")
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     points = cfg.data in common.POINT_DATA
     t0 = time.time()
-    models = {}
+    models = {c: (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
+              for c in couplings}
     histories = {}
     for c in couplings:
         if cfg.sample_only:
-            models[c] = (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
-            models[c].load_state_dict(states[c]["model"])
+            models[c].load_state_dict(runs[c]["model"])
         else:
-            models[c], histories[f"CFM loss ({c})"] = train(cfg, c, device)
+            histories[f"CFM loss ({c})"] = train(cfg, c, models[c], device, runs, couplings)
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     train_seconds = time.time() - t0
     model = models[couplings[0]]
     x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler)

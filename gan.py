@@ -47,9 +47,9 @@ class Config(common.Config):
 
 
 # ----------------------------------------------------------------------------- data
-def batch_sampler(cfg):
-    """() -> a real batch in model range: 2-D points as they are, images mapped from [0, 1] to [-1, 1]."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def batch_sampler(cfg, gen):
+    """() -> a real batch in model range, drawn with the torch.Generator gen: 2-D points as they are, images
+    mapped from [0, 1] to [-1, 1]."""
     if cfg.data in common.POINT_DATA:
         return lambda: common.sample_2d(cfg.data, cfg.batch_size, gen)
     x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
@@ -140,39 +140,53 @@ def sample(G, n, z_dim, device):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, G, D, z_dim, device):
-    real = batch_sampler(cfg)
+def train(cfg, G, D, z_dim, device, state=None):
+    """Algorithm 1 for cfg.steps steps; state: a saved run to continue (--resume)."""
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
+    real = batch_sampler(cfg, gen)
     loss_of_d, loss_of_g = losses(cfg)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
     history = {"D loss": [], "G loss": []}
     snapshots = []
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    z_look = torch.randn(1000, z_dim, generator=torch.Generator().manual_seed(1))    # the same z in every snapshot
+    x_look = None
+    if cfg.data in common.POINT_DATA:                                    # the same real points in every snapshot
+        x_look = common.sample_2d(cfg.data, 1000, torch.Generator().manual_seed(2))
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
-    for step in range(1, cfg.steps + 1):
-        for _ in range(cfg.k):                                           # k discriminator steps (Algorithm 1)
-            x = real().to(device)
-            z = torch.randn(cfg.batch_size, z_dim, device=device)
-            loss_d = loss_of_d(D(x), D(G(z).detach()))
-            opt_d.zero_grad()
-            loss_d.backward()
-            opt_d.step()
-        loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))   # one generator step
-        opt_g.zero_grad()
-        loss_g.backward()                                                # descends: see the docstring's note
-        opt_g.step()
-        history["D loss"].append(loss_d.item())
-        history["G loss"].append(loss_g.item())
-        progress(step, loss_d.item() + loss_g.item(), ckpt)
-        if step in snap_at and cfg.data in common.POINT_DATA:
-            with torch.no_grad():
-                fake = G(torch.randn(1000, z_dim, device=device)).cpu()
-            prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
-            snapshots.append((common.surface(prob), fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
-        if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="gan", G=G.state_dict(), D=D.state_dict(), step=step,
-                                   config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        history = state["history"]
+        snapshots = state["snapshots"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "gan", every=1000) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            for _ in range(cfg.k):                                       # k discriminator steps (Algorithm 1)
+                x = real().to(device)
+                z = torch.randn(cfg.batch_size, z_dim, device=device)
+                loss_d = loss_of_d(D(x), D(G(z).detach()))
+                opt_d.zero_grad()
+                loss_d.backward()
+                opt_d.step()
+            loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))   # one generator step
+            opt_g.zero_grad()
+            loss_g.backward()                                            # descends: see the docstring's note
+            opt_g.step()
+            history["D loss"].append(loss_d.item())
+            history["G loss"].append(loss_g.item())
+            progress(step, loss_d.item() + loss_g.item())
+            if step in snap_at and x_look is not None:
+                with torch.no_grad():
+                    fake = G(z_look.to(device)).cpu()
+                prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
+                snapshots.append((common.surface(prob), fake, x_look, f"step {step}"))
+            save(step, lambda: dict(G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
+                                    opt_d=opt_d.state_dict(), history=history, snapshots=snapshots,
+                                    rng=common.rng_states(gen)))
     if snapshots:
         common.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
     return history
@@ -182,7 +196,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "gan", __doc__)
     common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
                  "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
-    state = common.load_run(cfg, "gan") if cfg.sample_only else None   # the model's flags come from the checkpoint
+    state = common.load_run(cfg, "gan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -191,14 +205,16 @@ def main(argv=None):
     D = D.to(device)
     t0 = time.time()
     history = {}
-    if cfg.sample_only:
+    if state:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
-        history = train(cfg, G, D, z_dim, device)
+        history = train(cfg, G, D, z_dim, device, state)
     D.eval()
     with torch.no_grad():                                                # the equilibrium says D = 1/2 on both
-        x = batch_sampler(cfg)().to(device)
+        x = batch_sampler(cfg, torch.Generator().manual_seed(cfg.seed))().to(device)
         l_real = D(x)
         l_fake = D(G.eval()(torch.randn(len(x), z_dim, device=device)))
     squash = torch.sigmoid if cfg.loss == "gan" else (lambda l: l)

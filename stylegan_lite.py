@@ -57,9 +57,8 @@ class Config(common.Config):
 
 
 # ----------------------------------------------------------------------------- data
-def batch_sampler(cfg):
-    """() -> a batch (B, 1, 32, 32) in [-1, 1]: the 28x28 images padded with 2 pixels of background."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def batch_sampler(cfg, gen):
+    """() -> a batch (B, 1, 32, 32) in [-1, 1] drawn by gen: the 28x28 images padded with 2 pixels of background."""
     x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
     return lambda: F.pad(x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1, (2, 2, 2, 2), value=-1.0)
 
@@ -278,37 +277,46 @@ def save_noise_figure(G, path, n_w=4, n_draws=6, n_std=32, seed=3):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, G, D, G_ema, device):
-    real = batch_sampler(cfg)
+def train(cfg, G, D, G_ema, device, state=None):
+    """cfg.steps steps of the game with lazy R1; state: a saved run to continue (--resume)."""
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
+    real = batch_sampler(cfg, gen)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.0, 0.99))
     history = {"D loss": [], "G loss": []}
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    for step in range(1, cfg.steps + 1):
-        x = real().to(device)
-        with torch.no_grad():
-            fake = G(*sample_latents(G, cfg.batch_size, device, cfg.mix_prob))
-        loss_d = d_loss(D(x), D(fake))                                   # -log D(x) - log(1 - D(G(z)))
-        if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:               # lazy R1: every r1_every steps, scaled up
-            loss_d = loss_d + cfg.r1_gamma * cfg.r1_every * r1_penalty(D, x)
-        opt_d.zero_grad()
-        loss_d.backward()
-        opt_d.step()
-        z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
-        loss_g = g_loss(D(G(z, z2, crossover)))                          # non-saturating: -log D(G(z))
-        opt_g.zero_grad()
-        loss_g.backward()
-        opt_g.step()
-        with torch.no_grad():
-            G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)                   # w_bar: running mean of w
-        common.ema_update(G_ema, G, step, cfg.ema)                       # EMA of G with warm-up; w_avg copied
-        history["D loss"].append(loss_d.item())
-        history["G loss"].append(loss_g.item())
-        progress(step, loss_d.item() + loss_g.item(), ckpt)
-        if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="stylegan_lite", G=G.state_dict(), D=D.state_dict(),
-                                   G_ema=G_ema.state_dict(), step=step, config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        history = state["history"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "stylegan_lite", every=500) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            x = real().to(device)
+            with torch.no_grad():
+                fake = G(*sample_latents(G, cfg.batch_size, device, cfg.mix_prob))
+            loss_d = d_loss(D(x), D(fake))                               # -log D(x) - log(1 - D(G(z)))
+            if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:           # lazy R1: every r1_every steps, scaled up
+                loss_d = loss_d + cfg.r1_gamma * cfg.r1_every * r1_penalty(D, x)
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
+            loss_g = g_loss(D(G(z, z2, crossover)))                      # non-saturating: -log D(G(z))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            with torch.no_grad():
+                G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)               # w_bar: running mean of w
+            common.ema_update(G_ema, G, step, cfg.ema)                   # EMA of G with warm-up; w_avg copied
+            history["D loss"].append(loss_d.item())
+            history["G loss"].append(loss_g.item())
+            progress(step, loss_d.item() + loss_g.item())
+            save(step, lambda: dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),  # w_bar is in G
+                                    opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), history=history,
+                                    rng=common.rng_states(gen)))
     return history
 
 
@@ -318,7 +326,7 @@ def main(argv=None):
                  "--z-dim, --map-layers, --r1-every must be positive, --channels >= 4, --n-samples >= 10")
     common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0,
                  "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0")
-    state = common.load_run(cfg, "stylegan_lite") if cfg.sample_only else None   # model flags from the checkpoint
+    state = common.load_run(cfg, "stylegan_lite") if cfg.sample_only or cfg.resume else None   # flags from it
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -327,12 +335,14 @@ def main(argv=None):
     G_ema = copy.deepcopy(G)
     t0 = time.time()
     history = {}
-    if cfg.sample_only:
+    if state:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         G_ema.load_state_dict(state["G_ema"])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
-        history = train(cfg, G, D, G_ema, device)
+        history = train(cfg, G, D, G_ema, device, state)
     G_ema.eval()
     x = generate(G_ema, cfg.n_samples, cfg.psi)
     metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)

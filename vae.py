@@ -162,26 +162,32 @@ def pictures(model, cfg, x_test, y_test, device):
 
 
 # ----------------------------------------------------------------------------- training
-def train(model, cfg, x_train, device):
+def train(model, cfg, x_train, device, state=None):
+    """Adam on the -ELBO for cfg.steps steps; state: a saved run to continue (--resume)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    progress = common.Progress(cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
     name = "-ELBO (nats/image)" if cfg.beta == 1 else f"beta-VAE loss, beta = {cfg.beta:g} (nats/image)"
     history = {name: []}
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    for step in range(1, cfg.steps + 1):
-        x = x_train[torch.randint(len(x_train), (cfg.batch_size,), generator=gen)].to(device)
-        if cfg.binarize:
-            x = torch.bernoulli(x)                                       # dynamic binarization: a fresh draw each time
-        loss = negative_elbo(model, x, cfg.beta)[0].mean()               # -ELBO, nats per image
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history[name].append(loss.item())
-        progress(step, loss.item(), ckpt)
-        if step % 1000 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="vae", model=model.state_dict(), step=step,
-                                   config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        opt.load_state_dict(state["opt"])
+        history = state["history"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "vae", every=1000) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            x = x_train[torch.randint(len(x_train), (cfg.batch_size,), generator=gen)].to(device)
+            if cfg.binarize:
+                x = torch.bernoulli(x)                                   # dynamic binarization: a fresh draw each time
+            loss = negative_elbo(model, x, cfg.beta)[0].mean()           # -ELBO, nats per image
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history[name].append(loss.item())
+            progress(step, loss.item())
+            save(step, lambda: dict(model=model.state_dict(), opt=opt.state_dict(), history=history,
+                                    rng=common.rng_states(gen)))
     return history
 
 
@@ -191,7 +197,7 @@ def main(argv=None):
     common.check(cfg.hidden > 0 and cfg.iw_k > 0 and cfg.eval_n > 0 and cfg.n_samples > 1,
                  "--hidden, --iw-k, --eval-n must be positive and --n-samples at least 2")
     common.check(cfg.sigma_x >= 0 and cfg.beta >= 0, "--sigma-x and --beta must be non-negative")
-    state = common.load_run(cfg, "vae") if cfg.sample_only else None   # the model's flags come from the checkpoint
+    state = common.load_run(cfg, "vae") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -203,10 +209,12 @@ def main(argv=None):
     model = VAE(cfg.latent_dim, cfg.hidden, cfg.likelihood, cfg.sigma_x).to(device)
     t0 = time.time()
     history = {}
-    if cfg.sample_only:
+    if state:
         model.load_state_dict(state["model"])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
-        history = train(model, cfg, x_train, device)
+        history = train(model, cfg, x_train, device, state)
     train_seconds = time.time() - t0
     model.eval()
     metrics = evaluate(model, x_eval.to(device), cfg.iw_k)

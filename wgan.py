@@ -62,9 +62,9 @@ class Config(common.Config):
 
 
 # ----------------------------------------------------------------------------- data
-def batch_sampler(cfg):
-    """() -> a real batch in model range: 2-D points as they are, images mapped from [0, 1] to [-1, 1]."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def batch_sampler(cfg, gen):
+    """() -> a real batch in model range, drawn with the torch.Generator gen: 2-D points as they are, images
+    mapped from [0, 1] to [-1, 1]."""
     if cfg.data in common.POINT_DATA:
         return lambda: common.sample_2d(cfg.data, cfg.batch_size, gen)
     x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
@@ -157,61 +157,75 @@ def save_w_estimate(history, exact, path):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, G, critic, z_dim, device):
-    real = batch_sampler(cfg)
+def train(cfg, G, critic, z_dim, device, state=None):
+    """Algorithm 1 (clip) or its gradient-penalty form for cfg.steps steps; state: a saved run to continue."""
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
+    real = batch_sampler(cfg, gen)
     if cfg.lipschitz == "gp":
         opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.9))
         opt_c = torch.optim.Adam(critic.parameters(), cfg.lr, betas=(0.5, 0.9))
     else:
         opt_g = torch.optim.RMSprop(G.parameters(), cfg.lr)
         opt_c = torch.optim.RMSprop(critic.parameters(), cfg.lr)
-    decay = lambda s: 1 - s / cfg.steps if cfg.decay else 1.0
+    decay = lambda s: 1 - s / cfg.steps if cfg.decay else 1.0           # planned over --steps (also when resumed)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_c)]
     history = {"critic loss": [], "G loss": [], "critic's W estimate": []}
     exact = []
     snapshots = []
-    progress = common.Progress(cfg.steps)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
     points = cfg.data in common.POINT_DATA
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    z_look = torch.randn(1000, z_dim, generator=torch.Generator().manual_seed(1))    # the same z in every snapshot
+    x_look = common.sample_2d(cfg.data, 1000, torch.Generator().manual_seed(2)) if points else None
     noise = lambda n: torch.randn(n, z_dim, device=device)
-    for step in range(1, cfg.steps + 1):
-        for _ in range(cfg.n_critic):
-            x = real().to(device)
-            x_fake = G(noise(len(x))).detach()
-            loss_c = critic(x_fake).mean() - critic(x).mean()           # E f(g(z)) - E f(x)
-            if cfg.lipschitz == "gp":
-                loss_c = loss_c + cfg.gp_lambda * gradient_penalty(critic, x, x_fake)
-            opt_c.zero_grad()
-            loss_c.backward()
-            opt_c.step()
-            if cfg.lipschitz == "clip":
-                clip_weights(critic, cfg.clip)
-        loss_g = -critic(G(noise(cfg.batch_size))).mean()               # -E f(g(z))
-        opt_g.zero_grad()
-        loss_g.backward()
-        opt_g.step()
-        for sched in scheds:
-            sched.step()
-        with torch.no_grad():                                           # W estimate on a fresh batch
-            x = real().to(device)
-            w_est = float(critic(x).mean() - critic(G(noise(len(x)))).mean())
-        history["critic loss"].append(loss_c.item())
-        history["G loss"].append(loss_g.item())
-        history["critic's W estimate"].append(w_est)
-        progress(step, loss_c.item() + loss_g.item(), ckpt)             # guards both losses against NaN
-        if points and cfg.exact_every and (step % cfg.exact_every == 0 or step == 1):
-            with torch.no_grad():
-                fake = G(noise(500)).cpu()
-            exact.append((step, common.w_exact(fake, common.sample_2d(cfg.data, 500), p=1)))
-        if points and step in snap_at:
-            with torch.no_grad():
-                fake = G(noise(1000)).cpu()
-            values = common.surface(lambda p: critic(p.to(device)).cpu())   # the critic as it is at this step
-            snapshots.append((values, fake, common.sample_2d(cfg.data, 1000), f"step {step}"))
-        if step % 500 == 0 or step == cfg.steps:
-            common.save_checkpoint(ckpt, script="wgan", G=G.state_dict(), critic=critic.state_dict(), step=step,
-                                   config=dataclasses.asdict(cfg))
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        for key, obj in zip(("opt_g", "opt_c", "sched_g", "sched_c"), (opt_g, opt_c) + tuple(scheds)):
+            obj.load_state_dict(state[key])
+        history = state["history"]
+        exact = state["exact"]
+        snapshots = state["snapshots"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "wgan", every=500) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            for _ in range(cfg.n_critic):
+                x = real().to(device)
+                x_fake = G(noise(len(x))).detach()
+                loss_c = critic(x_fake).mean() - critic(x).mean()       # E f(g(z)) - E f(x)
+                if cfg.lipschitz == "gp":
+                    loss_c = loss_c + cfg.gp_lambda * gradient_penalty(critic, x, x_fake)
+                opt_c.zero_grad()
+                loss_c.backward()
+                opt_c.step()
+                if cfg.lipschitz == "clip":
+                    clip_weights(critic, cfg.clip)
+            loss_g = -critic(G(noise(cfg.batch_size))).mean()           # -E f(g(z))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            for sched in scheds:
+                sched.step()
+            with torch.no_grad():                                       # W estimate on a fresh batch
+                x = real().to(device)
+                w_est = float(critic(x).mean() - critic(G(noise(len(x)))).mean())
+            history["critic loss"].append(loss_c.item())
+            history["G loss"].append(loss_g.item())
+            history["critic's W estimate"].append(w_est)
+            progress(step, loss_c.item() + loss_g.item())               # guards both losses against NaN
+            if points and cfg.exact_every and (step % cfg.exact_every == 0 or step == 1):
+                with torch.no_grad():
+                    fake = G(noise(500)).cpu()
+                exact.append((step, common.w_exact(fake, common.sample_2d(cfg.data, 500), p=1)))
+            if points and step in snap_at:
+                with torch.no_grad():
+                    fake = G(z_look.to(device)).cpu()
+                values = common.surface(lambda p: critic(p.to(device)).cpu())   # the critic as it is at this step
+                snapshots.append((values, fake, x_look, f"step {step}"))
+            save(step, lambda: dict(G=G.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
+                                    opt_c=opt_c.state_dict(), sched_g=scheds[0].state_dict(),
+                                    sched_c=scheds[1].state_dict(), history=history, exact=exact,
+                                    snapshots=snapshots, rng=common.rng_states(gen)))
     if snapshots:
         common.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
     save_w_estimate(history, exact, os.path.join(cfg.out, "wasserstein.png"))
@@ -223,7 +237,7 @@ def main(argv=None):
     common.check(cfg.n_critic > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1 and cfg.exact_every >= 0,
                  "--n-critic and --hidden must be positive, --z-dim and --exact-every non-negative, --n-samples >= 2")
     common.check(cfg.clip > 0 and cfg.gp_lambda >= 0, "--clip must be positive and --gp-lambda non-negative")
-    state = common.load_run(cfg, "wgan") if cfg.sample_only else None  # the model's flags come from the checkpoint
+    state = common.load_run(cfg, "wgan") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -233,15 +247,20 @@ def main(argv=None):
     t0 = time.time()
     history = {}
     extra = save_jsd_vs_w(os.path.join(cfg.out, "jsd_vs_w.png"))
-    if cfg.sample_only:
+    if state:
         G.load_state_dict(state["G"])
         critic.load_state_dict(state["critic"])
+    if cfg.sample_only:
+        common.restore_rng(cfg, state)                                   # the training run's own samples
+        history = state.get("history", {})                               # and its record of W during training
+        exact = state.get("exact", [])
     else:
-        history, exact = train(cfg, G, critic, z_dim, device)
+        history, exact = train(cfg, G, critic, z_dim, device, state)
+    if history:
         last = history["critic's W estimate"][-50:]
         extra["w_estimate_final"] = sum(last) / len(last)
-        if exact:
-            extra["w1_exact_final"] = exact[-1][1]
+    if exact:
+        extra["w1_exact_final"] = exact[-1][1]
     G.eval()
     with torch.no_grad():                                               # x = g(z), z ~ N(0, I), in batches
         batches = math.ceil(cfg.n_samples / 1000)

@@ -41,17 +41,15 @@ def test_grids_put_classes_in_rows_and_z_in_columns():
     assert interp.shape == (10 * n, 1, 28, 28)
 
 
-def test_short_run_learns_the_labels_and_sample_only_reloads(tmp_path):
-    args = ["--steps", "150", "--ema", "0", "--n-samples", "500", "--out", str(tmp_path)]   # EMA needs ~1000 steps
-    rec = cgan.main(args)
-    assert rec["class_accuracy"] > 0.3                                  # chance is 0.1 (about 0.5 at 300 steps)
+def test_short_run_learns_the_labels_with_the_default_ema(tmp_path):
+    """The default sampling path (the EMA of G, warmed up). Its --sample-only and --resume: tests/test_resume.py."""
+    rec = cgan.main(["--steps", "120", "--batch-size", "64", "--n-samples", "500", "--out", str(tmp_path)])
+    assert rec["class_accuracy"] > 0.25                                 # chance is 0.1 (0.40 and 0.44 at 150 steps)
     for name in ("samples.png", "samples.pt", "interpolation.png", "loss.png", "checkpoint.pt", "metrics.json"):
         assert os.path.exists(tmp_path / name)
-    assert json.load(open(tmp_path / "metrics.json"))["steps"] == 150
+    assert json.load(open(tmp_path / "metrics.json"))["steps"] == 120
     x = torch.load(tmp_path / "samples.pt")
     assert x.shape == (500, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
-    again = cgan.main(["--sample-only", "--ema", "0", "--n-samples", "500", "--out", str(tmp_path)])
-    assert again["class_accuracy"] == pytest.approx(rec["class_accuracy"], abs=0.08)
 
 
 def test_bad_input_is_a_user_error(tmp_path):

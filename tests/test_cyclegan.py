@@ -75,8 +75,12 @@ def test_folder_loader_and_run(tmp_path):
         for i in range(3):
             img = rng.random((40, 30, 3)) if i else rng.random((20, 20))   # RGB and grey, other sizes
             matplotlib.image.imsave(tmp_path / "data" / d / f"{i}.png", img, cmap="gray")
+    from PIL import Image                                                # matplotlib writes RGBA: make one truly grey
+    Image.open(tmp_path / "data" / "trainA" / "0.png").convert("L").save(tmp_path / "data" / "trainA" / "0.png")
+    assert matplotlib.image.imread(tmp_path / "data" / "trainA" / "0.png").ndim == 2
     x = cyclegan.load_folder(str(tmp_path / "data" / "trainA"), 16)
     assert x.shape == (3, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2])   # the grey image, in all 3 channels
     rec = cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--steps", "2", "--batch-size", "2",
                          "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
     assert "cycle_l1_x" in rec and "label_preservation_xy" not in rec   # no labels in folders

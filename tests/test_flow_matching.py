@@ -59,6 +59,20 @@ def test_euler_with_analytic_velocity_transports_to_the_gaussian(kind):
     assert calls == 40 and torch.allclose(x1h.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.02)
 
 
+@pytest.mark.parametrize("solver, calls_per_step, factor", [
+    ("euler", 1, lambda t, h: 1 + h * t),                                # x + h v(x, t)
+    ("midpoint", 2, lambda t, h: 1 + h * (t + h / 2) * (1 + h * t / 2)),  # x + h v(x + h/2 v, t + h/2)
+    ("heun", 2, lambda t, h: 1 + h / 2 * (t + (t + h) * (1 + h * t))),   # x + h/2 (v + v(x + h v, t + h))
+])
+def test_each_solver_step_on_dx_dt_equal_t_x(solver, calls_per_step, factor):
+    """On v(x, t) = t x each step multiplies x by its solver's factor, written out by hand; exact flow: e^{1/2}."""
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    x1, calls = fm.sample(lambda x, t: t * x, x0, 10, solver)
+    assert calls == 10 * calls_per_step
+    assert torch.allclose(x1, x0 * math.prod(factor(k / 10, 0.1) for k in range(10)), rtol=1e-12)
+    assert torch.allclose(x1, x0 * math.exp(0.5), rtol=0.07 if solver == "euler" else 2e-3)   # 1st vs 2nd order
+
+
 def test_score_from_velocity_and_sde_sampler():
     m, s = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
     v, score = gaussian_fields("linear", m, s)

@@ -39,7 +39,8 @@ def test_an_unconstrained_cascade_is_caught():
 
 @pytest.mark.parametrize("net", ["cmgn", "mmgn"])
 def test_monotone_on_random_pairs_and_after_training(net, tmp_path):
-    rec = mgn.main(["--task", "ot-banana", "--net", net, "--steps", "30", "--n-test", "1000", "--out", str(tmp_path)])
+    rec = mgn.main(["--task", "ot-banana", "--net", net, "--steps", "30", "--batch-size", "128", "--n-test", "200",
+                    "--out", str(tmp_path)])
     assert rec["monotone_violations"] == 0
     T = mgn.Transport(mgn.make_net(mgn.Config(net=net, hidden=32, depth=4), 2), torch.zeros(2, 2), torch.ones(2, 2))
     T.load_state_dict(common.load_checkpoint(os.path.join(tmp_path, "checkpoint.pt"))["T"])
@@ -85,7 +86,7 @@ def test_short_gradient_run_lowers_the_error_tenfold(tmp_path):
 
 @pytest.mark.parametrize("task", ["ot-gaussian", "generate", "recolor"])
 def test_smoke_runs(task, tmp_path):
-    args = ["--task", task, "--steps", "3", "--n-test", "1000", "--out", str(tmp_path)]
+    args = ["--task", task, "--steps", "3", "--n-test", "200", "--out", str(tmp_path)]
     rec = mgn.main(args + (["--batch-size", "32", "--hidden", "16", "--depth", "2"] if task == "generate" else []))
     keys = {"ot-gaussian": ("map_error", "w2", "coord_w1"), "generate": ("fd", "digit_confidence", "class_entropy"),
             "recolor": ("monotone_violations", "S_eps_after")}[task]
@@ -116,3 +117,19 @@ def test_own_sinkhorn_divergence_matches_sinkhorn_py_and_its_gradient(monkeypatc
     g_ref, = torch.autograd.grad(ref, x)
     assert torch.allclose(g_ours, g_ref, atol=1e-6)
     assert abs(float(mgn.sinkhorn_divergence(y, y, 0.5, tol=1e-10))) < 1e-8
+
+
+def test_map_error_is_the_distance_to_the_brenier_map(tmp_path):
+    """ot_metrics' map_error: 0 for the closed-form map itself, and the mean |T(x) - T*(x)| for another map."""
+    A, c = mgn.gaussian_map(*mgn.GAUSS)
+    cfg = mgn.Config(task="ot-gaussian", out=str(tmp_path))
+    src, tgt = mgn.ot_samplers("ot-gaussian")
+    x = src(300, torch.Generator().manual_seed(0))
+    y = tgt(300, torch.Generator().manual_seed(1))
+    exact = lambda v: v @ A.T + c
+    assert mgn.ot_metrics(cfg, exact, x, y)[1]["map_error"] < 1e-5
+    shift = mgn.GAUSS[2] - mgn.GAUSS[0]
+    translate = lambda v: v + shift                                      # moves the mean, keeps the shape
+    expected = float((x + shift - exact(x)).norm(dim=1).mean())
+    assert mgn.ot_metrics(cfg, translate, x, y)[1]["map_error"] == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.1

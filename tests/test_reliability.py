@@ -146,15 +146,14 @@ def test_greyscale_colour_target_is_refused(tmp_path):
 
 @pytest.mark.parametrize("script", TRAINING)
 def test_corrupt_checkpoint_with_sample_only(script, tmp_path):
-    (tmp_path / ("checkpoint_independent.pt" if script is flow_matching else "checkpoint.pt")).write_bytes(b"junk")
+    (tmp_path / "checkpoint.pt").write_bytes(b"junk")
     with pytest.raises(common.UserError, match="not a readable checkpoint"):
         script.main(["--sample-only", "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("script", TRAINING)
 def test_foreign_checkpoint_with_sample_only(script, tmp_path):
-    name = "checkpoint_independent.pt" if script is flow_matching else "checkpoint.pt"
-    common.save_checkpoint(str(tmp_path / name), script="sinkhorn", step=1, config={})
+    common.save_checkpoint(str(tmp_path / "checkpoint.pt"), script="sinkhorn", step=1, config={})
     with pytest.raises(common.UserError, match="was not written by"):
         script.main(["--sample-only", "--out", str(tmp_path)])
 

@@ -17,7 +17,7 @@ TINY = {  # a run of a few seconds that goes through training, sampling and ever
     "ddpm": ["--steps", "2", "--n-samples", "10", "--T", "20", "--sample-steps", "5", "--ch", "8"],
     "flow_matching": ["--data", "digits", "--steps", "2", "--n-samples", "20", "--ch", "8", "--sample-steps", "2"],
     "sinkhorn": ["--batch-size", "20", "--eps", "1,0.3"],
-    "mgn": ["--task", "gradient", "--steps", "2", "--n-test", "1000", "--batch-size", "64"],
+    "mgn": ["--task", "gradient", "--steps", "2", "--n-test", "200", "--batch-size", "64"],
 }
 # One python process visits the ten folders in turn (one torch import, one rendering of the digits). Before each
 # script, every script module is dropped from sys.modules and sys.path holds only that script's folder, so an

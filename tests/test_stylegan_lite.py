@@ -46,21 +46,59 @@ def test_noise_scale_starts_at_zero_and_then_changes_the_output():
 
 
 def test_style_mixing_uses_w2_only_from_the_crossover_layer():
+    """G(z1, z2, crossover=4) itself, its layers' outputs read by forward hooks, with the same noise images."""
     G = small_generator()
     z1, z2a, z2b = torch.randn(3, 2, 16)
     noise = [torch.randn(2, 1, 4 * 2 ** (i // 2), 4 * 2 ** (i // 2)) for i in range(8)]
-    feats = {}
-    for name, z2 in (("a", z2a), ("b", z2b)):
-        ws = G.styles(z1, z2, crossover=4)
-        assert torch.equal(ws[:, :4], G.styles(z1)[:, :4]) and torch.equal(ws[:, 4:], G.styles(z2)[:, 4:])
-        x, outs = G.const.expand(2, -1, -1, -1), []
-        for i, layer in enumerate(G.layers):
-            x = layer(x, ws[:, i], noise[i])
-            outs.append(x)
-        feats[name] = outs
-    for i in range(4):                                                   # coarse layers: unchanged
-        assert torch.equal(feats["a"][i], feats["b"][i])
-    assert (feats["a"][4] - feats["b"][4]).abs().max() > 1e-4            # from the crossover on: w_2
+    for layer in G.layers:                                               # noise on, so its images matter too
+        layer.noise_scale.data.fill_(0.3)
+    outs = []
+    hooks = [layer.register_forward_hook(lambda mod, inp, out: outs.append(out)) for layer in G.layers]
+    with torch.no_grad():
+        G(z1, z2a, 4, noise=noise)
+        G(z1, z2b, 4, noise=noise)
+    for h in hooks:
+        h.remove()
+    a, b = outs[:8], outs[8:]
+    for i in range(4):                                                   # coarse layers: w_1 only, unchanged
+        assert torch.equal(a[i], b[i])
+    assert (a[4] - b[4]).abs().max() > 1e-4                              # from the crossover on: w_2
+    ws = G.styles(z1, z2a, crossover=4)
+    assert torch.equal(ws[:, :4], G.styles(z1)[:, :4]) and torch.equal(ws[:, 4:], G.styles(z2a)[:, 4:])
+
+
+def test_mixing_probability_and_crossover_layers():
+    G = small_generator()
+    torch.manual_seed(0)
+    draws = [sg.sample_latents(G, 1, "cpu", 0.9) for _ in range(4000)]
+    mixed = [c for _, z2, c in draws if z2 is not None]
+    assert abs(len(mixed) / 4000 - 0.9) < 0.024                          # 5 standard errors of 4000 draws
+    assert set(mixed) == set(range(1, 8))                                # crossover in 1..7, all used
+    assert all(sg.sample_latents(G, 1, "cpu", 0.0)[1] is None for _ in range(100))
+
+
+def test_lazy_r1_every_r1_every_steps_scaled_by_r1_every(tmp_path, monkeypatch):
+    """With the GAN loss patched to 0 and R1 patched to 1, D's loss is gamma * r1_every exactly on the R1 steps."""
+    monkeypatch.setattr(sg, "d_loss", lambda l_real, l_fake: 0 * (l_real.sum() + l_fake.sum()))
+    monkeypatch.setattr(sg, "r1_penalty", lambda D, x: 1 + 0 * D(x).sum())
+    sg.main(["--steps", "6", "--batch-size", "4", "--channels", "4", "--n-samples", "20", "--r1-every", "3",
+             "--r1-gamma", "2", "--out", str(tmp_path)])
+    history = torch.load(tmp_path / "checkpoint.pt")["history"]["D loss"]
+    assert history == [0.0, 0.0, 6.0, 0.0, 0.0, 6.0]
+
+
+def test_w_avg_is_the_running_mean_of_w(tmp_path, monkeypatch):
+    """One step from w_bar = 0 with a fixed z: w_bar = 0.005 mean f(z), f the mapping after the step."""
+    z = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(sg, "sample_latents", lambda G, n, device, p: (z.to(device), None, None))
+    sg.main(["--steps", "1", "--batch-size", "4", "--channels", "8", "--z-dim", "16", "--n-samples", "20",
+             "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pt")
+    G = sg.Generator(16, 4, 8)
+    G.load_state_dict(state["G"])
+    with torch.no_grad():
+        assert torch.allclose(G.w_avg, 0.005 * G.mapping(z).mean(0), atol=1e-7)
+    assert torch.equal(state["G_ema"]["w_avg"], G.w_avg)                # the EMA copy carries it (a buffer)
 
 
 def test_truncation_psi_zero_gives_one_image_for_all_z():
@@ -92,10 +130,16 @@ def test_r1_penalty_on_a_linear_critic():
     assert sg.r1_penalty(D, x).item() == pytest.approx(0.5 * 9 * 4)
 
 
-def test_minibatch_std_adds_one_channel():
-    x = torch.randn(8, 3, 4, 4)
+def test_minibatch_std_against_a_loop():
+    """Sample i is in group i mod (B/G); its extra channel is the mean over (c, h, w) of the std over its group."""
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
     out = sg.minibatch_std(x)
     assert out.shape == (8, 4, 4, 4) and torch.equal(out[:, :3], x)
+    for i in range(8):
+        group = x[[j for j in range(8) if j % 2 == i % 2]]               # B/G = 8/4 = 2 groups
+        expected = (group.var(0, unbiased=False) + 1e-8).sqrt().mean()
+        assert torch.allclose(out[i, 3], expected.expand(4, 4))
+    assert sg.minibatch_std(torch.randn(6, 3, 4, 4)).shape == (6, 4, 4, 4)   # a group size that divides 6
 
 
 def test_main_smoke_and_sample_only(tmp_path):
