@@ -111,6 +111,11 @@ def test_truncation_psi_zero_gives_one_image_for_all_z():
     with torch.no_grad():
         x = G(torch.randn(5, 16), psi=1.0, noise=noise)
     assert (x - x[:1]).abs().max() > 1e-3
+    z = torch.randn(5, 16)
+    with torch.no_grad():                                                # w' = w_bar + psi (w - w_bar), per layer
+        w = G.mapping(z)[:, None]
+        assert torch.allclose(G.styles(z, psi=0.7), G.w_avg + 0.7 * (w - G.w_avg), atol=1e-6)
+        assert torch.allclose(G.styles(z, psi=1.0), w.expand(-1, 8, -1))
 
 
 def test_equalized_layers_keep_unit_variance_up_to_the_relu_gain():
