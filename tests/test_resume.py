@@ -37,6 +37,24 @@ def numbers(record):
     return {k: v for k, v in record.items() if k not in NOT_COMPARED}
 
 
+def same(a, b):
+    """Recursive equality of two saved states: tensors bit for bit, containers item by item."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def same_final_checkpoints(dir_a, dir_b):
+    """Everything the two runs saved at their last step (weights, optimizers, schedulers, RNG states, history),
+    except the config, which records --resume."""
+    a, b = (torch.load(d / "checkpoint.pt") for d in (dir_a, dir_b))
+    return same({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+
+
 def run(script, flags, out, steps, *extra):
     return script.main(flags + ["--steps", str(steps), "--out", str(out)] + list(extra))
 
@@ -73,6 +91,7 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(script, tmp_path, s
     resumed = run(script, flags, tmp_path / "b", N, "--resume")
     assert numbers(resumed) == numbers(straight)
     assert torch.equal(torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt"))
+    assert same_final_checkpoints(tmp_path / "a", tmp_path / "b")
     again = script.main(flags + ["--sample-only", "--out", str(tmp_path / "a")])        # the training run's samples
     assert torch.equal(torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt"))
     assert numbers(again) == dict(numbers(straight), steps=0)
@@ -86,6 +105,7 @@ def test_short_run_continued_to_more_steps_equals_the_straight_run(script, tmp_p
     resumed = run(script, flags, tmp_path / "b", N, "--resume")
     assert numbers(resumed) == numbers(straight)
     assert torch.equal(torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt"))
+    assert same_final_checkpoints(tmp_path / "a", tmp_path / "b")
     history = torch.load(tmp_path / "b" / "checkpoint.pt")["history"]
     assert all(len(values) == N for values in history.values())          # loss.png covers the whole run
 
@@ -142,3 +162,16 @@ def test_ctrl_c_in_a_subprocess_saves_and_resumes(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert torch.load(tmp_path / "checkpoint.pt")["step"] == step + 5
+
+
+def test_vqvae_interrupted_in_its_prior_phase_resumes_exactly(tmp_path, sigint_at, monkeypatch):
+    """vae.py --model vqvae has two phases, a second optimizer, the prior and the used-code mask to carry."""
+    flags = ["--model", "vqvae", "--prior-steps", "3", "--batch-size", "8", "--n-samples", "20", "--eval-n", "50"]
+    straight = run(vae, flags, tmp_path / "a", 6)
+    sigint_at(5)                                                         # in the prior's phase (steps 4-6)
+    with pytest.raises(common.Interrupted, match="interrupted at step 5/6"):
+        run(vae, flags, tmp_path / "b", 6)
+    monkeypatch.undo()
+    assert numbers(run(vae, flags, tmp_path / "b", 6, "--resume")) == numbers(straight)
+    assert torch.equal(torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt"))
+    assert same_final_checkpoints(tmp_path / "a", tmp_path / "b")      # the prior and its optimizer too
