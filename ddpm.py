@@ -22,6 +22,8 @@ Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning 
     guidance   eps~ = (1 + w) eps_theta(x, t, y) - w eps_theta(x, t, null)  (000 1.5); with w' = 1 + w this is
                w' eps(y) + (1 - w') eps(null), the (1 - w)/w form that flow_matching.py uses (002); w = 0: plain
                conditional. Training replaces the label by the null token with probability 0.1, per sample.
+Notation: x_0 is the data here and x_T the noise (flow_matching.py writes x_0 for the noise and x_1 for the data),
+and ddpm's --guidance w is flow_matching's --guidance w + 1: ddpm --guidance 1 = flow_matching --guidance 2.
 The ancestral update is computed as the posterior mean of q(x_{t-1} | x_t, x0_hat); without clipping this is the
 slide's formula exactly (tested); --clip-x0 (default on) clips x0_hat to [-1, 1] first (Ho et al.'s code does).
 With --sampler ddpm and --sample-steps S < T the update jumps t -> s with alpha_t replaced by ab_t/ab_s and
