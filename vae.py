@@ -213,7 +213,7 @@ def dae_loss(model, x, x_tilde):
 
 def sae_loss(model, x, lam):
     z = model.h(x.flatten(1))                                            # z = h(x), (B, J)
-    return squared_error(x, model.g(z).view_as(x)) + lam * z.abs().sum(1)   # L + Omega(z), Omega = lambda |z|_1
+    return squared_error(x, model.g(z).view_as(x)) + lam * z.abs().sum(1)   # L + lambda |z|_1  (004, "Sparse")
 
 
 def contractive_penalty(model, x):
@@ -224,7 +224,7 @@ def contractive_penalty(model, x):
 
 
 def cae_loss(model, x, lam):
-    return ae_loss(model, x) + lam * contractive_penalty(model, x)       # L + lambda sum_i |grad_x h_i|^2
+    return ae_loss(model, x) + lam * contractive_penalty(model, x)       # L + lambda sum_i |grad h_i|^2 (004, squared)
 
 
 @torch.no_grad()
@@ -264,7 +264,7 @@ class VQVAE(nn.Module):
 
 
 def vq_loss(model, x, beta):
-    """The slide's three terms per image (their sum is L), and the code indices k."""
+    """The three terms of L per image (002, VQ-VAE "Loss function"; their sum is L), and the code indices k."""
     z_e = model.encoder(x)
     k, z_q = model.quantize(z_e)
     x_hat = model.decoder(z_e + (z_q - z_e).detach())   # forward: Dec(z_q); backward: the gradient of z_q copied to z_e
@@ -275,11 +275,11 @@ def vq_loss(model, x, beta):
 
 
 @torch.no_grad()
-def revive_dead_codes(model, x, used, gen=None):
+def revive_dead_codes(model, x, used):
     """Codes unused since the last call (used: (K,) bool) are moved onto random encoder outputs z_e of the batch."""
     flat = model.encoder(x).permute(0, 2, 3, 1).reshape(-1, model.codebook.weight.shape[1])   # (B * 49, D)
     dead = (~used).nonzero()[:, 0]
-    model.codebook.weight[dead] = flat[torch.randint(len(flat), (len(dead),), generator=gen).to(flat.device)]
+    model.codebook.weight[dead] = flat[torch.randint(len(flat), (len(dead),)).to(flat.device)]
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -428,7 +428,7 @@ def train(model, cfg, x_train, device, state=None, prior=None):
         start = state["step"]
         common.set_rng_states(state["rng"], gen)
 
-    def state():                                                         # what a resumed run needs
+    def run_state():                                                     # what a resumed run needs
         out = dict(model=model.state_dict(), opt=opt.state_dict(), history=history, used=used,
                    rng=common.rng_states(gen))
         if prior:
@@ -458,7 +458,7 @@ def train(model, cfg, x_train, device, state=None, prior=None):
                 used.zero_()
             history[key].append(loss.item())
             progress(step, loss.item())
-            save(step, state)
+            save(step, run_state)
     return history
 
 

@@ -167,7 +167,7 @@ def train(cfg, G, critic, z_dim, device, state=None):
     else:
         opt_g = torch.optim.RMSprop(G.parameters(), cfg.lr)
         opt_c = torch.optim.RMSprop(critic.parameters(), cfg.lr)
-    decay = lambda s: 1 - s / cfg.steps if cfg.decay else 1.0           # planned over --steps (also when resumed)
+    decay = lambda s: 1 - s / cfg.steps if cfg.decay else 1.0           # over --steps (a resumed run's new --steps)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_c)]
     history = {"critic loss": [], "G loss": [], "critic's W estimate": []}
     exact = []
