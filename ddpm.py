@@ -5,7 +5,7 @@ Lectures: 002 "Denoising Diffusion Probabilistic Models" (forward kernel, diffus
 "Training and sampling algorithms", "Implementation", "Comments"); 000 Part B section 1 (closed form,
 eps-prediction and the score, DDPM and DDIM samplers, classifier-free guidance); 000 section 5 (U-Net).
 Run: `python ddpm.py` (digits, ~7 CPU minutes), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
-`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50 in one run).
+`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50 in one run), `--param v`.
 
 Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning "no noise" (alpha_bar_0 = 1).
     schedule   beta_t linear from 1e-4 to 0.02, T = 1000; alpha_t = 1 - beta_t; alpha_bar_t = prod_{s<=t} alpha_s
@@ -19,6 +19,11 @@ Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning 
     DDIM       x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_theta + sigma z on a sub-sequence of S steps,
                x0_hat = (x_t - sqrt(1 - ab_t) eps_theta)/sqrt(ab_t),
                sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)   (000 1.4 for DDIM; eta: Song et al. eq. 16)
+    targets    --param (000 1.2, "Network Parameterization Options"): the U-Net predicts eps (default), x_0, or
+               v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, each by an unweighted MSE, and its output is turned into
+               eps_hat for the samplers: x0: eps_hat = (x_t - sqrt(ab_t) x0_hat)/sqrt(1 - ab_t); v: eps_hat =
+               sqrt(1 - ab_t) x_t + sqrt(ab_t) v_hat. (000 writes v = alpha eps - sigma x: alpha = sqrt(ab), sigma =
+               sqrt(1 - ab); the score is -eps / sqrt(1 - ab_t), 000 1.3.)
     guidance   eps~ = (1 + w) eps_theta(x, t, y) - w eps_theta(x, t, null)  (000 1.5); with w' = 1 + w this is
                w' eps(y) + (1 - w') eps(null), the (1 - w)/w form that flow_matching.py uses (002); w = 0: plain
                conditional. Training replaces the label by the null token with probability 0.1, per sample.
@@ -60,6 +65,8 @@ class Config(common.Config):
     eta: float = common.arg(0.0, "DDIM eta: 0 deterministic, 1 ancestral-like")
     sigma: str = common.arg("beta", "ancestral sigma_t^2", ["beta", "beta-tilde"])
     clip_x0: bool = common.arg(True, "clip the predicted x0 to [-1, 1] in the samplers")
+    param: str = common.arg("eps", "what the U-Net predicts: eps, x0, or v = sqrt(ab) eps - sqrt(1 - ab) x0",
+                            ["eps", "x0", "v"])
     cond: bool = common.arg(False, "class-conditional with classifier-free guidance")
     guidance: float = common.arg(0.0, "w: eps~ = (1 + w) eps(y) - w eps(null)")
     p_uncond: float = common.arg(0.1, "probability of dropping the label to the null token (per sample)")
@@ -69,7 +76,7 @@ class Config(common.Config):
     compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
     bf16: bool = common.arg(False, "bf16 autocast for training (CUDA)")
     compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
-    MODEL_FLAGS = ("data", "T", "schedule", "ch", "attn", "cond")
+    MODEL_FLAGS = ("data", "T", "schedule", "ch", "attn", "param", "cond")
 
 
 # ----------------------------------------------------------------------------- schedule and forward process
@@ -164,26 +171,54 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loss
-def diffusion_loss(model, sch, x0, y=None, p_uncond=0.1):
-    """Algorithm 1 (Ho et al.): t ~ U{1..T}, eps ~ N(0, I), |eps - eps_theta(x_t, t)|^2 (mean over pixels)."""
+def prediction_target(sch, x0, t, eps, param="eps"):
+    r"""What the network learns to predict (000 1.2, "Network Parameterization Options"): eps (Ho et al., the
+    default), x_0, or the velocity v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (000's v = alpha eps - sigma x with
+    alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t); Salimans & Ho 2022)."""
+    if param == "eps":
+        return eps
+    if param == "x0":
+        return x0
+    shape = (-1,) + (1,) * (x0.dim() - 1)                                 # (B, 1, 1, 1)
+    return sch.sqrt_ab[t].view(shape) * eps - sch.sqrt_1m_ab[t].view(shape) * x0
+
+
+def diffusion_loss(model, sch, x0, y=None, p_uncond=0.1, param="eps"):
+    """Algorithm 1 (Ho et al.): t ~ U{1..T}, eps ~ N(0, I), |eps - eps_theta(x_t, t)|^2 (mean over pixels);
+    with --param x0 or v the network's output is compared with that target instead (unweighted)."""
     t = torch.randint(1, sch.T + 1, (len(x0),), device=x0.device)
     eps = torch.randn_like(x0)
     if y is not None:                                                    # classifier-free guidance training:
         drop = torch.rand(len(y), device=y.device) < p_uncond            # drop the label per sample
         y = torch.where(drop, torch.full_like(y, model.n_classes), y)
-    return F.mse_loss(model(q_sample(sch, x0, t, eps), t, y), eps)
+    return F.mse_loss(model(q_sample(sch, x0, t, eps), t, y), prediction_target(sch, x0, t, eps, param))
 
 
 # ----------------------------------------------------------------------------- samplers
-def guided_eps(model, x, t, y, w):
-    """eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null); w = 0 (or no labels): eps(x, t, y)."""
+def eps_from_prediction(sch, x, t, out, param="eps"):
+    r"""eps_hat for the samplers from the network's output at time t, by x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps:
+        x0:  eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab)
+        v:   eps_hat = sqrt(1 - ab) x_t + sqrt(ab) v_hat        (as ab + (1 - ab) = 1; also x0_hat = sqrt(ab) x_t
+             - sqrt(1 - ab) v_hat)."""
+    if param == "eps":
+        return out
+    ab = float(sch.alpha_bar[t])
+    if param == "x0":
+        return (x - math.sqrt(ab) * out) / math.sqrt(1 - ab)
+    return math.sqrt(1 - ab) * x + math.sqrt(ab) * out                   # v
+
+
+def guided_eps(model, x, t, y, w, sch=None, param="eps"):
+    """eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null); w = 0 (or no labels): eps(x, t, y). With --param x0 or v
+    the outputs are combined first and then converted to eps: the same, as the conversion is affine and the
+    weights (1 + w) and -w sum to 1."""
     tt = torch.full((len(x),), t, device=x.device)
     if y is None or w == 0:
-        return model(x, tt, y)
+        return eps_from_prediction(sch, x, t, model(x, tt, y), param)
     null = torch.full_like(y, model.n_classes)
     e = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
     e_cond, e_null = e.chunk(2)
-    return (1 + w) * e_cond - w * e_null
+    return eps_from_prediction(sch, x, t, (1 + w) * e_cond - w * e_null, param)
 
 
 def timesteps(T, S):
@@ -225,7 +260,7 @@ def sample(model, sch, n, cfg, device, y=None, sampler=None, steps=None, traject
     x = torch.randn(n, 1, 28, 28, device=device)
     ts = timesteps(sch.T, steps)
     for t, s in zip(ts[:-1], ts[1:]):
-        eps = guided_eps(model, x, t, y, cfg.guidance)
+        eps = guided_eps(model, x, t, y, cfg.guidance, sch, cfg.param)
         z = torch.randn_like(x)
         x = ancestral_step(sch, x, t, s, eps, z, cfg.sigma, cfg.clip_x0) if sampler == "ddpm" else \
             ddim_step(sch, x, t, s, eps, z, cfg.eta, cfg.clip_x0)
@@ -268,7 +303,7 @@ def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
             x0 = (x_train[idx] * 2 - 1).to(device)                        # pixels to [-1, 1]
             y = y_train[idx].to(device) if cfg.cond else None
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                loss = diffusion_loss(net, sch, x0, y, cfg.p_uncond)
+                loss = diffusion_loss(net, sch, x0, y, cfg.p_uncond, cfg.param)
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

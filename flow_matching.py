@@ -3,10 +3,12 @@ minibatch OT coupling and classifier-free guidance.
 
 Lecture: 002 "Flow Matching" (ODE, flow, Euler's scheme, probability path, conditional and marginal paths,
 "Example: Gaussian conditional probability path", CFM loss, "The marginalization trick", "Data coupling",
-"Guidance", "Classifier-free guidance") and "Diffusion models" (SDE, Euler-Maruyama, score, and the second
-"Theorem 2" of 002, the one of the diffusion part: the SDE with the same path p_t; the first is flow matching's).
+"Guidance", "Classifier-free guidance") and "Diffusion models" (SDE, Euler-Maruyama, "Score function", "Langevin
+dynamics", Theorem 3, "Score matching training for Gaussian probability path", and the second "Theorem 2" of 002,
+the one of the diffusion part: the SDE with the same path p_t; the first is flow matching's).
 Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both` (independent vs OT),
-`--data digits` (a small U-Net), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`.
+`--data digits` (a small U-Net), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`,
+`--objective score` (score matching), `--objective both`, `--demo langevin` (no training, seconds).
 
     path       x_t = alpha_t x_1 + beta_t x_0, x_0 ~ N(0, I), x_1 ~ data: p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I)
                linear: alpha_t = t, beta_t = 1 - t (default); cosine: alpha_t = sin(pi t/2), beta_t = cos(pi t/2)
@@ -22,11 +24,30 @@ Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both`
                s_theta obtained from the velocity. For the Gaussian path E[x_1|x] = (x - beta E[x_0|x])/alpha and
                s(x) = -E[x_0|x]/beta, so v = alpha'/alpha x - beta (beta' - alpha' beta/alpha) s, i.e.
                s = (alpha' x - alpha v) / (beta (alpha beta' - alpha' beta));  linear path: s = (t v - x)/(1 - t).
+    score      --objective score trains s_theta instead of v_theta, with the conditional score matching loss
+               |s_theta(alpha_t z + beta_t eps, t) + eps / beta_t|^2, z = x_1, eps = x_0: --weight none as the slide
+               writes it, but with t ~ U[0, 0.99], since the target's variance 1/beta_t^2 is infinite at t = 1; or
+               (the default) --weight beta2, lambda(t) = beta_t^2: |beta_t s_theta + eps|^2, the eps-prediction
+               loss, t ~ U[0, 1]. On the checkerboard (15000 steps, 20 Euler steps) none puts 0.78 of the samples
+               on the squares and beta2 0.87, as the velocity does (our reading: the slide's weighting spends the
+               network on the noisy large targets near t = 1 and leaves s imprecise at small t, where
+               v = (x + (1 - t) s)/t, linear path, magnifies its error by 1/t). Sampled with v from s,
+               v = alpha'/alpha x - beta (beta' - alpha' beta/alpha) s (the inverse of the conversion above), by the
+               ODE or the SDE, from t = 0.01: at t = 0 (alpha = 0) the score is -x whatever the data, so v cannot be
+               read from it there. --objective both trains one model of each (same network, same steps).
+    Langevin   --demo langevin: X_{i+1} = X_i + eps grad log p(X_i) + sqrt(2 eps) xi_i on a 2-D mixture of two
+               Gaussians with its exact score (002, "Langevin dynamics"), beside the naive ascent X + grad log p(X)
+               (002, "Score function") and annealed Langevin (Song & Ermon 2019: beyond the slides).
 Notation: x_0 is the noise and x_1 the data here (ddpm.py writes x_0 for the data).
 Differences from the slides: the printed CFG training loss |v - alpha'_t eps + beta'_t x_1|^2 swaps the roles of
 alpha' and beta' (and its linear-path form |v - eps - x_1|^2 follows that slip); the target used here is the
 derivative of x_t, alpha'_t x_1 + beta'_t x_0 (tested against finite differences), x_1 - x_0 on the linear path.
 F.mse_loss averages over the d coordinates: it is 1/d of the slide's squared norm (the same minimizer).
+Score matching's default loss (--weight beta2) is the slide's times beta_t^2; the slide's own is --weight none.
+Slips on the Langevin slide: it writes the noise term sqrt(2 alpha) eps_i with "alpha a small constant", but p is
+stationary only when alpha equals the step eps (written here sqrt(2 eps) xi_i, xi_i the noise, as eps is the step);
+and it says x_K converges to "a sample from q(x)", meaning p(x). The note under Theorem 2 writes grad p_t(x|z) for
+the conditional score grad log p_t(x|z).
 The score is singular at t = 1 (beta = 0), so the SDE takes its last step from t = 1 - h, where it is finite,
 and adds no noise there. The OT coupling draws one x_0 per x_1 from the plan (with replacement), as OT-CFM does,
 rather than an exact permutation (exact assignment is too slow per step). On digits it shortens the pairs
@@ -56,13 +77,18 @@ class Config(common.Config):
     sample_steps: int = common.arg(20, "ODE (or SDE) steps for samples.png and the main metrics")
     sampler: str = common.arg("ode", "ode: dx = v dt; sde: Euler-Maruyama with the score from v", ["ode", "sde"])
     sigma: float = common.arg(0.5, "SDE diffusion coefficient")
+    objective: str = common.arg("velocity", "train v_theta (CFM loss), s_theta (score matching), or one of each",
+                                ["velocity", "score", "both"])
+    weight: str = common.arg("beta2", "score matching: beta2 = beta_t^2 |s + eps/beta|^2 = |beta s + eps|^2 "
+                             "(eps-prediction); none = the slide's |s + eps/beta|^2, with t <= 0.99", ["beta2", "none"])
+    demo: str = common.arg("none", "langevin: Langevin dynamics on a 2-D mixture (no training)", ["none", "langevin"])
     cond: bool = common.arg(False, "class-conditional (images) with classifier-free guidance")
     guidance: float = common.arg(1.0, "w in (1 - w) v(x|null) + w v(x|y); 1 = plain conditional")
     p_uncond: float = common.arg(0.1, "eta: probability of dropping the label (per sample)")
     ch: int = common.arg(16, "U-Net base channels (images)")
     hidden: int = common.arg(256, "MLP hidden units (2-D)")
     n_samples: int = common.arg(2500, "samples for the metrics (images: 1000 unless given)")
-    MODEL_FLAGS = ("data", "path", "cond", "ch", "hidden")
+    MODEL_FLAGS = ("data", "path", "objective", "cond", "ch", "hidden")
 
     def defaults(self, given):
         if self.data in common.IMAGE_DATA:
@@ -88,6 +114,33 @@ def cfm_target(kind, x0, x1, t):
     """x_t = alpha_t x_1 + beta_t x_0 and its time derivative alpha'_t x_1 + beta'_t x_0 (the CFM regression target)."""
     a, b, da, db = (expand(c, x0) for c in path_coefficients(kind, t))
     return a * x1 + b * x0, da * x1 + db * x0
+
+
+T_MAX = 0.99        # --weight none draws t ~ U[0, T_MAX]: the slide's 1/beta_t is infinite at t = 1
+T0_SCORE = 0.01     # a score-trained model is sampled from t = T0_SCORE: v from s divides by alpha_t, 0 at t = 0
+
+
+def csm_target(kind, x0, x1, t):
+    """x_t = alpha_t x_1 + beta_t x_0 and the conditional score grad log p_t(x_t | x_1) = -(x_t - alpha_t x_1) / beta_t^2
+    (002, "Score matching training for Gaussian probability path"), which is -x_0 / beta_t."""
+    a, b, _, _ = (expand(c, x0) for c in path_coefficients(kind, t))
+    xt = a * x1 + b * x0
+    return xt, -(xt - a * x1) / b ** 2
+
+
+def csm_loss(kind, weight, s_theta, x0, x1, t, y=None):
+    r"""Conditional score matching loss (002), eps = x_0 ~ N(0, I), z = x_1 ~ data:
+        none:   |s_theta(alpha_t z + beta_t eps, t) + eps / beta_t|^2, t ~ U[0, T_MAX]  (the slide's loss; its variance
+                grows as 1/beta_t^2, so t stops at T_MAX)
+        beta2:  lambda(t) = beta_t^2: |beta_t s_theta + eps|^2, t ~ U[0, 1]   (the eps-prediction loss of ddpm.py)"""
+    if weight == "none":
+        t = t * T_MAX
+    xt, target = csm_target(kind, x0, x1, t)
+    s = s_theta(xt, t, y)
+    if weight == "none":
+        return F.mse_loss(s, target)                                     # |s_theta + eps / beta_t|^2 / d (mean)
+    b = expand(path_coefficients(kind, t)[1], x0)
+    return F.mse_loss(b * s, -x0)                                        # |beta_t s_theta + eps|^2 / d (mean)
 
 
 def sinkhorn_plan(C, eps, tol=1e-4, max_iter=2000):
@@ -129,7 +182,7 @@ def time_embedding(t, dim):
 
 
 class MLPVelocity(nn.Module):
-    """v_theta(x, t) for 2-D data: [x, sinusoidal(t)] -> 3 hidden SiLU layers -> R^2."""
+    """v_theta(x, t) (or s_theta with --objective score) for 2-D data: [x, sinusoidal(t)] -> 3 hidden SiLU layers -> R^2."""
     def __init__(self, hidden=256):
         super().__init__()
         self.n_classes = 0
@@ -156,7 +209,7 @@ class ResBlock(nn.Module):
 
 
 class UNetVelocity(nn.Module):
-    """v_theta(x, t, y) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation (000 section 5),
+    """v_theta(x, t, y) (or s_theta) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation (000 section 5),
     t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null token."""
     def __init__(self, ch=16, n_classes=0):
         super().__init__()
@@ -187,7 +240,8 @@ class UNetVelocity(nn.Module):
 
 
 def velocity(model, x, t, y=None, w=1.0):
-    """v~ = (1 - w) v(x | null) + w v(x | y) (002, classifier-free guidance); plain v without labels or at w = 1."""
+    """v~ = (1 - w) v(x | null) + w v(x | y) (002, classifier-free guidance); plain v without labels or at w = 1.
+    For a score model the same combination of s (its conversion to v is affine with weights 1 - w + w = 1)."""
     tt = torch.full((len(x),), float(t), device=x.device)
     if y is None or w == 1.0:
         return model(x, tt, y)
@@ -198,21 +252,33 @@ def velocity(model, x, t, y=None, w=1.0):
 
 def score_from_velocity(kind, x, t, v):
     """s = (alpha' x - alpha v) / (beta (alpha beta' - alpha' beta)) for the Gaussian path (derivation: docstring)."""
-    a, b, da, db = path_coefficients(kind, torch.tensor(float(t)))
+    a, b, da, db = path_coefficients(kind, torch.tensor(float(t), dtype=torch.float64))
     return (da * x - a * v) / (b * (a * db - da * b))
+
+
+def velocity_from_score(kind, x, t, s):
+    """v = alpha'/alpha x - beta (beta' - alpha' beta / alpha) s, the inverse of score_from_velocity (002: "the vector
+    field and the score function can be converted one to the other"); singular at t = 0, where alpha = 0."""
+    a, b, da, db = path_coefficients(kind, torch.tensor(float(t), dtype=torch.float64))
+    return da / a * x - b * (db - da * b / a) * s
 
 
 # ----------------------------------------------------------------------------- samplers
 @torch.no_grad()
-def sample(vfield, x, steps, solver="euler", sampler="ode", sigma=0.0, kind="linear", gen=None, trajectory=None):
-    """Integrate from t = 0 to 1 in `steps` steps; vfield(x, t) -> v. Returns x_1 and the number of network calls."""
-    h, calls = 1.0 / steps, 0
+def sample(net, x, steps, solver="euler", sampler="ode", sigma=0.0, kind="linear", gen=None, trajectory=None,
+           objective="velocity", t0=0.0):
+    """Integrate from t = t0 to 1 in `steps` steps; net(x, t) -> v_theta, or s_theta with objective 'score' (then
+    v comes from s, and t0 must be > 0). Returns x_1 and the number of network calls."""
+    vfield = net if objective == "velocity" else lambda z, t: velocity_from_score(kind, z, t, net(z, t))
+    h, calls = (1.0 - t0) / steps, 0
     for k in range(steps):
-        t = k * h
-        v = vfield(x, t)
+        t = t0 + k * h
+        out = net(x, t)
+        v = out if objective == "velocity" else velocity_from_score(kind, x, t, out)
         calls += 1
         if sampler == "sde":                                             # Euler-Maruyama (002, "Simulating a SDE")
-            drift = v + sigma ** 2 / 2 * score_from_velocity(kind, x, t, v)
+            s = out if objective == "score" else score_from_velocity(kind, x, t, v)
+            drift = v + sigma ** 2 / 2 * s                               # v + sigma^2/2 grad log p_t (Theorem 2)
             noise = torch.randn(x.shape, generator=gen).to(x.device) if k < steps - 1 else 0   # none on the last step
             x = x + h * drift + sigma * math.sqrt(h) * noise
         elif solver == "euler":
@@ -276,11 +342,44 @@ def save_trajectories(traj, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+def compare_objectives(cfg, models, objectives, device):
+    """--objective both: the velocity-trained and the score-trained model, each sampled by the ODE and by the SDE
+    (--sigma) with --sample-steps steps; metrics by 'objective/sampler', pictures in objectives.png."""
+    table, pictures = {}, []
+    for n, model in models.items():
+        for sampler in ("ode", "sde"):
+            x, m = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, sampler, objective=objectives[n])
+            table[f"{objectives[n]}/{sampler}"] = m
+            pictures.append((f"{objectives[n]}-trained, {sampler}", x))
+    path = os.path.join(cfg.out, "objectives.png")
+    if cfg.data in common.IMAGE_DATA:                                    # two rows of 10 per model and sampler
+        common.save_images(torch.cat([x[:20] for _, x in pictures]), path)
+        return table
+    fig = Figure(figsize=(16, 4))
+    ref = common.sample_2d(cfg.data, 2500)
+    for ax, (title, x) in zip(fig.subplots(1, len(pictures)), pictures):
+        ax.scatter(*ref.numpy().T, s=1, c="0.7")
+        ax.scatter(*x[:2500].numpy().T, s=1, c="tab:blue")
+        ax.set(xlim=(-5, 5), ylim=(-5, 5), aspect="equal", title=title, xticks=[], yticks=[])
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    return table
+
+
 # ----------------------------------------------------------------------------- training
-def train(cfg, coupling, model, device, runs, couplings):
-    r"""Trains v_theta = model with one coupling for cfg.steps steps; returns the loss history. runs: {coupling: its
-    saved state}, what the checkpoint holds for this run (couplings: all it trains); a coupling found in runs is
-    continued (--resume)."""
+def run_names(cfg):
+    """The models one command trains: a velocity model is named by its coupling, the score model 'score'."""
+    if cfg.coupling == "both":
+        return ["independent", "ot"]
+    if cfg.objective == "both":
+        return ["independent", "score"]
+    return ["score"] if cfg.objective == "score" else [cfg.coupling]
+
+
+def train(cfg, name, model, device, runs, names):
+    r"""Trains one model for cfg.steps steps: v_theta with the coupling `name`, or s_theta if name is 'score';
+    returns the loss history. runs: {name: its saved state}, what the checkpoint holds for this run (names: all
+    the models it trains); a model found in runs is continued (--resume)."""
+    coupling = "independent" if name == "score" else name
     points = cfg.data in common.POINT_DATA
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)   # planned over --steps
@@ -289,18 +388,18 @@ def train(cfg, coupling, model, device, runs, couplings):
         x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
     history = []
     start = 0
-    if coupling in runs:                                                 # --resume: continue the saved run
+    if name in runs:                                                     # --resume: continue the saved run
         for key, obj in (("model", model), ("opt", opt), ("sched", sched)):
-            obj.load_state_dict(runs[coupling][key])
-        history = runs[coupling]["history"]
-        start = runs[coupling]["step"]
-        common.set_rng_states(runs[coupling]["rng"], gen)
+            obj.load_state_dict(runs[name][key])
+        history = runs[name]["history"]
+        start = runs[name]["step"]
+        common.set_rng_states(runs[name]["rng"], gen)
 
-    def state():                                                         # saved: this coupling beside the others
-        runs[coupling] = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                              history=history, step=step, rng=common.rng_states(gen))
-        least = min(runs[c]["step"] if c in runs else 0 for c in couplings)   # the run's step: its least trained model
-        return {"runs": runs, "rng": runs[coupling]["rng"], "step": least}
+    def state():                                                         # saved: this model beside the others
+        runs[name] = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                          history=history, step=step, rng=common.rng_states(gen))
+        least = min(runs[n]["step"] if n in runs else 0 for n in names)   # the run's step: its least trained model
+        return {"runs": runs, "rng": runs[name]["rng"], "step": least}
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "flow_matching", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):
@@ -318,8 +417,11 @@ def train(cfg, coupling, model, device, runs, couplings):
             if coupling == "ot":
                 x0 = ot_pairs(x0, x1, gen)
             t = torch.rand(len(x1), generator=gen).to(device)            # t ~ U[0, 1]
-            xt, target = cfm_target(cfg.path, x0, x1, t)
-            loss = F.mse_loss(model(xt, t, y), target)   # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2 / d (mean)
+            if name == "score":
+                loss = csm_loss(cfg.path, cfg.weight, model, x0, x1, t, y)
+            else:
+                xt, target = cfm_target(cfg.path, x0, x1, t)
+                loss = F.mse_loss(model(xt, t, y), target)   # |v_theta(x_t, t) - (alpha' x_1 + beta' x_0)|^2 / d
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -330,8 +432,9 @@ def train(cfg, coupling, model, device, runs, couplings):
     return history
 
 
-def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1):
-    """Samples x_1 (2-D points, or images in [0, 1]) and their metrics for one solver and step count."""
+def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1, objective="velocity"):
+    """Samples x_1 (2-D points, or images in [0, 1]) and their metrics for one solver and step count; a score model
+    (objective 'score') is integrated from t = T0_SCORE."""
     gen, points = torch.Generator().manual_seed(gen_seed), cfg.data in common.POINT_DATA
     y = torch.arange(cfg.n_samples, device=device) % 10 if cfg.cond else None
     shape = (cfg.n_samples, 2) if points else (cfg.n_samples, 1, 28, 28)
@@ -341,7 +444,7 @@ def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1):
         yb = y[i:i + 500] if y is not None else None
         x0 = torch.randn((min(500, cfg.n_samples - i),) + shape[1:], generator=gen).to(device)
         xb, calls = sample(lambda x, t: velocity(model, x, t, yb, cfg.guidance), x0, steps, solver, sampler,
-                           cfg.sigma, cfg.path, gen)
+                           cfg.sigma, cfg.path, gen, objective=objective, t0=T0_SCORE if objective == "score" else 0.0)
         x.append(xb.cpu())
     x = torch.cat(x)
     calls *= 2 if cfg.cond and cfg.guidance != 1.0 else 1               # guidance: v(x|y) and v(x|null) per call
@@ -350,6 +453,105 @@ def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1):
     x = (x.clamp(-1, 1) + 1) / 2
     m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir)
     return x, dict(m, network_calls=calls)
+
+
+# ----------------------------------------------------------------------------- Langevin dynamics (--demo langevin)
+def mixture_score(x, means, var, weights):
+    """grad log p(x) of the mixture p = sum_k w_k N(mu_k, var I) (002, "Score function"): sum_k r_k(x) (mu_k - x) / var,
+    r_k the posterior weight of component k at x."""
+    d2 = ((x[:, None, :] - means[None]) ** 2).sum(-1)                   # (N, K) squared distances
+    r = torch.softmax(-d2 / (2 * var) + weights.log()[None], 1)         # (N, K) responsibilities
+    return (r[:, :, None] * (means[None] - x[:, None])).sum(1) / var
+
+
+def langevin(score, x, eps, n_steps, gen=None, trajectory=None):
+    """X_{i+1} = X_i + eps grad log p(X_i) + sqrt(2 eps) xi_i, xi_i ~ N(0, I) (002, "Langevin dynamics"; the slide
+    writes sqrt(2 alpha): p is stationary only for alpha = eps, see the docstring)."""
+    for _ in range(n_steps):
+        x = x + eps * score(x) + math.sqrt(2 * eps) * torch.randn(x.shape, generator=gen)
+        if trajectory is not None:
+            trajectory.append(x)
+    return x
+
+
+def naive_ascent(score, x, n_steps, trajectory=None):
+    """X_{i+1} = X_i + grad log p(X_i) (002, "Score function"): no noise, so every point climbs to a mode."""
+    for _ in range(n_steps):
+        x = x + score(x)
+        if trajectory is not None:
+            trajectory.append(x)
+    return x
+
+
+def annealed_langevin(means, var, weights, x, sigmas, eps, n_steps, gen=None):
+    """Beyond the slide (Song & Ermon 2019): Langevin on p_sigma = p * N(0, sigma^2 I) for sigma_1 > ... > sigma_L,
+    n_steps at each level, each level started where the previous one ended. The mixture's p_sigma is the mixture
+    with variance var + sigma^2, and the step is eps (var + sigma^2) / var, as large as p_sigma's scale allows."""
+    for sigma in sigmas:
+        v = var + sigma ** 2
+        x = langevin(lambda z: mixture_score(z, means, v, weights), x, eps * v / var, n_steps, gen)
+    return x
+
+
+def near_first(x, means):
+    """Fraction of the points nearer to mu_1 than to mu_2: the weight that the samples give mode 1."""
+    return float(((x - means[0]).norm(dim=1) < (x - means[1]).norm(dim=1)).float().mean())
+
+
+def langevin_demo(cfg):
+    """Two mixtures of two unit Gaussians, weights 0.2 / 0.8: close modes (+-1.5, +-1.5) and far ones (+-5, +-5).
+    From x ~ N(0, 4^2 I): Langevin (eps = 0.05, K = 1000), naive ascent, and (far modes) annealed Langevin with the
+    same number of score evaluations (20 levels of 50 steps)."""
+    t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    w, n, eps = torch.tensor([0.2, 0.8]), cfg.n_samples, 0.05
+    near, far = torch.tensor([[-1.5, -1.5], [1.5, 1.5]]), torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
+    exact = {}
+    for name, means in (("near", near), ("far", far)):                  # exact samples of p: the reference
+        k = torch.multinomial(w, n, replacement=True, generator=gen)
+        exact[name] = means[k] + torch.randn(n, 2, generator=gen)
+    score_near = lambda z: mixture_score(z, near, 1.0, w)
+    traj = [4 * torch.randn(n, 2, generator=gen)]                        # x_0 ~ N(0, 4^2 I), then every X_i
+    traj_ascent = [4 * torch.randn(n, 2, generator=gen)]
+    x_near = langevin(score_near, traj[0], eps, 1000, gen, traj)
+    x_ascent = naive_ascent(score_near, traj_ascent[0], 20, traj_ascent)
+    x_far = langevin(lambda z: mixture_score(z, far, 1.0, w), 4 * torch.randn(n, 2, generator=gen), eps, 1000, gen)
+    sigmas = [10 * 0.01 ** (i / 19) for i in range(20)]                  # 20 levels from 10 down to 0.1
+    x_annealed = annealed_langevin(far, 1.0, w, 4 * torch.randn(n, 2, generator=gen), sigmas, eps, 50, gen)
+    metrics = {"near_mode1_frac": {"exact": near_first(exact["near"], near), "langevin": near_first(x_near, near)},
+               "far_mode1_frac": {"exact": near_first(exact["far"], far), "langevin": near_first(x_far, far),
+                                  "annealed_langevin": near_first(x_annealed, far)},
+               "ascent_mean_dist_to_mode": float(torch.cdist(x_ascent, near).amin(1).mean()),
+               "mmd_near": common.mmd(x_near, exact["near"]), "mmd_far_langevin": common.mmd(x_far, exact["far"]),
+               "mmd_far_annealed": common.mmd(x_annealed, exact["far"])}
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 4)
+    g = torch.linspace(-6, 6, 121)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)     # (121^2, 2)
+    d2 = ((grid[:, None] - near[None]) ** 2).sum(-1)
+    density = (w[None] * torch.exp(-d2 / 2) / (2 * math.pi)).sum(1).view(121, 121)
+    arrows = grid.view(121, 121, 2)[::8, ::8].reshape(-1, 2)            # (16^2, 2) arrow feet
+    for ax, trajectory, title in ((axes[0], traj[:201], "Langevin, eps = 0.05: 200 of K = 1000 steps"),
+                                  (axes[1], traj_ascent, "naive ascent X + grad log p(X), 20 steps")):
+        paths = torch.stack(trajectory)[:, :6].numpy()                   # (steps + 1, 6, 2)
+        ax.plot(paths[:, :, 0], paths[:, :, 1], lw=0.7, alpha=0.8)
+        ax.scatter(*paths[0].T, s=12, c="tab:red", zorder=3)             # where the 6 paths start
+        ax.scatter(*trajectory[-1][:500].numpy().T, s=2, c="k", zorder=3)   # 500 points after the last step
+        ax.contour(g.numpy(), g.numpy(), density.numpy(), 8, cmap="viridis", zorder=4)
+        ax.quiver(*arrows.numpy().T, *score_near(arrows).numpy().T, angles="xy", color="0.4", zorder=2)
+        ax.set_title(title, fontsize=9)
+    m = metrics["far_mode1_frac"]
+    for ax, x, title in ((axes[2], x_far, f"far modes, Langevin: {m['langevin']:.2f} in mode 1"),
+                         (axes[3], x_annealed, f"annealed Langevin: {m['annealed_langevin']:.2f} in mode 1")):
+        ax.scatter(*exact["far"][:1000].numpy().T, s=2, c="0.7", label=f"p: {m['exact']:.2f} in mode 1")
+        ax.scatter(*x[:1000].numpy().T, s=2, c="tab:blue")
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="upper left", fontsize=7)
+    for ax in axes:
+        ax.set(xlim=(-9, 9), ylim=(-9, 9), aspect="equal")
+    fig.savefig(os.path.join(cfg.out, "langevin.png"), dpi=90, bbox_inches="tight")
+    common.save_points(x_near, os.path.join(cfg.out, "samples.png"), ref=exact["near"], title="Langevin samples")
+    return common.finish(cfg, metrics, t0, "cpu", samples=x_near)
 
 
 def main(argv=None):
@@ -362,29 +564,39 @@ def main(argv=None):
     common.check(cfg.sampler == "ode" or cfg.coupling == "independent",
                  "--sampler sde needs --coupling independent: the score is recovered from the velocity by a formula "
                  "that holds only when x_0 and x_1 are independent (OT-coupled pairs are not)")
-    couplings = ["independent", "ot"] if cfg.coupling == "both" else [cfg.coupling]
+    common.check(cfg.objective == "velocity" or cfg.coupling == "independent",
+                 "--objective score or both needs --coupling independent: the score target -x_0/beta_t is that of "
+                 "p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I), which needs x_0 independent of x_1")
+    common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume), "--demo trains nothing: drop "
+                 "--sample-only and --resume")
+    if cfg.demo == "langevin":
+        return langevin_demo(cfg)
     state = common.load_run(cfg, "flow_matching") if cfg.sample_only or cfg.resume else None   # flags from it
+    names = run_names(cfg)
     runs = state["runs"] if state else {}
-    common.check(not cfg.sample_only or all(c in runs for c in couplings),
-                 f"the checkpoint in {cfg.out} holds no model for --coupling {cfg.coupling}: train it first")
+    common.check(not cfg.sample_only or all(n in runs for n in names),
+                 f"the checkpoint in {cfg.out} holds no model for --coupling {cfg.coupling} --objective "
+                 f"{cfg.objective}: train it first")
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     points = cfg.data in common.POINT_DATA
     t0 = time.time()
-    models = {c: (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
-              for c in couplings}
+    models = {n: (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
+              for n in names}
+    objectives = {n: "score" if n == "score" else "velocity" for n in names}
     histories = {}
-    for c in couplings:
+    for n in names:
         if cfg.sample_only:
-            models[c].load_state_dict(runs[c]["model"])
+            models[n].load_state_dict(runs[n]["model"])
         else:
-            histories[f"CFM loss ({c})"] = train(cfg, c, models[c], device, runs, couplings)
+            loss_name = f"CSM loss (score, weight {cfg.weight})" if n == "score" else f"CFM loss ({n})"
+            histories[loss_name] = train(cfg, n, models[n], device, runs, names)
     if cfg.sample_only:
         common.restore_rng(cfg, state)                                   # the training run's own samples
     train_seconds = time.time() - t0
-    model = models[couplings[0]]
-    x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler)
+    model = models[names[0]]
+    x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler, objective=objectives[names[0]])
     if not points:
         labels = torch.arange(len(x[:100])) % 10 if cfg.cond else None           # evaluate() asks class i % 10
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=labels)
@@ -393,22 +605,27 @@ def main(argv=None):
                            title=f"{cfg.sampler} {cfg.solver}, {cfg.sample_steps} steps")
         traj = [torch.randn(300, 2, generator=torch.Generator().manual_seed(5))]
         field = lambda z, t: velocity(model, z.to(device), t).cpu()
-        sample(field, traj[0], cfg.sample_steps, cfg.solver, trajectory=traj)
+        t_start = T0_SCORE if objectives[names[0]] == "score" else 0.0
+        sample(field, traj[0], cfg.sample_steps, cfg.solver, trajectory=traj, objective=objectives[names[0]],
+               kind=cfg.path, t0=t_start)
         save_trajectories(traj, os.path.join(cfg.out, "trajectories.png"))
         save_path_and_field(cfg, model, device, cfg.out)
         table = {}
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
-        for c in couplings:                                              # quality vs network calls
+        for n in names:                                                  # quality vs network calls
             for solver in ("euler", "midpoint", "heun"):
-                rows = [(evaluate(cfg, models[c], device, solver, n)[1]) for n in (1, 2, 4, 8, 20, 100)]
-                table[f"{c}/{solver}"] = {str(n): r for n, r in zip((1, 2, 4, 8, 20, 100), rows)}
+                rows = [evaluate(cfg, models[n], device, solver, k, objective=objectives[n])[1]
+                        for k in (1, 2, 4, 8, 20, 100)]
+                table[f"{n}/{solver}"] = {str(k): r for k, r in zip((1, 2, 4, 8, 20, 100), rows)}
                 calls = [r["network_calls"] for r in rows]
-                ax.loglog(calls, [max(r["mmd"], 1e-5) for r in rows], "o-", label=f"{c}, {solver}")
+                ax.loglog(calls, [max(r["mmd"], 1e-5) for r in rows], "o-", label=f"{n}, {solver}")
         ax.set(xlabel="network calls (NFE)", ylabel="MMD^2 to data")
         ax.legend(fontsize=7)
         fig.savefig(os.path.join(cfg.out, "nfe.png"), dpi=100, bbox_inches="tight")
         metrics["by_solver"] = table
+    if cfg.objective == "both":
+        metrics["by_objective"] = compare_objectives(cfg, models, objectives, device)
     metrics["train_seconds"] = round(train_seconds, 2)
     return common.finish(cfg, metrics, t0, device, samples=x, history=histories)
 
