@@ -3,7 +3,8 @@ r"""gan.py - the adversarial game of Goodfellow et al. (2014), its optimal discr
 Lectures: 002 "GANs - Adversarial training as binary classification", "GAN equilibrium analysis" (D*, JSD),
 "Objective functions - Least Square GANS"; 004 "How to build the discriminator and generator" (DCGAN rules),
 "Downside of traditional GAN's" (vanishing gradients); 000 section 6.1 (the k-step loop).
-Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `python gan.py --data digits`.
+Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `python gan.py --data digits`,
+`python gan.py --demo divergences` (no GAN: which Gaussian each divergence prefers, seconds).
 
     value       V(D, G) = E_x log D(x) + E_z log(1 - D(G(z)))                  (002, "Loss function")
     D step      maximize V: k steps of binary cross-entropy, real -> 1, fake -> 0   (000 6.1, k = --k)
@@ -14,6 +15,12 @@ Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `pyt
 D works on logits l (D = sigmoid(l)) for stability: log D = -softplus(-l), log(1 - D) = -softplus(l).
 Slip in 004's Algorithm 1 (line 9): it says G is updated by "ascending" the gradient of log(1 - D(G(z))). G
 *minimizes* that term (it is the player who lowers V), so the code descends it; ascending would help D.
+--demo divergences (003 "The Problem: Asymmetry" to "Summary of the Terror", 004 "KL", 002 "D_KL is asymmetric"):
+fit q = N(mu, sigma^2) to a two-mode mixture p by minimizing KL(p || q), KL(q || p) or JSD(p, q), computed by
+quadrature on a grid, with Adam on (mu, log sigma). KL(p || q) covers both modes (its optimum matches p's mean
+and variance); KL(q || p) sits on one. Beware: 003's first lines on asymmetry (l.78-97) label KL(P || Q) "mode
+seeking" and KL(Q || P) "mode collapsing"; its own sections 2 and 3 then say it right: KL(P || Q) is covering
+(mean-seeking), KL(Q || P) picking (mode-seeking).
 2-D data use MLPs; images use DCGAN nets (strided convolutions, BatchNorm except the G output and the D input,
 ReLU in G, LeakyReLU(0.2) in D, tanh output; pixels mapped to [-1, 1]). Adam(2e-4, betas (0.5, 0.999)).
 """
@@ -22,6 +29,7 @@ import dataclasses, math, os, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 import common
 
@@ -38,6 +46,8 @@ class Config(common.Config):
     z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
     hidden: int = common.arg(256, "hidden units of the 2-D MLPs")
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
+    demo: str = common.arg("none", "divergences: fit one Gaussian to two modes by KL(p||q), KL(q||p), JSD (no GAN)",
+                           ["none", "divergences"])
     MODEL_FLAGS = ("data", "z_dim", "hidden", "loss")
 
     def defaults(self, given):                                           # image data: DCGAN steps fit the CPU
@@ -192,10 +202,78 @@ def train(cfg, G, D, z_dim, device, state=None):
     return history
 
 
+# ----------------------------------------------------------------------------- --demo divergences
+def mixture_log_density(x, means, std, weights):
+    """log p(x) of the 1-D mixture p = sum_k w_k N(mu_k, std^2), by log-sum-exp."""
+    log_n = -0.5 * ((x[:, None] - means) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))   # (N, K)
+    return torch.logsumexp(log_n + weights.log(), 1)
+
+
+def divergence(name, log_p, log_q, dx):
+    r"""A divergence between densities given by their logs on a grid of spacing dx (a Riemann sum):
+        kl_pq:  KL(p || q) = int p log(p / q)          (004, eq. 1)
+        kl_qp:  KL(q || p) = int q log(q / p)
+        jsd:    JSD = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2   (004, eq. 2)"""
+    p = log_p.exp()
+    q = log_q.exp()
+    if name == "kl_pq":
+        return (p * (log_p - log_q)).sum() * dx
+    if name == "kl_qp":
+        return (q * (log_q - log_p)).sum() * dx
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+    return 0.5 * ((p * (log_p - log_m)).sum() + (q * (log_q - log_m)).sum()) * dx
+
+
+def fit_gaussian(name, x, log_p, mu0, steps=1500, lr=0.05):
+    """(mu, sigma, divergence) of q = N(mu, sigma^2) minimizing the divergence to p, by Adam on (mu, log sigma)
+    from (mu0, 1): a local optimum."""
+    mu = torch.tensor(mu0, dtype=x.dtype, requires_grad=True)
+    log_sigma = torch.tensor(0.0, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.Adam([mu, log_sigma], lr)
+    dx = float(x[1] - x[0])
+    for _ in range(steps):
+        log_q = -0.5 * ((x - mu) / log_sigma.exp()) ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)
+        loss = divergence(name, log_p, log_q, dx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return mu.item(), log_sigma.exp().item(), loss.item()
+
+
+def divergences_demo(cfg):
+    """p = 0.4 N(-2.5, 0.6^2) + 0.6 N(2.5, 0.6^2); one Gaussian fitted by each divergence from three starts
+    (mu0 = -2, 0.5, 2); the best of the three is drawn in divergences.png, all three are in metrics.json."""
+    t0 = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
+    means, weights = torch.tensor([-2.5, 2.5], dtype=torch.float64), torch.tensor([0.4, 0.6], dtype=torch.float64)
+    log_p = mixture_log_density(x, means, 0.6, weights)
+    mean = float((weights * means).sum())                                # p's moments: what KL(p || q) matches
+    var = 0.6 ** 2 + float((weights * (means - mean) ** 2).sum())
+    metrics = {"p_mean": mean, "p_std": math.sqrt(var)}
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.fill_between(x.numpy(), log_p.exp().numpy(), color="0.85", label="p (two modes)")
+    for name, label in (("kl_pq", "KL(p||q): covers"), ("kl_qp", "KL(q||p): picks a mode"), ("jsd", "JSD(p, q)")):
+        fits = [fit_gaussian(name, x, log_p, mu0) for mu0 in (-2.0, 0.5, 2.0)]
+        mu, sigma, value = min(fits, key=lambda f: f[2])
+        metrics[name] = {"mu": mu, "sigma": sigma, "divergence": value, "from_mu0_-2_0.5_2": fits}
+        q = torch.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        ax.plot(x.numpy(), q.numpy(), lw=1.5, label=f"{label}: mu {mu:.2f}, sigma {sigma:.2f}")
+    ax.set(xlim=(-7, 7), xlabel="x", title="one Gaussian q fitted to p by three divergences")
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(cfg.out, "divergences.png"), dpi=100, bbox_inches="tight")
+    return common.finish(cfg, metrics, t0, "cpu")
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "gan", __doc__)
     common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
                  "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
+    common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume),
+                 "--demo trains nothing: drop --sample-only and --resume")
+    if cfg.demo == "divergences":
+        return divergences_demo(cfg)
     state = common.load_run(cfg, "gan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)

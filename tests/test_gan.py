@@ -1,5 +1,5 @@
 """Tests of gan.py and wgan.py: D*, V(D*, G) = -log 4 + 2 JSD, the losses' gradients, the Lipschitz tools, runs."""
-import json, math
+import functools, json, math
 
 import pytest
 import torch
@@ -131,3 +131,35 @@ def test_bad_input(tmp_path):
         gan.main(["--k", "0", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--n-critic"):
         wgan.main(["--n-critic", "0", "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- --demo divergences (issue 20, part 2)
+def test_quadrature_divergences_match_closed_forms():
+    """KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2, both ways; JSD is
+    symmetric and tends to log 2 for distributions that do not overlap."""
+    x = torch.linspace(-15, 15, 6001, dtype=torch.float64)
+    dx = float(x[1] - x[0])
+    log_n = lambda m, s: -0.5 * ((x - m) / s) ** 2 - math.log(s * math.sqrt(2 * math.pi))
+    kl = lambda m1, s1, m2, s2: math.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
+    p, q = log_n(0.3, 0.8), log_n(-1.0, 1.7)
+    assert float(gan.divergence("kl_pq", p, q, dx)) == pytest.approx(kl(0.3, 0.8, -1.0, 1.7), rel=1e-6)
+    assert float(gan.divergence("kl_qp", p, q, dx)) == pytest.approx(kl(-1.0, 1.7, 0.3, 0.8), rel=1e-6)
+    assert float(gan.divergence("jsd", p, q, dx)) == pytest.approx(float(gan.divergence("jsd", q, p, dx)), rel=1e-9)
+    assert float(gan.divergence("jsd", log_n(-8, 0.3), log_n(8, 0.3), dx)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_forward_kl_fit_matches_the_moments_and_reverse_kl_picks_a_mode():
+    x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
+    means, w = torch.tensor([-2.5, 2.5], dtype=torch.float64), torch.tensor([0.4, 0.6], dtype=torch.float64)
+    log_p = gan.mixture_log_density(x, means, 0.6, w)
+    mu, sigma, _ = gan.fit_gaussian("kl_pq", x, log_p, 0.5)
+    assert mu == pytest.approx(0.5, abs=1e-3)                            # E_p x = 0.6 * 2.5 - 0.4 * 2.5
+    assert sigma == pytest.approx(math.sqrt(0.36 + 0.4 * 9 + 0.6 * 4), abs=1e-3)   # 0.6^2 + Var of the means
+    mu, sigma, _ = gan.fit_gaussian("kl_qp", x, log_p, 2.0)
+    assert mu == pytest.approx(2.5, abs=0.01) and sigma == pytest.approx(0.6, abs=0.01)
+
+
+def test_divergences_demo_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(gan, "fit_gaussian", functools.partial(gan.fit_gaussian, steps=30))
+    rec = gan.main(["--demo", "divergences", "--out", str(tmp_path)])
+    assert set(rec) >= {"kl_pq", "kl_qp", "jsd", "p_mean"} and (tmp_path / "divergences.png").exists()
