@@ -551,7 +551,7 @@ def langevin_demo(cfg):
         ax.set(xlim=(-9, 9), ylim=(-9, 9), aspect="equal")
     fig.savefig(os.path.join(cfg.out, "langevin.png"), dpi=90, bbox_inches="tight")
     common.save_points(x_near, os.path.join(cfg.out, "samples.png"), ref=exact["near"], title="Langevin samples")
-    return common.finish(cfg, metrics, t0, "cpu", samples=x_near)
+    return common.finish(dataclasses.replace(cfg, steps=0), metrics, t0, "cpu", samples=x_near)   # nothing trained
 
 
 def main(argv=None):

@@ -300,5 +300,6 @@ def test_score_objective_and_langevin_runs(tmp_path):
     assert math.isfinite(rec["fd"])
     rec = fm.main(["--demo", "langevin", "--n-samples", "300", "--out", str(tmp_path / "lv")])
     assert rec["far_mode1_frac"]["langevin"] > 0.3 and (tmp_path / "lv" / "langevin.png").exists()
+    assert rec["steps"] == 0 and (tmp_path / "lv" / "samples.pt").exists()
     with pytest.raises(common.UserError, match="needs --coupling independent"):
         fm.main(["--objective", "score", "--coupling", "ot", "--out", str(tmp_path)])

@@ -163,3 +163,4 @@ def test_divergences_demo_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(gan, "fit_gaussian", functools.partial(gan.fit_gaussian, steps=30))
     rec = gan.main(["--demo", "divergences", "--out", str(tmp_path)])
     assert set(rec) >= {"kl_pq", "kl_qp", "jsd", "p_mean"} and (tmp_path / "divergences.png").exists()
+    assert rec["steps"] == 0                                             # a demo trains nothing
