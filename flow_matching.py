@@ -8,7 +8,8 @@ dynamics", Theorem 3, "Score matching training for Gaussian probability path", a
 the one of the diffusion part: the SDE with the same path p_t; the first is flow matching's).
 Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both` (independent vs OT),
 `--data digits` (a small U-Net), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`,
-`--objective score` (score matching), `--objective both`, `--demo langevin` (no training, seconds).
+`--objective score` (score matching), `--objective both`, `--demo langevin` (no training, seconds),
+`--demo marginal` (the marginalization trick on 8 points, seconds).
 
     path       x_t = alpha_t x_1 + beta_t x_0, x_0 ~ N(0, I), x_1 ~ data: p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I)
                linear: alpha_t = t, beta_t = 1 - t (default); cosine: alpha_t = sin(pi t/2), beta_t = cos(pi t/2)
@@ -35,6 +36,10 @@ Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both`
                v = alpha'/alpha x - beta (beta' - alpha' beta/alpha) s (the inverse of the conversion above), by the
                ODE or the SDE, from t = 0.01: at t = 0 (alpha = 0) the score is -x whatever the data, so v cannot be
                read from it there. --objective both trains one model of each (same network, same steps).
+    marginal   --demo marginal: for data made of 8 points z_i the marginal field is exact,
+               u_t(x) = sum_i w_i(x, t) u_t(x | z_i), w_i the posterior weight of z_i given x_t = x (002, "The
+               marginalization trick"): Euler on it carries N(0, I) onto the points, and a v_theta trained with the
+               CFM loss is drawn beside it (the tests check grad L_FM = grad L_CFM).
     Langevin   --demo langevin: X_{i+1} = X_i + eps grad log p(X_i) + sqrt(2 eps) xi_i on a 2-D mixture of two
                Gaussians with its exact score (002, "Langevin dynamics"), beside the naive ascent X + grad log p(X)
                (002, "Score function") and annealed Langevin (Song & Ermon 2019: beyond the slides).
@@ -81,7 +86,8 @@ class Config(common.Config):
                                 ["velocity", "score", "both"])
     weight: str = common.arg("beta2", "score matching: beta2 = beta_t^2 |s + eps/beta|^2 = |beta s + eps|^2 "
                              "(eps-prediction); none = the slide's |s + eps/beta|^2, with t <= 0.99", ["beta2", "none"])
-    demo: str = common.arg("none", "langevin: Langevin dynamics on a 2-D mixture (no training)", ["none", "langevin"])
+    demo: str = common.arg("none", "langevin: Langevin dynamics on a 2-D mixture; marginal: the exact marginal field "
+                           "of 8 points beside a trained v_theta", ["none", "langevin", "marginal"])
     cond: bool = common.arg(False, "class-conditional (images) with classifier-free guidance")
     guidance: float = common.arg(1.0, "w in (1 - w) v(x|null) + w v(x|y); 1 = plain conditional")
     p_uncond: float = common.arg(0.1, "eta: probability of dropping the label (per sample)")
@@ -554,6 +560,65 @@ def langevin_demo(cfg):
     return common.finish(dataclasses.replace(cfg, steps=0), metrics, t0, "cpu", samples=x_near)   # nothing trained
 
 
+# ----------------------------------------------------------------------------- the marginalization trick (--demo marginal)
+def marginal_velocity(kind, x, t, points):
+    r"""The exact marginal field of data made of the points z_i (equal weights) on the Gaussian path (002, "The
+    marginalization trick"): u_t(x) = sum_i w_i(x, t) u_t(x | z_i), with
+        u_t(x | z) = alpha'_t z + beta'_t (x - alpha_t z) / beta_t       (the conditional field: x_0 = (x - alpha z)/beta)
+        w_i(x, t) = N(x; alpha_t z_i, beta_t^2 I) / sum_j N(x; alpha_t z_j, beta_t^2 I)   (a softmax over i).
+    x (N, d); t in [0, 1), a float or one per row (N,)."""
+    t = torch.as_tensor(t, dtype=x.dtype).expand(len(x))                 # (N,)
+    a, b, da, db = (c.view(-1, 1, 1) for c in path_coefficients(kind, t))   # (N, 1, 1) each
+    d2 = ((x[:, None, :] - a * points[None]) ** 2).sum(-1)              # (N, n) squared distances to alpha z_i
+    w = torch.softmax(-d2 / (2 * b[:, :, 0] ** 2), 1)                    # (N, n) posterior weights of the z_i
+    u = da * points[None] + db * (x[:, None, :] - a * points[None]) / b  # (N, n, d) conditional fields
+    return (w[:, :, None] * u).sum(1)
+
+
+def marginal_demo(cfg):
+    """8 points on a circle of radius 3: Euler integration of the exact u_t from N(0, I); a v_theta trained with the
+    CFM loss on them (3000 steps), drawn beside u_t at t = 0.25, 0.5, 0.75, 0.9 (marginal.png)."""
+    t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    angles = torch.arange(8) * 2 * math.pi / 8
+    points = 3 * torch.stack([angles.cos(), angles.sin()], 1)           # (8, 2)
+    x0 = torch.randn(cfg.n_samples, 2, generator=gen)
+    x1, _ = sample(lambda x, t: marginal_velocity(cfg.path, x, t, points), x0, 100)
+    to_point = torch.cdist(x1, points).amin(1)                           # distance of each endpoint to its nearest z_i
+    model = MLPVelocity(128)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(3000):                                                # the CFM loss on the 8 points
+        z = points[torch.randint(8, (256,), generator=gen)]
+        t = torch.rand(256, generator=gen)
+        xt, target = cfm_target(cfg.path, torch.randn(256, 2, generator=gen), z, t)
+        loss = F.mse_loss(model(xt, t), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    metrics = {"endpoint_to_point_mean": float(to_point.mean()), "endpoint_to_point_max": float(to_point.max())}
+    fig = Figure(figsize=(16, 4))
+    g = torch.linspace(-4, 4, 17)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)     # (289, 2)
+    for ax, t in zip(fig.subplots(1, 4), (0.25, 0.5, 0.75, 0.9)):
+        xt = cfm_target(cfg.path, torch.randn(2000, 2, generator=gen), points[torch.randint(8, (2000,), generator=gen)],
+                        torch.full((2000,), t))[0]                       # samples of p_t, where the field matters
+        u = marginal_velocity(cfg.path, xt, t, points)
+        with torch.no_grad():
+            v = model(xt, torch.full((2000,), t))
+        metrics[f"rel_error_t{t}"] = float((v - u).norm(dim=1).mean() / u.norm(dim=1).mean())
+        ax.scatter(*xt.numpy().T, s=1, c="0.8")
+        ax.quiver(*grid.numpy().T, *marginal_velocity(cfg.path, grid, t, points).numpy().T, color="tab:blue",
+                  angles="xy", label="exact u_t")
+        with torch.no_grad():
+            ax.quiver(*grid.numpy().T, *model(grid, torch.full((289,), t)).numpy().T, color="tab:red", angles="xy",
+                      alpha=0.6, label="trained v_theta")
+        ax.set(title=f"t = {t}: |v - u| / |u| = {metrics[f'rel_error_t{t}']:.2f}", aspect="equal", xticks=[], yticks=[])
+        ax.legend(loc="lower left", fontsize=7)
+    fig.savefig(os.path.join(cfg.out, "marginal.png"), dpi=90, bbox_inches="tight")
+    common.save_points(x1, os.path.join(cfg.out, "samples.png"), ref=points, title="Euler on the exact u_t, 100 steps")
+    return common.finish(dataclasses.replace(cfg, steps=3000), metrics, t0, "cpu", samples=x1)   # v_theta's steps
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "flow_matching", __doc__)
     common.check(cfg.sample_steps > 0 and cfg.n_samples > 1 and cfg.hidden > 0 and cfg.ch >= 8,
@@ -571,6 +636,8 @@ def main(argv=None):
                  "--sample-only and --resume")
     if cfg.demo == "langevin":
         return langevin_demo(cfg)
+    if cfg.demo == "marginal":
+        return marginal_demo(cfg)
     state = common.load_run(cfg, "flow_matching") if cfg.sample_only or cfg.resume else None   # flags from it
     names = run_names(cfg)
     runs = state["runs"] if state else {}
