@@ -9,14 +9,17 @@ the one of the diffusion part: the SDE with the same path p_t; the first is flow
 Run: `python flow_matching.py` (checkerboard, ~2 CPU minutes), `--coupling both` (independent vs OT),
 `--data digits` (a small U-Net), `--data digits --cond --guidance 2`, `--sampler sde --sigma 1`,
 `--objective score` (score matching), `--objective both`, `--demo langevin` (no training, seconds),
-`--demo marginal` (the marginalization trick on 8 points, seconds).
+`--demo marginal` (the marginalization trick on 8 points, seconds), `--data digits --coupling corrupt`.
 
     path       x_t = alpha_t x_1 + beta_t x_0, x_0 ~ N(0, I), x_1 ~ data: p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I)
                linear: alpha_t = t, beta_t = 1 - t (default); cosine: alpha_t = sin(pi t/2), beta_t = cos(pi t/2)
     CFM loss   |v_theta(x_t, t) - (alpha'_t x_1 + beta'_t x_0)|^2, t ~ U[0, 1]  (linear: target x_1 - x_0)
     sampling   dx/dt = v_theta(x, t) from t = 0 to 1: Euler x_{t+h} = x_t + h v_theta(x_t, t) (002), or midpoint / Heun
     coupling   independent pairs (x_0, x_1) (default), or minibatch OT: pairs drawn from an entropic OT plan between
-               the two minibatches (a log-domain Sinkhorn, below; Tong et al. 2023), meant to straighten the paths
+               the two minibatches (a log-domain Sinkhorn, below; Tong et al. 2023), meant to straighten the paths;
+               or (--coupling corrupt, images) the slide's data coupling p_{0,1} = p_{0|1}(x_0 | x_1) p_1(x_1):
+               x_0 = corrupt(x_1) + 0.1 eps, the lower half masked or a 2x blur (--corrupt), the same CFM loss;
+               sampled from corrupted test images, it restores them (restoration.png, restoration_mae).
     guidance   labels dropped to a null token with probability eta = 0.1 per sample; sampling with
                v~ = (1 - w) v_theta(x | null) + w v_theta(x | y)  (002, "Classifier-free guidance"; w = 1: conditional),
                2 network calls per step when w != 1. Beware: ddpm.py's --guidance w means (1 + w) eps(y) - w eps(null),
@@ -49,6 +52,8 @@ alpha' and beta' (and its linear-path form |v - eps - x_1|^2 follows that slip);
 derivative of x_t, alpha'_t x_1 + beta'_t x_0 (tested against finite differences), x_1 - x_0 on the linear path.
 F.mse_loss averages over the d coordinates: it is 1/d of the slide's squared norm (the same minimizer).
 Score matching's default loss (--weight beta2) is the slide's times beta_t^2; the slide's own is --weight none.
+The data coupling adds noise 0.1 eps to the corrupted image (not on the slide): without it p_0 has no density
+(a masked half is constant) and a deterministic flow cannot spread one x_0 over its many possible x_1.
 Slips on the Langevin slide: it writes the noise term sqrt(2 alpha) eps_i with "alpha a small constant", but p is
 stationary only when alpha equals the step eps (written here sqrt(2 eps) xi_i, xi_i the noise, as eps is the step);
 and it says x_K converges to "a sample from q(x)", meaning p(x). The note under Theorem 2 writes grad p_t(x|z) for
@@ -76,8 +81,9 @@ class Config(common.Config):
     batch_size: int = common.arg(512, "pairs per step (images: 64 unless given)")
     lr: float = common.arg(1e-3, "Adam learning rate, decayed linearly to 0")
     path: str = common.arg("linear", "Gaussian probability path", ["linear", "cosine"])
-    coupling: str = common.arg("independent", "how x_0 and x_1 are paired ('both' trains one model each)",
-                               ["independent", "ot", "both"])
+    coupling: str = common.arg("independent", "how x_0 and x_1 are paired ('both' trains one model each; corrupt: "
+                               "x_0 = a corrupted x_1, images)", ["independent", "ot", "both", "corrupt"])
+    corrupt: str = common.arg("mask", "--coupling corrupt: mask the lower half, or blur (2x down, up)", ["mask", "blur"])
     solver: str = common.arg("euler", "ODE solver for samples.png", ["euler", "midpoint", "heun"])
     sample_steps: int = common.arg(20, "ODE (or SDE) steps for samples.png and the main metrics")
     sampler: str = common.arg("ode", "ode: dx = v dt; sde: Euler-Maruyama with the score from v", ["ode", "sde"])
@@ -94,7 +100,7 @@ class Config(common.Config):
     ch: int = common.arg(16, "U-Net base channels (images)")
     hidden: int = common.arg(256, "MLP hidden units (2-D)")
     n_samples: int = common.arg(2500, "samples for the metrics (images: 1000 unless given)")
-    MODEL_FLAGS = ("data", "path", "objective", "cond", "ch", "hidden")
+    MODEL_FLAGS = ("data", "path", "objective", "corrupt", "cond", "ch", "hidden")
 
     def defaults(self, given):
         if self.data in common.IMAGE_DATA:
@@ -168,6 +174,20 @@ def sinkhorn_plan(C, eps, tol=1e-4, max_iter=2000):
         if err < tol:
             break
     return u[:, None] * K * v[None, :]
+
+
+CORRUPT_NOISE = 0.1    # --coupling corrupt: x_0 = corrupt(x_1) + 0.1 eps, so that p_0 has a density to transport
+
+
+def corrupt(kind, x1):
+    """The slide's "partial / noisy image" (002, "Data coupling"): images in [-1, 1] with the lower half set to
+    black (mask, inpainting), or 2x downsampled by averaging and upsampled bilinearly (blur, super-resolution)."""
+    if kind == "mask":
+        x0 = x1.clone()
+        x0[:, :, x1.shape[2] // 2:] = -1.0                               # (B, C, H, W): rows H/2.. to black
+        return x0
+    small = F.avg_pool2d(x1, 2)                                          # (B, C, H/2, W/2)
+    return F.interpolate(small, size=x1.shape[2:], mode="bilinear", align_corners=False)
 
 
 def ot_pairs(x0, x1, gen=None):
@@ -348,6 +368,29 @@ def save_trajectories(traj, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+def evaluate_restoration(cfg, model, device):
+    """--coupling corrupt: corrupt --n-samples test images, integrate dx/dt = v_theta from them (t = 0) to t = 1, and
+    compare with the clean images: mean absolute pixel error (pixels in [0, 1]) of the corrupted and of the
+    restored images, and the image metrics of the restorations (class_accuracy: against the clean image's label).
+    restoration.png: one column per image; rows x_0, x_t at t = 1/4, 1/2, 3/4, the restoration x_1, the clean image."""
+    x_test, y_test = common.load_images(cfg.data, "test", cfg.data_dir)
+    clean = x_test[:cfg.n_samples] * 2 - 1                               # (N, 1, 28, 28) in [-1, 1]
+    gen = torch.Generator().manual_seed(1)
+    x0 = corrupt(cfg.corrupt, clean) + CORRUPT_NOISE * torch.randn(clean.shape, generator=gen)
+    model.eval()
+    field = lambda x, t: velocity(model, x.to(device), t).cpu()
+    restored = torch.cat([sample(field, x0[i:i + 500], cfg.sample_steps, cfg.solver)[0] for i in range(0, len(x0), 500)])
+    traj = [x0[:10]]
+    sample(field, x0[:10], cfg.sample_steps, cfg.solver, trajectory=traj)
+    keep = [traj[0]] + [traj[round(f * cfg.sample_steps)] for f in (0.25, 0.5, 0.75, 1.0)] + [clean[:10]]
+    to01 = lambda x: (x.clamp(-1, 1) + 1) / 2
+    common.save_images(to01(torch.cat(keep)), os.path.join(cfg.out, "restoration.png"))
+    m = common.image_metrics(to01(restored), cfg.data, labels=y_test[:cfg.n_samples], data_dir=cfg.data_dir)
+    m.update(corrupted_mae=float((to01(x0) - to01(clean)).abs().mean()),
+             restoration_mae=float((to01(restored) - to01(clean)).abs().mean()), network_calls=cfg.sample_steps)
+    return to01(restored), m
+
+
 def compare_objectives(cfg, models, objectives, device):
     """--objective both: the velocity-trained and the score-trained model, each sampled by the ODE and by the SDE
     (--sigma) with --sample-steps steps; metrics by 'objective/sampler', pictures in objectives.png."""
@@ -422,6 +465,8 @@ def train(cfg, name, model, device, runs, names):
             x0 = torch.randn(x1.shape, generator=gen).to(device)          # x_0 ~ p_0 = N(0, I)
             if coupling == "ot":
                 x0 = ot_pairs(x0, x1, gen)
+            elif coupling == "corrupt":                                   # p_{0,1} = p_{0|1}(x_0 | x_1) p_1(x_1)
+                x0 = corrupt(cfg.corrupt, x1) + CORRUPT_NOISE * x0
             t = torch.rand(len(x1), generator=gen).to(device)            # t ~ U[0, 1]
             if name == "score":
                 loss = csm_loss(cfg.path, cfg.weight, model, x0, x1, t, y)
@@ -640,6 +685,8 @@ def main(argv=None):
         return marginal_demo(cfg)
     state = common.load_run(cfg, "flow_matching") if cfg.sample_only or cfg.resume else None   # flags from it
     names = run_names(cfg)
+    common.check(cfg.coupling != "corrupt" or (cfg.data in common.IMAGE_DATA and not cfg.cond),
+                 "--coupling corrupt restores images: it needs image data (e.g. --data digits) and no --cond")
     runs = state["runs"] if state else {}
     common.check(not cfg.sample_only or all(n in runs for n in names),
                  f"the checkpoint in {cfg.out} holds no model for --coupling {cfg.coupling} --objective "
@@ -663,7 +710,11 @@ def main(argv=None):
         common.restore_rng(cfg, state)                                   # the training run's own samples
     train_seconds = time.time() - t0
     model = models[names[0]]
-    x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler, objective=objectives[names[0]])
+    if cfg.coupling == "corrupt":
+        x, metrics = evaluate_restoration(cfg, model, device)
+    else:
+        x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler,
+                              objective=objectives[names[0]])
     if not points:
         labels = torch.arange(len(x[:100])) % 10 if cfg.cond else None           # evaluate() asks class i % 10
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=labels)

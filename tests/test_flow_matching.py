@@ -349,3 +349,23 @@ def test_marginal_demo_runs(tmp_path):
     rec = fm.main(["--demo", "marginal", "--n-samples", "300", "--out", str(tmp_path)])
     assert rec["endpoint_to_point_max"] < 0.01 and (tmp_path / "marginal.png").exists()
     assert rec["rel_error_t0.5"] < 0.3                                   # the trained field approaches u_t
+
+
+# ----------------------------------------------------------------------------- data coupling (issue 20, part 4)
+def test_corruptions():
+    g = torch.Generator().manual_seed(23)
+    x = torch.rand(3, 1, 28, 28, generator=g) * 2 - 1
+    m = fm.corrupt("mask", x)
+    assert torch.equal(m[:, :, :14], x[:, :, :14]) and (m[:, :, 14:] == -1).all()   # lower half black, upper kept
+    assert torch.allclose(fm.corrupt("blur", torch.full_like(x, 0.3)), torch.full_like(x, 0.3))
+    checker = (torch.arange(28)[:, None] + torch.arange(28)[None]) % 2 * 2.0 - 1   # +-1 at the pixel scale
+    assert fm.corrupt("blur", checker.expand(1, 1, 28, 28)).abs().max() < 1e-6     # 2x2 averages remove it
+
+
+def test_corrupt_coupling_runs(tmp_path):
+    rec = fm.main(["--data", "digits", "--coupling", "corrupt", "--corrupt", "blur", "--steps", "3", "--ch", "8",
+                   "--n-samples", "20", "--sample-steps", "4", "--out", str(tmp_path)])
+    assert rec["corrupted_mae"] > 0 and "restoration_mae" in rec and "class_accuracy" in rec
+    assert (tmp_path / "restoration.png").exists()
+    with pytest.raises(common.UserError, match="--coupling corrupt restores images"):
+        fm.main(["--coupling", "corrupt", "--out", str(tmp_path / "pts")])
