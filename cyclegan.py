@@ -29,6 +29,20 @@ instance norm and reflection padding; D = 3-layer PatchGAN (C32, C64, C128, then
 scores). At 28x28 each output's receptive field (34x34) covers the whole image, so D is not a patch critic
 here: it scores overlapping views of the whole digit (on 64x64 folder images the patches are real).
 Differences from the paper: 16 instead of 64 base channels, 3 instead of 9 residual blocks, 28x28.
+
+pix2pix (--paired; 002 "Conditional GANs example - Pix2Pix", Isola et al. 2017): when true pairs exist, one
+mapping G: X -> Y and a conditional discriminator D(x, y) that sees the input stacked with the output. In the
+slide's letters the condition is y and the output x; here the input is x and the output y:
+    D maximizes   E log D(x, y) + E log(1 - D(x, G(x)))                 (the conditional GAN value; BCE on logits)
+    G minimizes   -E log D(x, G(x)) + lambda_L1 E |y - G(x)|_1,  lambda_L1 = 100 (--lam-l1, as Isola et al.)
+The built-in pairs are one glyph rendered both ways (X train images 0..29999 with their own Y renderings; test
+pairs likewise). G is the CycleGAN generator above, not pix2pix's U-Net, and has no noise z (Isola et al.
+found it ignored); D is the same PatchGAN with 6 input channels. G's adversarial term is the non-saturating
+-log D, which 002 recommends over log(1 - D) ("Equilibrium analysis", note) and Isola et al. use. Isola et al.
+halve D's objective; the slide does not, and neither does this code.
+A folder in the public pix2pix layout (--data-dir PATH with PATH/train, and PATH/test or PATH/val, of side-by-side
+A|B images) is read as pairs (A = x on the left, B = y on the right). Both modes report l1_to_true_y on the
+built-in test pairs: what cycle consistency has to stand in for when the pairs are missing.
 """
 import dataclasses, os, time
 
@@ -55,10 +69,13 @@ class Config(common.Config):
     n_res: int = common.arg(3, "residual blocks in each generator")
     image_size: int = common.arg(0, "image side, a multiple of 4 (0: 28 for digits, 64 for folders)")
     n_eval: int = common.arg(2000, "test images per domain for the metrics")
-    MODEL_FLAGS = ("data", "ngf", "ndf", "n_res", "image_size")
+    paired: bool = common.arg(False, "pix2pix: train G: X -> Y on true pairs with D(x, y) and the L1 term")
+    lam_l1: float = common.arg(100.0, "pix2pix: lambda_L1, the weight of |y - G(x)|_1")
+    MODEL_FLAGS = ("data", "ngf", "ndf", "n_res", "image_size", "paired")
 
     def defaults(self, given):
-        self.image_size = self.image_size or (64 if is_folder_pair(self.data_dir) else 28)
+        folder = is_folder_pair(self.data_dir) or is_paired_folder(self.data_dir)
+        self.image_size = self.image_size or (64 if folder else 28)
 
 
 # ----------------------------------------------------------------------------- data
@@ -67,6 +84,10 @@ INK, BACKGROUND = torch.tensor([0.1, 0.15, 0.45]), torch.tensor([1.0, 0.85, 0.55
 
 def is_folder_pair(path):
     return bool(path) and os.path.isdir(os.path.join(path, "trainA")) and os.path.isdir(os.path.join(path, "trainB"))
+
+
+def is_paired_folder(path):
+    return bool(path) and os.path.isdir(os.path.join(path, "train")) and not is_folder_pair(path)
 
 
 def domain_x(m):
@@ -85,15 +106,38 @@ def domain_y(m, shear=0.3):
 
 def load_folder(path, size):
     """All .png/.jpg images in a folder as RGB (grey copied to 3 channels, alpha dropped), each resized to
-    size x size (so mixed sizes are fine), in [-1, 1]. A file that is not a readable image is an error."""
+    size x size (so mixed sizes are fine), in [-1, 1]; size None: a list of the images as they are. A file that
+    is not a readable image is an error."""
     files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     common.check(files, f"no .png or .jpg images in {path}")
     out = []
     for name in files:
         im = common.read_rgb(os.path.join(path, name), grey_ok=True)[0].permute(2, 0, 1)[None]   # (1, 3, H, W)
-        im = nnf.interpolate(im, size=(size, size), mode="bilinear", antialias=True)
+        if size is not None:
+            im = nnf.interpolate(im, size=(size, size), mode="bilinear", antialias=True)
         out.append(im.clamp(0, 1) * 2 - 1)
-    return torch.cat(out)
+    return out if size is None else torch.cat(out)
+
+
+def load_side_by_side(path, size):
+    """A folder of side-by-side A|B images (the pix2pix datasets) -> (A, B), each half resized to size x size."""
+    ab = load_folder(path, None)                                         # a list of (1, 3, H, 2W)
+    resize = lambda t: nnf.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+    a = [resize(im[..., :im.shape[-1] // 2]) for im in ab]
+    b = [resize(im[..., im.shape[-1] // 2:]) for im in ab]
+    return torch.cat(a), torch.cat(b)
+
+
+def load_pairs(cfg, split):
+    """pix2pix data: (x, y, labels or None), y[i] the Y rendering of the glyph of x[i], images in [-1, 1]."""
+    if is_paired_folder(cfg.data_dir):
+        found = [d for d in (("train",) if split == "train" else ("test", "val", "train"))
+                 if os.path.isdir(os.path.join(cfg.data_dir, d))]
+        return (*load_side_by_side(os.path.join(cfg.data_dir, found[0]), cfg.image_size), None)
+    m, labels = common.load_images(cfg.data, split, cfg.data_dir)
+    m = m[:len(m) // 2]                                                  # the glyphs X is made of
+    m = m if cfg.image_size == 28 else nnf.interpolate(m, size=cfg.image_size, mode="bilinear")
+    return domain_x(m), domain_y(m), labels[:len(m)]
 
 
 def load_domains(cfg, split):
@@ -185,7 +229,59 @@ def identity_loss(G, F, x, y):
     return (G(y) - y).abs().mean() + (F(x) - x).abs().mean()            # |G(y) - y|_1 + |F(x) - x|_1
 
 
+def pix2pix_d_loss(l_real, l_fake):
+    """-[log D(x, y) + log(1 - D(x, G(x)))] on logits l: softplus(-l_real) + softplus(l_fake), means over patches."""
+    return nnf.softplus(-l_real).mean() + nnf.softplus(l_fake).mean()
+
+
+def pix2pix_g_loss(l_fake, fake_y, y, lam_l1):
+    """-log D(x, G(x)) + lambda_L1 |y - G(x)|_1 (002, "Final loss"; |.|_1 averaged over pixels)."""
+    return nnf.softplus(-l_fake).mean() + lam_l1 * (y - fake_y).abs().mean()
+
+
 # ----------------------------------------------------------------------------- training
+def train_paired(cfg, G, D, device, state=None):
+    """pix2pix for cfg.steps steps, each one D step and one G step on a batch of true pairs; state: --resume."""
+    x_all, y_all, _ = load_pairs(cfg, "train")
+    gen = torch.Generator().manual_seed(cfg.seed)                         # data order
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))
+    decay = lambda step: min(1.0, 2 * (1 - step / cfg.steps))            # as for CycleGAN
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
+    history = {"G loss": [], "D loss": []}
+    start = 0
+    if state:                                                            # --resume: continue the saved run
+        for key, obj in zip(("opt_g", "opt_d", "sched_g", "sched_d"), (opt_g, opt_d) + tuple(scheds)):
+            obj.load_state_dict(state[key])
+        history = state["history"]
+        start = state["step"]
+        common.set_rng_states(state["rng"], gen)
+    progress = common.Progress(cfg.steps, start)
+    with common.Checkpoints(cfg, "cyclegan", every=500) as save:
+        for step in range(start + 1, cfg.steps + 1):
+            idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
+            x = x_all[idx].to(device)
+            y = y_all[idx].to(device)                                    # the true partner of each x
+            fake_y = G(x)
+            loss_d = pix2pix_d_loss(D(torch.cat([x, y], 1)), D(torch.cat([x, fake_y.detach()], 1)))   # D(x, y): stacked
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            loss_g = pix2pix_g_loss(D(torch.cat([x, fake_y], 1)), fake_y, y, cfg.lam_l1)
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            for s in scheds:
+                s.step()
+            history["G loss"].append(loss_g.item())
+            history["D loss"].append(loss_d.item())
+            progress(step, loss_g.item() + loss_d.item())
+            save(step, lambda: dict(G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
+                                    opt_d=opt_d.state_dict(), sched_g=scheds[0].state_dict(),
+                                    sched_d=scheds[1].state_dict(), history=history, rng=common.rng_states(gen)))
+    return history
+
+
 def train(cfg, nets, device, state=None):
     """cfg.steps steps of the two games and the cycle; state: a saved run to continue (--resume)."""
     G, F, D_X, D_Y = nets
@@ -261,6 +357,23 @@ def y_classifier(cfg):
     return common.cached_classifier(path, y_train, epochs=3)
 
 
+def evaluate_paired(cfg, G):
+    """pix2pix: G(x) against the true y of held-out pairs; translation.png rows x, G(x), the true y."""
+    x, y, lx = load_pairs(cfg, "test")
+    x = x[:cfg.n_eval]
+    y = y[:cfg.n_eval]
+    fake_y = translate(G, x)
+    metrics = {"l1_to_true_y": float((fake_y - y).abs().mean() / 2)}    # mean |G(x) - y| in [0, 1] pixel units
+    if lx is not None and cfg.image_size == 28:
+        feats_fake, p_fake = common.classify(y_classifier(cfg), grey(fake_y))
+        feats_real, p_real = common.classify(y_classifier(cfg), grey(y))
+        metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx[:cfg.n_eval]).float().mean()),
+                       fd_y=common.frechet_distance(feats_fake, feats_real))
+    common.save_images((torch.cat([x[:10], fake_y[:10], y[:10]]) + 1) / 2, os.path.join(cfg.out, "translation.png"))
+    common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
+    return metrics, (fake_y + 1) / 2
+
+
 def evaluate(cfg, G, F):
     x, y, lx, ly = load_domains(cfg, "test")
     x = x[:cfg.n_eval]
@@ -281,7 +394,8 @@ def evaluate(cfg, G, F):
         metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx).float().mean()),
                        label_preservation_yx=float((p_back.argmax(1) == ly).float().mean()),
                        fd_y=common.frechet_distance(feats_fake, feats_real),
-                       evaluator_y_accuracy=float((p_real.argmax(1) == ly).float().mean()))
+                       evaluator_y_accuracy=float((p_real.argmax(1) == ly).float().mean()),
+                       l1_to_true_y=float((fake_y - load_pairs(cfg, "test")[1][:cfg.n_eval]).abs().mean() / 2))
     rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]  # x, G(x), F(G(x)); y, F(y), G(F(y))
     common.save_images((torch.cat(rows) + 1) / 2, os.path.join(cfg.out, "translation.png"))
     common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
@@ -294,24 +408,36 @@ def main(argv=None):
                  f"--image-size must be a multiple of 4 and at least 16 (two stride-2 steps), got {cfg.image_size}")
     common.check(cfg.lam >= 0 and cfg.lambda_id >= 0 and cfg.pool >= 0 and min(cfg.ngf, cfg.ndf, cfg.n_eval) > 0
                  and cfg.n_res >= 0, "--lam, --lambda-id, --pool, --n-res must be >= 0 and --ngf, --ndf, --n-eval > 0")
-    common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits",
+    common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits" or cfg.paired,
                  f"--data-dir {cfg.data_dir} has no trainA/ and trainB/ folders (digits need no --data-dir)")
+    common.check(not cfg.data_dir or not cfg.paired or is_paired_folder(cfg.data_dir) or cfg.data != "digits",
+                 f"--paired --data-dir {cfg.data_dir}: expected a train/ folder of side-by-side A|B images")
     state = common.load_run(cfg, "cyclegan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device) for _ in range(2)] + \
-        [discriminator(3, cfg.ndf).to(device) for _ in range(2)]
+    if cfg.paired:                                                       # pix2pix: G and D(x, y)
+        nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device), discriminator(6, cfg.ndf).to(device)]
+        keys = ("G", "D")
+    else:
+        nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device) for _ in range(2)] + \
+            [discriminator(3, cfg.ndf).to(device) for _ in range(2)]
+        keys = ("G", "F", "D_X", "D_Y")
     t0 = time.time()
     history = {}
     if state:
-        for key, net in zip(("G", "F", "D_X", "D_Y"), nets):
+        for key, net in zip(keys, nets):
             net.load_state_dict(state[key])
     if cfg.sample_only:
         common.restore_rng(cfg, state)                                   # the training run's own samples
+    elif cfg.paired:
+        history = train_paired(cfg, nets[0], nets[1], device, state)
     else:
         history = train(cfg, nets, device, state)
-    metrics, samples = evaluate(cfg, nets[0], nets[1])
+    if cfg.paired:
+        metrics, samples = evaluate_paired(cfg, nets[0])
+    else:
+        metrics, samples = evaluate(cfg, nets[0], nets[1])
     return common.finish(cfg, metrics, t0, device, samples=samples, history=history)
 
 

@@ -93,10 +93,49 @@ def test_folder_loader_and_run(tmp_path):
 def test_smoke_run_on_digits_and_sample_only(tmp_path):
     args = ["--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "200", "--out", str(tmp_path)]
     rec = cyclegan.main(args)
-    for key in ("label_preservation_xy", "label_preservation_yx", "cycle_l1_x", "cycle_l1_y", "fd_y"):
+    for key in ("label_preservation_xy", "label_preservation_yx", "cycle_l1_x", "cycle_l1_y", "fd_y", "l1_to_true_y"):
         assert key in rec
     for name in ("samples.png", "samples.pt", "translation.png", "loss.png", "checkpoint.pt", "metrics.json"):
         assert os.path.exists(tmp_path / name)
     again = cyclegan.main(args + ["--sample-only"])
     assert again["cycle_l1_x"] == pytest.approx(rec["cycle_l1_x"], abs=1e-5)
     assert json.load(open(tmp_path / "metrics.json"))["steps"] == 0
+
+
+# ----------------------------------------------------------------------------- pix2pix (issue 20, part 1)
+def test_pix2pix_losses_by_hand():
+    l_real, l_fake = torch.tensor([[0.3, -1.2]]), torch.tensor([[2.0, -0.5]])
+    sig = torch.sigmoid
+    want_d = -(torch.log(sig(l_real)).mean() + torch.log(1 - sig(l_fake)).mean())   # -[log D(x, y) + log(1 - D(x, G(x)))]
+    assert torch.allclose(cyclegan.pix2pix_d_loss(l_real, l_fake), want_d, atol=1e-6)
+    fake_y, y = torch.tensor([0.5, -0.5]), torch.tensor([0.0, 0.0])
+    want_g = -torch.log(sig(l_fake)).mean() + 100 * 0.5                  # -log D(x, G(x)) + lambda |y - G(x)|_1
+    assert torch.allclose(cyclegan.pix2pix_g_loss(l_fake, fake_y, y, 100.0), want_g, atol=1e-5)
+
+
+def test_pairs_are_one_glyph_rendered_both_ways():
+    cfg = cyclegan.Config(image_size=28)
+    x, y, labels = cyclegan.load_pairs(cfg, "test")
+    m = common.load_images("digits", "test")[0][:5]
+    assert torch.equal(x[:5], cyclegan.domain_x(m)) and torch.equal(y[:5], cyclegan.domain_y(m))
+    assert len(x) == len(y) == len(labels) == 5000
+
+
+def test_paired_folder_and_run(tmp_path):
+    """The public pix2pix layout: train/ (and val/) of side-by-side A|B images; A is read as x, B as y."""
+    for d in ("train", "val"):
+        os.makedirs(tmp_path / "p" / d)
+        for i in range(3):
+            img = np.zeros((12, 24, 3))
+            img[:, :12, 0] = 1.0                                         # A: red
+            img[:, 12:, 2] = i / 3                                       # B: some blue
+            matplotlib.image.imsave(tmp_path / "p" / d / f"{i}.png", img)
+    a, b = cyclegan.load_side_by_side(str(tmp_path / "p" / "train"), 8)
+    assert a.shape == b.shape == (3, 3, 8, 8)
+    assert torch.allclose(a[:, 0], torch.ones(3, 8, 8)) and torch.allclose(b[:, 0], -torch.ones(3, 8, 8))
+    rec = cyclegan.main(["--paired", "--data-dir", str(tmp_path / "p"), "--image-size", "16", "--steps", "2",
+                         "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
+    assert "l1_to_true_y" in rec and (tmp_path / "run" / "translation.png").exists()
+    rec = cyclegan.main(["--paired", "--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "100",
+                         "--out", str(tmp_path / "digits")])
+    assert set(rec) >= {"l1_to_true_y", "label_preservation_xy", "fd_y"}
