@@ -580,15 +580,37 @@ def real_features(data, data_dir, n_real, cache):
     """The evaluator's features of the first n_real test images, computed once per process (and cache folder)."""
     return classify(get_classifier(data, data_dir), load_images(data, "test", data_dir)[0][:n_real])[0]
 
+def inception_score(probs):
+    r"""IS = exp(E_x KL(p(y|x) || p(y))), p(y) = the mean of p(y|x) over the samples (004, Borji's table: "KLD
+    between conditional and marginal label distributions"): 1 if every p(y|x) is the same, the number of classes
+    for confident predictions spread evenly. Computed with the shared evaluator, not Inception-v3: our numbers do
+    not compare with papers' Inception Scores."""
+    log_p = probs.clamp(min=1e-12).log()
+    log_p_y = probs.mean(0, keepdim=True).clamp(min=1e-12).log()
+    return float((probs * (log_p - log_p_y)).sum(1).mean().exp())
+
+def nn_ratio(x, train, test, batch=500):
+    """Memorisation check: the mean pixel distance from each sample to its nearest training image, divided by the
+    same for as many held-out test images. About 1 for a model that generalises like fresh data; < 1 flags
+    samples closer to the training set than new data are (copying)."""
+    def mean_nn(a):
+        a = a.flatten(1).float()
+        return torch.cat([torch.cdist(a[i:i + batch], train).amin(1) for i in range(0, len(a), batch)]).mean()
+    train = train.flatten(1).float()
+    return float(mean_nn(x.cpu()) / mean_nn(test[:len(x)]))
+
 def image_metrics(x, data, labels=None, data_dir="", n_real=10000):
-    """fd (vs held-out test images), digit_confidence, class_entropy (nats), and class_accuracy if labels."""
+    """fd (vs held-out test images), digit_confidence, class_entropy (nats), inception_score, nn_ratio, and
+    class_accuracy if labels."""
     net = get_classifier(data, data_dir)
     feats, probs = classify(net, x)
     real_feats = real_features(data, data_dir, n_real, CACHE)
     hist = torch.bincount(probs.argmax(1), minlength=10).float() / len(x)
     out = {"fd": frechet_distance(feats, real_feats),
            "digit_confidence": float((probs.max(1).values >= 0.9).float().mean()),
-           "class_entropy": float(-(hist * hist.clamp(min=1e-12).log()).sum())}
+           "class_entropy": float(-(hist * hist.clamp(min=1e-12).log()).sum()),
+           "inception_score": inception_score(probs),
+           "nn_ratio": nn_ratio(x, load_images(data, "train", data_dir)[0], load_images(data, "test", data_dir)[0])}
     if labels is not None:
         out["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
     return out

@@ -470,3 +470,22 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     state = common.load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_inception_score_on_constructed_probabilities():
+    """IS = exp(E KL(p(y|x) || p(y))): 1 when every p(y|x) is uniform, 10 for confident predictions spread
+    evenly over the 10 classes, and 1 again for confident predictions that all name one class."""
+    assert common.inception_score(torch.full((100, 10), 0.1)) == pytest.approx(1.0)
+    assert common.inception_score(torch.eye(10).repeat(10, 1)) == pytest.approx(10.0, rel=1e-6)
+    assert common.inception_score(torch.eye(10)[[3] * 50]) == pytest.approx(1.0)
+    half = torch.eye(10)[[0, 1] * 50]                                    # two classes, confident: IS = 2
+    assert common.inception_score(half) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_nn_ratio_flags_copies():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(300, 1, 4, 4, generator=g), torch.rand(100, 1, 4, 4, generator=g)
+    assert common.nn_ratio(train[:50], train, test) == pytest.approx(0.0, abs=1e-3)   # copies of training images
+    assert common.nn_ratio(test[:50], train, test) == pytest.approx(1.0)             # held-out data: 1 by definition
+    fresh = torch.rand(50, 1, 4, 4, generator=g)                         # new draws of the same law: about 1
+    assert 0.85 < common.nn_ratio(fresh, train, test) < 1.15
