@@ -624,6 +624,7 @@ def marginal_demo(cfg):
     """8 points on a circle of radius 3: Euler integration of the exact u_t from N(0, I); a v_theta trained with the
     CFM loss on them (3000 steps), drawn beside u_t at t = 0.25, 0.5, 0.75, 0.9 (marginal.png)."""
     t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
+    common.seed_all(cfg.seed)                                            # v_theta's initial weights
     os.makedirs(cfg.out, exist_ok=True)
     angles = torch.arange(8) * 2 * math.pi / 8
     points = 3 * torch.stack([angles.cos(), angles.sin()], 1)           # (8, 2)

@@ -254,12 +254,16 @@ def divergences_demo(cfg):
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     ax.fill_between(x.numpy(), log_p.exp().numpy(), color="0.85", label="p (two modes)")
-    for name, label in (("kl_pq", "KL(p||q): covers"), ("kl_qp", "KL(q||p): picks a mode"), ("jsd", "JSD(p, q)")):
+    density = lambda mu, sigma: torch.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    for name, label, style in (("kl_pq", "KL(p||q): covers", "-"), ("kl_qp", "KL(q||p): picks a mode", "-"),
+                               ("jsd", "JSD(p, q), best of 3 starts", "--")):
         fits = [fit_gaussian(name, x, log_p, mu0) for mu0 in (-2.0, 0.5, 2.0)]
         mu, sigma, value = min(fits, key=lambda f: f[2])
         metrics[name] = {"mu": mu, "sigma": sigma, "divergence": value, "from_mu0_-2_0.5_2": fits}
-        q = torch.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-        ax.plot(x.numpy(), q.numpy(), lw=1.5, label=f"{label}: mu {mu:.2f}, sigma {sigma:.2f}")
+        ax.plot(x.numpy(), density(mu, sigma).numpy(), style, lw=1.5, label=f"{label}: mu {mu:.2f}, sigma {sigma:.2f}")
+    mu, sigma, value = metrics["jsd"]["from_mu0_-2_0.5_2"][1]            # JSD's other local optimum
+    ax.plot(x.numpy(), density(mu, sigma).numpy(), ":", lw=1.5, label=f"JSD from mu0 = 0.5: mu {mu:.2f}, sigma "
+            f"{sigma:.2f} (JSD {value:.3f} vs {metrics['jsd']['divergence']:.3f})")
     ax.set(xlim=(-7, 7), xlabel="x", title="one Gaussian q fitted to p by three divergences")
     ax.legend(fontsize=8)
     fig.savefig(os.path.join(cfg.out, "divergences.png"), dpi=100, bbox_inches="tight")
