@@ -83,7 +83,8 @@ class Config(common.Config):
     path: str = common.arg("linear", "Gaussian probability path", ["linear", "cosine"])
     coupling: str = common.arg("independent", "how x_0 and x_1 are paired ('both' trains one model each; corrupt: "
                                "x_0 = a corrupted x_1, images)", ["independent", "ot", "both", "corrupt"])
-    corrupt: str = common.arg("mask", "--coupling corrupt: mask the lower half, or blur (2x down, up)", ["mask", "blur"])
+    corrupt: str = common.arg("mask", "--coupling corrupt: mask the lower half, or blur (2x down, up)",
+                              ["mask", "blur"])
     solver: str = common.arg("euler", "ODE solver for samples.png", ["euler", "midpoint", "heun"])
     sample_steps: int = common.arg(20, "ODE (or SDE) steps for samples.png and the main metrics")
     sampler: str = common.arg("ode", "ode: dx = v dt; sde: Euler-Maruyama with the score from v", ["ode", "sde"])
@@ -133,8 +134,9 @@ T0_SCORE = 0.01     # a score-trained model is sampled from t = T0_SCORE: v from
 
 
 def csm_target(kind, x0, x1, t):
-    """x_t = alpha_t x_1 + beta_t x_0 and the conditional score grad log p_t(x_t | x_1) = -(x_t - alpha_t x_1) / beta_t^2
-    (002, "Score matching training for Gaussian probability path"), which is -x_0 / beta_t."""
+    """x_t = alpha_t x_1 + beta_t x_0 and the conditional score
+        grad log p_t(x_t | x_1) = -(x_t - alpha_t x_1) / beta_t^2 = -x_0 / beta_t
+    (002, "Score matching training for Gaussian probability path")."""
     a, b, _, _ = (expand(c, x0) for c in path_coefficients(kind, t))
     xt = a * x1 + b * x0
     return xt, -(xt - a * x1) / b ** 2
@@ -208,7 +210,8 @@ def time_embedding(t, dim):
 
 
 class MLPVelocity(nn.Module):
-    """v_theta(x, t) (or s_theta with --objective score) for 2-D data: [x, sinusoidal(t)] -> 3 hidden SiLU layers -> R^2."""
+    """v_theta(x, t) (or s_theta with --objective score) for 2-D data: [x, sinusoidal(t)] -> 3 hidden SiLU layers
+    -> R^2."""
     def __init__(self, hidden=256):
         super().__init__()
         self.n_classes = 0
@@ -235,7 +238,8 @@ class ResBlock(nn.Module):
 
 
 class UNetVelocity(nn.Module):
-    """v_theta(x, t, y) (or s_theta) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation (000 section 5),
+    """v_theta(x, t, y) (or s_theta) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation
+    (000 section 5),
     t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null token."""
     def __init__(self, ch=16, n_classes=0):
         super().__init__()
@@ -379,7 +383,8 @@ def evaluate_restoration(cfg, model, device):
     x0 = corrupt(cfg.corrupt, clean) + CORRUPT_NOISE * torch.randn(clean.shape, generator=gen)
     model.eval()
     field = lambda x, t: velocity(model, x.to(device), t).cpu()
-    restored = torch.cat([sample(field, x0[i:i + 500], cfg.sample_steps, cfg.solver)[0] for i in range(0, len(x0), 500)])
+    restored = torch.cat([sample(field, x0[i:i + 500], cfg.sample_steps, cfg.solver)[0]
+                          for i in range(0, len(x0), 500)])
     traj = [x0[:10]]
     sample(field, x0[:10], cfg.sample_steps, cfg.solver, trajectory=traj)
     keep = [traj[0]] + [traj[round(f * cfg.sample_steps)] for f in (0.25, 0.5, 0.75, 1.0)] + [clean[:10]]
@@ -553,10 +558,14 @@ def langevin_demo(cfg):
     """Two mixtures of two unit Gaussians, weights 0.2 / 0.8: close modes (+-1.5, +-1.5) and far ones (+-5, +-5).
     From x ~ N(0, 4^2 I): Langevin (eps = 0.05, K = 1000), naive ascent, and (far modes) annealed Langevin with the
     same number of score evaluations (20 levels of 50 steps)."""
-    t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
-    w, n, eps = torch.tensor([0.2, 0.8]), cfg.n_samples, 0.05
-    near, far = torch.tensor([[-1.5, -1.5], [1.5, 1.5]]), torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
+    w = torch.tensor([0.2, 0.8])                                         # the mode weights
+    n = cfg.n_samples
+    eps = 0.05                                                           # the Langevin step
+    near = torch.tensor([[-1.5, -1.5], [1.5, 1.5]])
+    far = torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
     exact = {}
     for name, means in (("near", near), ("far", far)):                  # exact samples of p: the reference
         k = torch.multinomial(w, n, replacement=True, generator=gen)
@@ -605,11 +614,11 @@ def langevin_demo(cfg):
     return common.finish(dataclasses.replace(cfg, steps=0), metrics, t0, "cpu", samples=x_near)   # nothing trained
 
 
-# ----------------------------------------------------------------------------- the marginalization trick (--demo marginal)
+# ----------------------------------------------------------------------------- marginalization trick (--demo marginal)
 def marginal_velocity(kind, x, t, points):
     r"""The exact marginal field of data made of the points z_i (equal weights) on the Gaussian path (002, "The
     marginalization trick"): u_t(x) = sum_i w_i(x, t) u_t(x | z_i), with
-        u_t(x | z) = alpha'_t z + beta'_t (x - alpha_t z) / beta_t       (the conditional field: x_0 = (x - alpha z)/beta)
+        u_t(x | z) = alpha'_t z + beta'_t (x - alpha_t z) / beta_t     (the conditional field, x_0 = (x - alpha z)/beta)
         w_i(x, t) = N(x; alpha_t z_i, beta_t^2 I) / sum_j N(x; alpha_t z_j, beta_t^2 I)   (a softmax over i).
     x (N, d); t in [0, 1), a float or one per row (N,)."""
     t = torch.as_tensor(t, dtype=x.dtype).expand(len(x))                 # (N,)
@@ -623,7 +632,8 @@ def marginal_velocity(kind, x, t, points):
 def marginal_demo(cfg):
     """8 points on a circle of radius 3: Euler integration of the exact u_t from N(0, I); a v_theta trained with the
     CFM loss on them (3000 steps), drawn beside u_t at t = 0.25, 0.5, 0.75, 0.9 (marginal.png)."""
-    t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
     common.seed_all(cfg.seed)                                            # v_theta's initial weights
     os.makedirs(cfg.out, exist_ok=True)
     angles = torch.arange(8) * 2 * math.pi / 8
@@ -678,7 +688,7 @@ def main(argv=None):
     common.check(cfg.objective == "velocity" or cfg.coupling == "independent",
                  "--objective score or both needs --coupling independent: the score target -x_0/beta_t is that of "
                  "p_t(x | x_1) = N(alpha_t x_1, beta_t^2 I), which needs x_0 independent of x_1")
-    common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume), "--demo trains nothing: drop "
+    common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume), "--demo writes no checkpoint: drop "
                  "--sample-only and --resume")
     if cfg.demo == "langevin":
         return langevin_demo(cfg)

@@ -246,7 +246,8 @@ def divergences_demo(cfg):
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
-    means, weights = torch.tensor([-2.5, 2.5], dtype=torch.float64), torch.tensor([0.4, 0.6], dtype=torch.float64)
+    means = torch.tensor([-2.5, 2.5], dtype=torch.float64)
+    weights = torch.tensor([0.4, 0.6], dtype=torch.float64)
     log_p = mixture_log_density(x, means, 0.6, weights)
     mean = float((weights * means).sum())                                # p's moments: what KL(p || q) matches
     var = 0.6 ** 2 + float((weights * (means - mean) ** 2).sum())
@@ -275,7 +276,7 @@ def main(argv=None):
     common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
                  "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
     common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume),
-                 "--demo trains nothing: drop --sample-only and --resume")
+                 "--demo writes no checkpoint: drop --sample-only and --resume")
     if cfg.demo == "divergences":
         return divergences_demo(cfg)
     state = common.load_run(cfg, "gan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint

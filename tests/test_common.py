@@ -484,7 +484,8 @@ def test_inception_score_on_constructed_probabilities():
 
 def test_nn_ratio_flags_copies():
     g = torch.Generator().manual_seed(0)
-    train, test = torch.rand(300, 1, 4, 4, generator=g), torch.rand(100, 1, 4, 4, generator=g)
+    train = torch.rand(300, 1, 4, 4, generator=g)
+    test = torch.rand(100, 1, 4, 4, generator=g)
     assert common.nn_ratio(train[:50], train, test) == pytest.approx(0.0, abs=1e-3)   # copies of training images
     assert common.nn_ratio(test[:50], train, test) == pytest.approx(1.0)             # held-out data: 1 by definition
     fresh = torch.rand(50, 1, 4, 4, generator=g)                         # new draws of the same law: about 1

@@ -104,11 +104,13 @@ def test_smoke_run_on_digits_and_sample_only(tmp_path):
 
 # ----------------------------------------------------------------------------- pix2pix (issue 20, part 1)
 def test_pix2pix_losses_by_hand():
-    l_real, l_fake = torch.tensor([[0.3, -1.2]]), torch.tensor([[2.0, -0.5]])
+    l_real = torch.tensor([[0.3, -1.2]])
+    l_fake = torch.tensor([[2.0, -0.5]])
     sig = torch.sigmoid
-    want_d = -(torch.log(sig(l_real)).mean() + torch.log(1 - sig(l_fake)).mean())   # -[log D(x, y) + log(1 - D(x, G(x)))]
+    want_d = -(torch.log(sig(l_real)).mean() + torch.log(1 - sig(l_fake)).mean())   # -[log D(x,y) + log(1 - D(x,G(x)))]
     assert torch.allclose(cyclegan.pix2pix_d_loss(l_real, l_fake), want_d, atol=1e-6)
-    fake_y, y = torch.tensor([0.5, -0.5]), torch.tensor([0.0, 0.0])
+    fake_y = torch.tensor([0.5, -0.5])
+    y = torch.tensor([0.0, 0.0])
     want_g = -torch.log(sig(l_fake)).mean() + 100 * 0.5                  # -log D(x, G(x)) + lambda |y - G(x)|_1
     assert torch.allclose(cyclegan.pix2pix_g_loss(l_fake, fake_y, y, 100.0), want_g, atol=1e-5)
 

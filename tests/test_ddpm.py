@@ -228,12 +228,14 @@ def test_prediction_targets_convert_back_to_eps_exactly(param):
     """The exact target of each --param, fed back through eps_from_prediction, gives the true eps at every t."""
     sch = ddpm.Schedule(1000)
     g = torch.Generator().manual_seed(3)
-    x0, eps = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    x0 = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
     for t in (1, 10, 500, 1000):
         ab = float(sch.alpha_bar[t])
         x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps
         out = ddpm.prediction_target(sch, x0, torch.full((4,), t), eps, param).double()
-        want = {"eps": eps, "x0": x0, "v": math.sqrt(ab) * eps - math.sqrt(1 - ab) * x0}[param]   # 000: v = alpha eps - sigma x
+        v = math.sqrt(ab) * eps - math.sqrt(1 - ab) * x0                 # 000: v = alpha eps - sigma x
+        want = {"eps": eps, "x0": x0, "v": v}[param]
         assert torch.allclose(out, want, atol=1e-6)
         assert torch.allclose(ddpm.eps_from_prediction(sch, x_t, t, want, param), eps, atol=1e-9)
     if param == "v":                                                     # and x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v
@@ -253,11 +255,12 @@ def test_diffusion_loss_regresses_the_chosen_target():
 
         def forward(self, x, t, y=None):
             return torch.zeros_like(x)
-    sch, x0 = ddpm.Schedule(1000), torch.full((4000, 1, 2, 2), 3.0)
+    sch = ddpm.Schedule(1000)
+    x0 = torch.full((4000, 1, 2, 2), 3.0)
     assert ddpm.diffusion_loss(Zero(), sch, x0, param="x0").item() == pytest.approx(9.0)
     assert ddpm.diffusion_loss(Zero(), sch, x0, param="eps").item() == pytest.approx(1.0, abs=0.05)
     torch.manual_seed(0)
     t = torch.randint(1, 1001, (4000,))                                  # what diffusion_loss draws after this seed
-    v2 = (sch.alpha_bar[t] + 9 * (1 - sch.alpha_bar[t])).mean()          # E v^2 = ab + 9 (1 - ab), eps independent of x0
+    v2 = (sch.alpha_bar[t] + 9 * (1 - sch.alpha_bar[t])).mean()          # E v^2 = ab + 9 (1 - ab): eps, x0 independent
     torch.manual_seed(0)
     assert ddpm.diffusion_loss(Zero(), sch, x0, param="v").item() == pytest.approx(float(v2), rel=0.05)
