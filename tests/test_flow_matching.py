@@ -192,13 +192,15 @@ def test_score_and_velocity_conversions_are_inverse_and_exact_for_a_gaussian(kin
 
 
 def test_score_route_samplers_transport_to_the_gaussian():
-    """With the exact score of the path to N(m, s^2 I), the ODE (v from s) and the SDE land on N(m, s^2 I)."""
+    """With the exact score of the path to N(m, s^2 I), the ODE (v from s) and the SDE land on N(m, s^2 I), when
+    started at t0 = 0.01. (Starting N(0, I) at t0 stands for p_t0, whose mean is t0 m: an O(t0) bias; the default
+    T0_SCORE = 0.05 is a trade-off measured with learned scores, README.)"""
     m, s = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
     _, score = gaussian_fields("linear", m, s)
     x0 = torch.randn(100000, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     for sampler in ("ode", "sde"):
         x1, calls = fm.sample(score, x0, 400, sampler=sampler, sigma=0.7, kind="linear",
-                              gen=torch.Generator().manual_seed(12), objective="score", t0=fm.T0_SCORE)
+                              gen=torch.Generator().manual_seed(12), objective="score", t0=0.01)
         assert calls == 400
         assert torch.allclose(x1.mean(0), m, atol=0.02), sampler
         assert torch.allclose(x1.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.02), sampler
