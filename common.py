@@ -377,6 +377,8 @@ def load_run(cfg, script):
               f"{flag} {getattr(cfg, field)} contradicts the checkpoint in {cfg.out}, trained with {flag} {value}; "
               f"leave {flag} out (it is read from the checkpoint)")
         setattr(cfg, field, value)
+    if cfg.sample_only:                                 # defaults that follow the saved data (images: --n-samples)
+        cfg.defaults(cfg.given)
     if cfg.resume:
         check("rng" in state, f"{path} holds weights only (an older version wrote it): it cannot be continued")
         cfg.steps = cfg.steps if "--steps" in cfg.given else saved["steps"]

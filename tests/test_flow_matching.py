@@ -377,3 +377,11 @@ def test_corrupt_coupling_runs(tmp_path):
     assert (tmp_path / "restoration.png").exists()
     with pytest.raises(common.UserError, match="--coupling corrupt restores images"):
         fm.main(["--coupling", "corrupt", "--out", str(tmp_path / "pts")])
+
+
+def test_sample_only_of_an_image_run_takes_the_image_defaults(tmp_path):
+    """--sample-only reads --data from the checkpoint, and with it the image default of --n-samples (1000, not
+    the 2-D 2500): the same samples as the training run."""
+    rec = fm.main(["--data", "digits", "--steps", "2", "--ch", "8", "--sample-steps", "2", "--out", str(tmp_path)])
+    again = fm.main(["--sample-only", "--sample-steps", "2", "--out", str(tmp_path)])
+    assert again["config"]["n_samples"] == 1000 and again["fd"] == rec["fd"]
