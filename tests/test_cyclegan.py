@@ -141,3 +141,5 @@ def test_paired_folder_and_run(tmp_path):
     rec = cyclegan.main(["--paired", "--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "100",
                          "--out", str(tmp_path / "digits")])
     assert set(rec) >= {"l1_to_true_y", "label_preservation_xy", "fd_y"}
+    again = cyclegan.main(["--sample-only", "--n-eval", "100", "--out", str(tmp_path / "digits")])   # reads --paired
+    assert again["l1_to_true_y"] == pytest.approx(rec["l1_to_true_y"], abs=1e-6)

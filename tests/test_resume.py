@@ -73,9 +73,16 @@ def sigint_at(monkeypatch):
     return arm
 
 
-@pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
-def test_interrupted_and_resumed_run_equals_the_straight_run(script, tmp_path, sigint_at, monkeypatch):
-    flags, N, k = TINY[script]
+MODES = [pytest.param(script, TINY[script][0], id=script.__name__) for script in TINY] + [   # and the modes with
+    pytest.param(cyclegan, TINY[cyclegan][0] + ["--paired"], id="cyclegan-paired"),      # their own loop or state
+    pytest.param(flow_matching, ["--hidden", "16", "--batch-size", "32", "--n-samples", "100", "--objective", "both"],
+                 id="flow_matching-objective-both"),
+]
+
+
+@pytest.mark.parametrize("script, flags", MODES)
+def test_interrupted_and_resumed_run_equals_the_straight_run(script, flags, tmp_path, sigint_at, monkeypatch):
+    _, N, k = TINY[script]
     straight = run(script, flags, tmp_path / "a", N)
     sigint_at(k)
     with pytest.raises(common.Interrupted, match=rf"interrupted at step {k}/{N}; continue with: python "
