@@ -1,7 +1,9 @@
-r"""cyclegan.py - unpaired image-to-image translation with cycle consistency (Zhu et al. 2017).
+r"""cyclegan.py - unpaired image-to-image translation with cycle consistency (Zhu et al. 2017), and paired
+translation with pix2pix (Isola et al. 2017, --paired).
 
 Lectures: 002 "Cycle GANs (Zhu 2017)" (the losses below) and "Conditional GANs example - Pix2Pix" (the L1 term);
-000 section 6.3. Run: `python cyclegan.py` (built-in digit domains, ~9 CPU minutes), or
+000 section 6.3. Run: `python cyclegan.py` (built-in digit domains, ~9 CPU minutes), `python cyclegan.py --paired`
+(pix2pix on the built-in pairs, ~5 CPU minutes), or
 `python cyclegan.py --data-dir PATH` where PATH/trainA and PATH/trainB hold images (the layout of the public
 CycleGAN datasets, e.g. horse2zebra), read with matplotlib and resized to --image-size.
 
