@@ -1,5 +1,6 @@
 r"""flow_matching.py - conditional flow matching: probability paths, the CFM loss, ODE and SDE samplers,
-minibatch OT coupling and classifier-free guidance.
+minibatch OT and data coupling, classifier-free guidance; and the score side of diffusion: score matching,
+Langevin dynamics, the marginalization trick.
 
 Lecture: 002 "Flow Matching" (ODE, flow, Euler's scheme, probability path, conditional and marginal paths,
 "Example: Gaussian conditional probability path", CFM loss, "The marginalization trick", "Data coupling",
