@@ -633,6 +633,9 @@ def marginal_velocity(kind, x, t, points):
     return (w[:, :, None] * u).sum(1)
 
 
+MARGINAL_STEPS = 3000  # training steps of the demo's v_theta
+
+
 def marginal_demo(cfg):
     """8 points on a circle of radius 3: Euler integration of the exact u_t from N(0, I); a v_theta trained with the
     CFM loss on them (3000 steps), drawn beside u_t at t = 0.25, 0.5, 0.75, 0.9 (marginal.png)."""
@@ -647,7 +650,7 @@ def marginal_demo(cfg):
     to_point = torch.cdist(x1, points).amin(1)                           # distance of each endpoint to its nearest z_i
     model = MLPVelocity(128)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(3000):                                                # the CFM loss on the 8 points
+    for _ in range(MARGINAL_STEPS):                                      # the CFM loss on the 8 points
         z = points[torch.randint(8, (256,), generator=gen)]
         t = torch.rand(256, generator=gen)
         xt, target = cfm_target(cfg.path, torch.randn(256, 2, generator=gen), z, t)
@@ -676,7 +679,7 @@ def marginal_demo(cfg):
         ax.legend(loc="lower left", fontsize=7)
     fig.savefig(os.path.join(cfg.out, "marginal.png"), dpi=90, bbox_inches="tight")
     common.save_points(x1, os.path.join(cfg.out, "samples.png"), ref=points, title="Euler on the exact u_t, 100 steps")
-    return common.finish(dataclasses.replace(cfg, steps=3000), metrics, t0, "cpu", samples=x1)   # v_theta's steps
+    return common.finish(dataclasses.replace(cfg, steps=MARGINAL_STEPS), metrics, t0, "cpu", samples=x1)
 
 
 def main(argv=None):
