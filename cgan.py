@@ -137,11 +137,7 @@ def train(cfg, G, D, G_ema, device, state=None):
     lsgan = cfg.loss == "lsgan"
     start = 0
     if state:                                                            # --resume: continue the saved run
-        for key, obj in zip(("opt_g", "opt_d", "sched_g", "sched_d"), (opt_g, opt_d) + tuple(scheds)):
-            obj.load_state_dict(state[key])
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
+        history, start = common.resume(state, gen, opt_g=opt_g, opt_d=opt_d, sched_g=scheds[0], sched_d=scheds[1])
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "cgan", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):

@@ -405,6 +405,14 @@ def set_rng_states(states, *generators):
     for g, s in zip(generators, states["generators"]):
         g.set_state(s)
 
+def resume(state, gen, **objects):
+    """--resume: each object (optimizer, scheduler) loads its state_dict from state[name], and the random states
+    (global and gen's) are set back; returns the saved (history, step) to continue from."""
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_states(state["rng"], gen)
+    return state["history"], state["step"]
+
 def restore_rng(cfg, state):
     """--sample-only: the random state at the end of the saved run, so the samples are the training run's own
     (with --seed given: fresh ones from that seed)."""

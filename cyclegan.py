@@ -253,11 +253,7 @@ def train_paired(cfg, G, D, device, state=None):
     history = {"G loss": [], "D loss": []}
     start = 0
     if state:                                                            # --resume: continue the saved run
-        for key, obj in zip(("opt_g", "opt_d", "sched_g", "sched_d"), (opt_g, opt_d) + tuple(scheds)):
-            obj.load_state_dict(state[key])
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
+        history, start = common.resume(state, gen, opt_g=opt_g, opt_d=opt_d, sched_g=scheds[0], sched_d=scheds[1])
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "cyclegan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
@@ -299,13 +295,9 @@ def train(cfg, nets, device, state=None):
     history = {"G+F loss": [], "D_X+D_Y loss": []}
     start = 0
     if state:                                                            # --resume: continue the saved run
-        for key, obj in zip(("opt_g", "opt_d", "sched_g", "sched_d"), (opt_g, opt_d) + tuple(scheds)):
-            obj.load_state_dict(state[key])
+        history, start = common.resume(state, gen, opt_g=opt_g, opt_d=opt_d, sched_g=scheds[0], sched_d=scheds[1])
         pool_x.images = [img.to(device) for img in state["pool_x"]]
         pool_y.images = [img.to(device) for img in state["pool_y"]]
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "cyclegan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):

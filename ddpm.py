@@ -292,10 +292,7 @@ def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
     history = {"loss": []}
     start = 0
     if state:                                                            # --resume: continue the saved run
-        opt.load_state_dict(state["opt"])
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
+        history, start = common.resume(state, gen, opt=opt)
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "ddpm", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):

@@ -447,11 +447,7 @@ def train(cfg, name, model, device, runs, names):
     history = []
     start = 0
     if name in runs:                                                     # --resume: continue the saved run
-        for key, obj in (("model", model), ("opt", opt), ("sched", sched)):
-            obj.load_state_dict(runs[name][key])
-        history = runs[name]["history"]
-        start = runs[name]["step"]
-        common.set_rng_states(runs[name]["rng"], gen)
+        history, start = common.resume(runs[name], gen, model=model, opt=opt, sched=sched)
 
     def state():                                                         # saved: this model beside the others
         runs[name] = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),

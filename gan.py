@@ -166,12 +166,8 @@ def train(cfg, G, D, z_dim, device, state=None):
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
     start = 0
     if state:                                                            # --resume: continue the saved run
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        history = state["history"]
+        history, start = common.resume(state, gen, opt_g=opt_g, opt_d=opt_d)
         snapshots = state["snapshots"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "gan", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):

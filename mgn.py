@@ -261,11 +261,7 @@ def train(cfg, T, sample_x, sample_y, device, state=None):
     history = []
     start = 0
     if state:                                                            # --resume: continue the saved run
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
+        history, start = common.resume(state, gen, opt=opt, sched=sched)
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "mgn", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):

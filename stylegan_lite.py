@@ -286,11 +286,7 @@ def train(cfg, G, D, G_ema, device, state=None):
     history = {"D loss": [], "G loss": []}
     start = 0
     if state:                                                            # --resume: continue the saved run
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
+        history, start = common.resume(state, gen, opt_g=opt_g, opt_d=opt_d)
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "stylegan_lite", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):

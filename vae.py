@@ -420,13 +420,10 @@ def train(model, cfg, x_train, device, state=None, prior=None):
     used = torch.zeros(cfg.codes, dtype=torch.bool, device=device)      # vqvae: codes used since the last revival
     start = 0
     if state:                                                            # --resume: continue the saved run
-        opt.load_state_dict(state["opt"])
+        history, start = common.resume(state, gen, opt=opt)
         if prior:
             opt_prior.load_state_dict(state["opt_prior"])
         used = state["used"].to(device)
-        history = state["history"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
 
     def run_state():                                                     # what a resumed run needs
         out = dict(model=model.state_dict(), opt=opt.state_dict(), history=history, used=used,

@@ -179,13 +179,9 @@ def train(cfg, G, critic, z_dim, device, state=None):
     noise = lambda n: torch.randn(n, z_dim, device=device)
     start = 0
     if state:                                                            # --resume: continue the saved run
-        for key, obj in zip(("opt_g", "opt_c", "sched_g", "sched_c"), (opt_g, opt_c) + tuple(scheds)):
-            obj.load_state_dict(state[key])
-        history = state["history"]
+        history, start = common.resume(state, gen, opt_g=opt_g, opt_c=opt_c, sched_g=scheds[0], sched_c=scheds[1])
         exact = state["exact"]
         snapshots = state["snapshots"]
-        start = state["step"]
-        common.set_rng_states(state["rng"], gen)
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "wgan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
