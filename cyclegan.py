@@ -359,8 +359,9 @@ def evaluate_paired(cfg, G):
     fake_y = translate(G, x)
     metrics = {"l1_to_true_y": float((fake_y - y).abs().mean() / 2)}    # mean |G(x) - y| in [0, 1] pixel units
     if lx is not None and cfg.image_size == 28:
-        feats_fake, p_fake = common.classify(y_classifier(cfg), grey(fake_y))
-        feats_real, p_real = common.classify(y_classifier(cfg), grey(y))
+        net_y = y_classifier(cfg)                                       # trained on Y
+        feats_fake, p_fake = common.classify(net_y, grey(fake_y))
+        feats_real = common.classify(net_y, grey(y))[0]
         metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx[:cfg.n_eval]).float().mean()),
                        fd_y=common.frechet_distance(feats_fake, feats_real))
     common.save_images((torch.cat([x[:10], fake_y[:10], y[:10]]) + 1) / 2, os.path.join(cfg.out, "translation.png"))

@@ -243,8 +243,8 @@ class ResBlock(nn.Module):
 
 class UNetVelocity(nn.Module):
     """v_theta(x, t, y) (or s_theta) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation
-    (000 section 5),
-    t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null token."""
+    (000 section 5), t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null
+    token."""
     def __init__(self, ch=16, n_classes=0):
         super().__init__()
         c1, c2, e = ch, 2 * ch, 4 * ch
@@ -300,9 +300,11 @@ def velocity_from_score(kind, x, t, s):
 # ----------------------------------------------------------------------------- samplers
 @torch.no_grad()
 def sample(net, x, steps, solver="euler", sampler="ode", sigma=0.0, kind="linear", gen=None, trajectory=None,
-           objective="velocity", t0=0.0):
+           objective="velocity", t0=None):
     """Integrate from t = t0 to 1 in `steps` steps; net(x, t) -> v_theta, or s_theta with objective 'score' (then
-    v comes from s, and t0 must be > 0). Returns x_1 and the number of network calls."""
+    v comes from s, and t0 must be > 0; by default 0 for v, T0_SCORE for s). Returns x_1 and the number of network
+    calls."""
+    t0 = t0 if t0 is not None else (T0_SCORE if objective == "score" else 0.0)
     vfield = net if objective == "velocity" else lambda z, t: velocity_from_score(kind, z, t, net(z, t))
     h, calls = (1.0 - t0) / steps, 0
     for k in range(steps):
@@ -345,7 +347,7 @@ def point_scores(cfg, x):
 
 def save_path_and_field(cfg, model, device, out):
     """path.png: the marginal path p_t at t = 0, 1/4, 1/2, 3/4, 1 (exact samples alpha_t x_1 + beta_t x_0, 002's
-    figure); field.png: the learned velocity arrows at the same times."""
+    figure); field.png: the network's arrows at the same times (v_theta, or s_theta for a score model)."""
     ts = [0.0, 0.25, 0.5, 0.75, 1.0]
     x1 = common.sample_2d(cfg.data, 5000)
     x0 = torch.randn(5000, 2)
@@ -387,8 +389,11 @@ def evaluate_restoration(cfg, model, device):
     x0 = corrupt(cfg.corrupt, clean) + CORRUPT_NOISE * torch.randn(clean.shape, generator=gen)
     model.eval()
     field = lambda x, t: velocity(model, x.to(device), t).cpu()
-    restored = torch.cat([sample(field, x0[i:i + 500], cfg.sample_steps, cfg.solver)[0]
-                          for i in range(0, len(x0), 500)])
+    restored = []
+    for i in range(0, len(x0), 500):
+        xb, calls = sample(field, x0[i:i + 500], cfg.sample_steps, cfg.solver)
+        restored.append(xb)
+    restored = torch.cat(restored)
     traj = [x0[:10]]
     sample(field, x0[:10], cfg.sample_steps, cfg.solver, trajectory=traj)
     keep = [traj[0]] + [traj[round(f * cfg.sample_steps)] for f in (0.25, 0.5, 0.75, 1.0)] + [clean[:10]]
@@ -396,19 +401,19 @@ def evaluate_restoration(cfg, model, device):
     common.save_images(to01(torch.cat(keep)), os.path.join(cfg.out, "restoration.png"))
     m = common.image_metrics(to01(restored), cfg.data, labels=y_test[:cfg.n_samples], data_dir=cfg.data_dir)
     m.update(corrupted_mae=float((to01(x0) - to01(clean)).abs().mean()),
-             restoration_mae=float((to01(restored) - to01(clean)).abs().mean()), network_calls=cfg.sample_steps)
+             restoration_mae=float((to01(restored) - to01(clean)).abs().mean()), network_calls=calls)
     return to01(restored), m
 
 
-def compare_objectives(cfg, models, objectives, device):
+def compare_objectives(cfg, models, device):
     """--objective both: the velocity-trained and the score-trained model, each sampled by the ODE and by the SDE
     (--sigma) with --sample-steps steps; metrics by 'objective/sampler', pictures in objectives.png."""
     table, pictures = {}, []
     for n, model in models.items():
         for sampler in ("ode", "sde"):
-            x, m = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, sampler, objective=objectives[n])
-            table[f"{objectives[n]}/{sampler}"] = m
-            pictures.append((f"{objectives[n]}-trained, {sampler}", x))
+            x, m = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, sampler, objective=objective_of(n))
+            table[f"{objective_of(n)}/{sampler}"] = m
+            pictures.append((f"{objective_of(n)}-trained, {sampler}", x))
     path = os.path.join(cfg.out, "objectives.png")
     if cfg.data in common.IMAGE_DATA:                                    # two rows of 10 per model and sampler
         common.save_images(torch.cat([x[:20] for _, x in pictures]), path)
@@ -431,6 +436,10 @@ def run_names(cfg):
     if cfg.objective == "both":
         return ["independent", "score"]
     return ["score"] if cfg.objective == "score" else [cfg.coupling]
+
+
+def objective_of(name):
+    return "score" if name == "score" else "velocity"
 
 
 def train(cfg, name, model, device, runs, names):
@@ -490,7 +499,7 @@ def train(cfg, name, model, device, runs, names):
 
 def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1, objective="velocity"):
     """Samples x_1 (2-D points, or images in [0, 1]) and their metrics for one solver and step count; a score model
-    (objective 'score') is integrated from t = T0_SCORE."""
+    (objective 'score') is integrated from t = T0_SCORE (sample's default)."""
     gen, points = torch.Generator().manual_seed(gen_seed), cfg.data in common.POINT_DATA
     y = torch.arange(cfg.n_samples, device=device) % 10 if cfg.cond else None
     shape = (cfg.n_samples, 2) if points else (cfg.n_samples, 1, 28, 28)
@@ -500,7 +509,7 @@ def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1, objec
         yb = y[i:i + 500] if y is not None else None
         x0 = torch.randn((min(500, cfg.n_samples - i),) + shape[1:], generator=gen).to(device)
         xb, calls = sample(lambda x, t: velocity(model, x, t, yb, cfg.guidance), x0, steps, solver, sampler,
-                           cfg.sigma, cfg.path, gen, objective=objective, t0=T0_SCORE if objective == "score" else 0.0)
+                           cfg.sigma, cfg.path, gen, objective=objective)
         x.append(xb.cpu())
     x = torch.cat(x)
     calls *= 2 if cfg.cond and cfg.guidance != 1.0 else 1               # guidance: v(x|y) and v(x|null) per call
@@ -634,7 +643,7 @@ MARGINAL_STEPS = 3000  # training steps of the demo's v_theta
 
 def marginal_demo(cfg):
     """8 points on a circle of radius 3: Euler integration of the exact u_t from N(0, I); a v_theta trained with the
-    CFM loss on them (3000 steps), drawn beside u_t at t = 0.25, 0.5, 0.75, 0.9 (marginal.png)."""
+    CFM loss on them (MARGINAL_STEPS steps), drawn beside u_t at t = 0.25, 0.5, 0.75, 0.9 (marginal.png)."""
     t0 = time.time()
     gen = torch.Generator().manual_seed(cfg.seed)
     common.seed_all(cfg.seed)                                            # v_theta's initial weights
@@ -712,7 +721,6 @@ def main(argv=None):
     t0 = time.time()
     models = {n: (MLPVelocity(cfg.hidden) if points else UNetVelocity(cfg.ch, 10 if cfg.cond else 0)).to(device)
               for n in names}
-    objectives = {n: "score" if n == "score" else "velocity" for n in names}
     histories = {}
     for n in names:
         if cfg.sample_only:
@@ -728,7 +736,7 @@ def main(argv=None):
         x, metrics = evaluate_restoration(cfg, model, device)
     else:
         x, metrics = evaluate(cfg, model, device, cfg.solver, cfg.sample_steps, cfg.sampler,
-                              objective=objectives[names[0]])
+                              objective=objective_of(names[0]))
     if not points:
         labels = torch.arange(len(x[:100])) % 10 if cfg.cond else None           # evaluate() asks class i % 10
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=labels)
@@ -737,9 +745,8 @@ def main(argv=None):
                            title=f"{cfg.sampler} {cfg.solver}, {cfg.sample_steps} steps")
         traj = [torch.randn(300, 2, generator=torch.Generator().manual_seed(5))]
         field = lambda z, t: velocity(model, z.to(device), t).cpu()
-        t_start = T0_SCORE if objectives[names[0]] == "score" else 0.0
-        sample(field, traj[0], cfg.sample_steps, cfg.solver, trajectory=traj, objective=objectives[names[0]],
-               kind=cfg.path, t0=t_start)
+        sample(field, traj[0], cfg.sample_steps, cfg.solver, trajectory=traj, objective=objective_of(names[0]),
+               kind=cfg.path)
         save_trajectories(traj, os.path.join(cfg.out, "trajectories.png"))
         save_path_and_field(cfg, model, device, cfg.out)
         table = {}
@@ -747,7 +754,7 @@ def main(argv=None):
         ax = fig.subplots()
         for n in names:                                                  # quality vs network calls
             for solver in ("euler", "midpoint", "heun"):
-                rows = [evaluate(cfg, models[n], device, solver, k, objective=objectives[n])[1]
+                rows = [evaluate(cfg, models[n], device, solver, k, objective=objective_of(n))[1]
                         for k in (1, 2, 4, 8, 20, 100)]
                 table[f"{n}/{solver}"] = {str(k): r for k, r in zip((1, 2, 4, 8, 20, 100), rows)}
                 calls = [r["network_calls"] for r in rows]
@@ -757,7 +764,7 @@ def main(argv=None):
         fig.savefig(os.path.join(cfg.out, "nfe.png"), dpi=100, bbox_inches="tight")
         metrics["by_solver"] = table
     if cfg.objective == "both":
-        metrics["by_objective"] = compare_objectives(cfg, models, objectives, device)
+        metrics["by_objective"] = compare_objectives(cfg, models, device)
     metrics["train_seconds"] = round(train_seconds, 2)
     return common.finish(cfg, metrics, t0, device, samples=x, history=histories)
 

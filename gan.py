@@ -227,13 +227,14 @@ def fit_gaussian(name, x, log_p, mu0, steps=1500, lr=0.05):
     log_sigma = torch.tensor(0.0, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.Adam([mu, log_sigma], lr)
     dx = float(x[1] - x[0])
+    log_q = lambda: -0.5 * ((x - mu) / log_sigma.exp()) ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)   # log N
     for _ in range(steps):
-        log_q = -0.5 * ((x - mu) / log_sigma.exp()) ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)
-        loss = divergence(name, log_p, log_q, dx)
+        loss = divergence(name, log_p, log_q(), dx)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return mu.item(), log_sigma.exp().item(), loss.item()
+    with torch.no_grad():                                                # the divergence at the returned (mu, sigma)
+        return mu.item(), log_sigma.exp().item(), divergence(name, log_p, log_q(), dx).item()
 
 
 def divergences_demo(cfg):

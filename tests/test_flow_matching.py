@@ -373,8 +373,9 @@ def test_corruptions():
 
 def test_corrupt_coupling_runs(tmp_path):
     rec = fm.main(["--data", "digits", "--coupling", "corrupt", "--corrupt", "blur", "--steps", "3", "--ch", "8",
-                   "--n-samples", "20", "--sample-steps", "4", "--out", str(tmp_path)])
+                   "--n-samples", "20", "--sample-steps", "4", "--solver", "midpoint", "--out", str(tmp_path)])
     assert rec["corrupted_mae"] > 0 and "restoration_mae" in rec and "class_accuracy" in rec
+    assert rec["network_calls"] == 8                                     # 4 midpoint steps, 2 calls each
     assert (tmp_path / "restoration.png").exists()
     with pytest.raises(common.UserError, match="--coupling corrupt restores images"):
         fm.main(["--coupling", "corrupt", "--out", str(tmp_path / "pts")])
