@@ -193,7 +193,7 @@ def main(argv=None):
     G = G_ema                                                            # sample from the average (= G if --ema 0)
     y = torch.arange(cfg.n_samples) % 10                                 # balanced classes
     x = sample(G, torch.randn(cfg.n_samples, cfg.z_dim), y)
-    metrics = common.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir)
+    metrics = common.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir, out=cfg.out)
     common.save_images(class_grid(G, cfg.z_dim), os.path.join(cfg.out, "samples.png"))
     grid, n = interpolation_grid(G, cfg.z_dim)
     common.save_images(grid, os.path.join(cfg.out, "interpolation.png"), nrow=n)

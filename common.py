@@ -299,6 +299,23 @@ def save_images(x, path, labels=None, nrow=10):
     grid = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
     matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
 
+def save_scored(x, probs, path, n=40):
+    """n images of x spread evenly over the evaluator's ranking (most confident first), each titled with its most
+    likely class ("not" = NOT_DIGIT) and that class's probability; a frame marks those digit_confidence counts."""
+    score = probs[:, :NOT_DIGIT].max(1).values
+    order = score.argsort(descending=True)
+    pick = order[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long()]
+    fig = Figure(figsize=(10, 1.25 * math.ceil(len(pick) / 10)))
+    for i, k in enumerate(pick.tolist()):
+        ax = fig.add_subplot(math.ceil(len(pick) / 10), 10, i + 1)
+        ax.imshow(x[k, 0].detach().float().cpu().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        c = int(probs[k].argmax())
+        ax.set_title(f"{'not' if c == NOT_DIGIT else c} {float(probs[k, c]):.2f}", fontsize=8)
+        ax.set(xticks=[], yticks=[])
+        for side in ax.spines.values():
+            side.set(color="tab:green" if score[k] >= 0.9 else "tab:red", linewidth=2)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+
 def save_points(x, path, ref=None, title=""):
     """Scatter plot of 2-D samples x (N, 2), over reference data ref (grey) if given."""
     fig = Figure(figsize=(5, 5))
@@ -525,11 +542,70 @@ class Progress:
                   f"ETA {(self.total - step) / max(rate, 1e-9):.0f}s", flush=True)
 
 # ----------------------------------------------------------------------------- evaluation
+NOT_DIGIT = 10                           # the evaluator's 11th class: "not one of the ten" (blobs, blends, scribbles)
+
+def gaussian_blur(x, sigma):
+    """x (N, 1, H, W) blurred by a Gaussian of std sigma[i] pixels per image (zero padding)."""
+    r = torch.arange(-8, 9, dtype=torch.float32)
+    k = torch.exp(-r ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)                                      # (N, 17)
+    n, _, h, w = x.shape
+    x = F.conv2d(x.reshape(1, n, h, w), k[:, None, None, :], padding=(0, 8), groups=n)  # along rows
+    x = F.conv2d(x, k[:, None, :, None], padding=(8, 0), groups=n)                     # along columns
+    return x.reshape(n, 1, h, w)
+
+def scribbles(n, gen, size=28):
+    """n images of 4-6 random straight strokes 1-2.5 px wide, anywhere in the central 22x22 px."""
+    k = 6
+    p = 3 + 22 * torch.rand(n, k, 2, 2, generator=gen)                  # (N, strokes, ends, xy) in pixels
+    r = torch.arange(size, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(1, 1, -1, 2)  # (1, 1, H*W, 2): (x, y)
+    a, b = p[:, :, None, 0], p[:, :, None, 1]                           # (N, k, 1, 2)
+    t = ((grid - a) * (b - a)).sum(-1) / (b - a).pow(2).sum(-1).clamp(min=1e-6)
+    dist = (grid - a - t.clamp(0, 1)[..., None] * (b - a)).norm(dim=-1)  # (N, k, H*W): distance to each segment
+    width = 0.5 + 0.75 * torch.rand(n, k, 1, generator=gen)
+    keep = torch.arange(k) < torch.randint(4, k + 1, (n, 1), generator=gen)  # 4-6 strokes per image
+    ink = ((width + 0.5 - dist).clamp(0, 1) * keep[..., None]).amax(1)  # (N, H*W)
+    return ink.reshape(n, 1, size, size)
+
+def not_digits(x, y, n, seed):
+    r"""n "not a digit" images made from images x (labels y) for the evaluator's class NOT_DIGIT, a fifth each:
+    ghosts (two images of different classes overlaid 3-6 px apart), blobs (Gaussian blur of std 2.5-4 px rescaled
+    to full ink), fragments (an image with its ink on one side of a random line near the ink's centre erased),
+    scribbles (4-6 random strokes) and noise (smooth random shapes in the digit's box). Other kinds (warped,
+    cut-up digits) are held out to test that it rejects what it has not seen."""
+    gen = torch.Generator().manual_seed(seed)
+    m = n // 5
+    i = torch.randint(len(x), (m,), generator=gen)
+    j = torch.randint(len(x), (m,), generator=gen)
+    j = torch.where(y[j] == y[i], torch.randint(len(x), (m,), generator=gen), j)   # mostly different classes
+    angle = 2 * math.pi * torch.rand(m, generator=gen)
+    dist = 3 + 3 * torch.rand(m, generator=gen)                          # pixels between the two
+    shift = torch.stack([dist * angle.cos(), dist * angle.sin()], 1) * 2 / x.shape[-1]   # normalised coords
+    theta = torch.cat([torch.eye(2).expand(m, 2, 2), shift[:, :, None]], 2)            # (m, 2, 3)
+    moved = F.grid_sample(x[j], F.affine_grid(theta, x[j].shape, align_corners=False), align_corners=False)
+    ghost = torch.maximum(x[i], moved)
+    k = torch.randint(len(x), (m,), generator=gen)
+    blob = gaussian_blur(x[k], 2.5 + 1.5 * torch.rand(m, generator=gen))
+    blob = blob / blob.amax((1, 2, 3), keepdim=True).clamp(min=1e-6)
+    k = torch.randint(len(x), (m,), generator=gen)
+    r = torch.linspace(-1, 1, x.shape[-1])
+    normal = 2 * math.pi * torch.rand(m, 1, 1, generator=gen)
+    side = r[None, None, :] * normal.cos() + r[None, :, None] * normal.sin()            # (m, H, W)
+    ink = x[k, 0] / x[k, 0].sum((1, 2), keepdim=True).clamp(min=1e-6)
+    centre = (ink * side).sum((1, 2), keepdim=True)                      # the ink's centre along the normal
+    fragment = x[k] * (side > centre + 0.2 * torch.rand(m, 1, 1, generator=gen) - 0.1)[:, None]
+    coarse = torch.rand(n - 4 * m, 1, 6, 6, generator=gen)
+    noise = F.pad(F.interpolate(coarse, size=20, mode="bicubic", align_corners=False), (4, 4, 4, 4))  # in 20x20
+    noise = ((noise - 0.55) * 6).clamp(0, 1)
+    return torch.cat([ghost, blob, fragment, scribbles(m, gen, x.shape[-1]), noise]).clamp(0, 1)
+
 def make_classifier():
-    """Small CNN: 28x28 -> 14 -> 7 with strided convs, a 128-d feature layer net[:-1] (for fd), 10 logits."""
+    """Small CNN: 28x28 -> 14 -> 7 with strided convs, a 128-d feature layer net[:-1] (for fd), 11 logits
+    (ten classes and NOT_DIGIT)."""
     return nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
                          nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 49, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
+                         nn.Linear(128, 11))
 
 def train_classifier(x, y, epochs, seed=0, batch_size=128):
     """Adam, random +-2 px shifts as augmentation; deterministic in seed (CPU)."""
@@ -550,6 +626,11 @@ def train_classifier(x, y, epochs, seed=0, batch_size=128):
 
 CLASSIFIER_EPOCHS = {"digits": 1, "mnist": 3, "fashion": 5, "mnist10k": 20}  # >= 98% test accuracy
 
+def with_negatives(x, y, fraction=0.2, seed=0):
+    """The training set (x, y) plus fraction * len(x) not_digits() labelled NOT_DIGIT."""
+    neg = not_digits(x, y, int(fraction * len(x)), seed)
+    return torch.cat([x, neg]), torch.cat([y, torch.full((len(neg),), NOT_DIGIT)])
+
 def cached_classifier(path, make_data, epochs):
     """An evaluator CNN trained once on make_data() -> (x, y) and cached at path; a broken cache file: one line."""
     if not os.path.exists(path):
@@ -563,13 +644,15 @@ def cached_classifier(path, make_data, epochs):
     return net.eval()
 
 def get_classifier(data, data_dir=""):
-    """The shared evaluator for an image dataset: trained once on its train split, cached in .cache/."""
-    path = os.path.join(CACHE, f"classifier_{data}_v1.pt")
-    return cached_classifier(path, lambda: load_images(data, "train", data_dir), CLASSIFIER_EPOCHS[data])
+    """The shared evaluator for an image dataset: trained once on its train split plus 20% not_digits() made from
+    it, cached in .cache/."""
+    path = os.path.join(CACHE, f"classifier_{data}_v2.pt")
+    make_data = lambda: with_negatives(*load_images(data, "train", data_dir))
+    return cached_classifier(path, make_data, CLASSIFIER_EPOCHS[data])
 
 @torch.no_grad()
 def classify(net, x, batch_size=1000):
-    """(features (N, 128), class probabilities (N, 10)) of images x (N, 1, 28, 28) in [0, 1]."""
+    """(features (N, 128), class probabilities (N, 11), the last NOT_DIGIT) of images x (N, 1, 28, 28) in [0, 1]."""
     feats = torch.cat([net[:-1](b.float().cpu()) for b in x.split(batch_size)])
     return feats, net[-1](feats).softmax(1)
 
@@ -609,17 +692,23 @@ def nn_ratio(x, train, test, batch=500):
     train = train.flatten(1).float()
     return float(mean_nn(x.cpu()) / mean_nn(test[:len(x)]))
 
-def image_metrics(x, data, labels=None, data_dir="", n_real=10000):
-    """fd (vs held-out test images), digit_confidence, class_entropy (nats), inception_score, nn_ratio, and
-    class_accuracy if labels."""
+def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
+    """fd (vs held-out test images); digit_confidence (the fraction the evaluator calls one of the ten classes with
+    probability >= 0.9); not_digit (the fraction whose most likely class is NOT_DIGIT); class_entropy (nats) of
+    the most likely of the ten classes; inception_score over the ten; nn_ratio; class_accuracy if labels (a sample
+    called NOT_DIGIT counts as wrong). With out, also writes out/scored.png (save_scored)."""
     net = get_classifier(data, data_dir)
     feats, probs = classify(net, x)
+    if out:
+        save_scored(x, probs, os.path.join(out, "scored.png"))
+    digit_probs = probs[:, :NOT_DIGIT] / probs[:, :NOT_DIGIT].sum(1, keepdim=True)  # p(y | x, a digit)
     real_feats = real_features(data, data_dir, n_real, CACHE)
-    hist = torch.bincount(probs.argmax(1), minlength=10).float() / len(x)
+    hist = torch.bincount(digit_probs.argmax(1), minlength=10).float() / len(x)
     out = {"fd": frechet_distance(feats, real_feats),
-           "digit_confidence": float((probs.max(1).values >= 0.9).float().mean()),
+           "digit_confidence": float((probs[:, :NOT_DIGIT].max(1).values >= 0.9).float().mean()),
+           "not_digit": float((probs.argmax(1) == NOT_DIGIT).float().mean()),
            "class_entropy": float(-(hist * hist.clamp(min=1e-12).log()).sum()),
-           "inception_score": inception_score(probs),
+           "inception_score": inception_score(digit_probs),
            "nn_ratio": nn_ratio(x, load_images(data, "train", data_dir)[0], load_images(data, "test", data_dir)[0])}
     if labels is not None:
         out["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())

@@ -321,7 +321,8 @@ def evaluate(ema, sch, cfg, device, sampler, steps):
     x = torch.cat([sample(ema, sch, len(b), cfg, device, b if y is not None else None, sampler, steps)
                    for b in (y if y is not None else torch.zeros(cfg.n_samples)).split(500)]).cpu()
     x = (x.clamp(-1, 1) + 1) / 2
-    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir)
+    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir,
+                             out=cfg.out)
     calls = steps * (2 if cfg.cond and cfg.guidance else 1)
     return x, dict(m, network_calls=calls, sampling_seconds=round(time.time() - t0, 2)), y
 

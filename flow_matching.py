@@ -399,7 +399,8 @@ def evaluate_restoration(cfg, model, device):
     keep = [traj[0]] + [traj[round(f * cfg.sample_steps)] for f in (0.25, 0.5, 0.75, 1.0)] + [clean[:10]]
     to01 = lambda x: (x.clamp(-1, 1) + 1) / 2
     common.save_images(to01(torch.cat(keep)), os.path.join(cfg.out, "restoration.png"))
-    m = common.image_metrics(to01(restored), cfg.data, labels=y_test[:cfg.n_samples], data_dir=cfg.data_dir)
+    m = common.image_metrics(to01(restored), cfg.data, labels=y_test[:cfg.n_samples], data_dir=cfg.data_dir,
+                             out=cfg.out)
     m.update(corrupted_mae=float((to01(x0) - to01(clean)).abs().mean()),
              restoration_mae=float((to01(restored) - to01(clean)).abs().mean()), network_calls=calls)
     return to01(restored), m
@@ -516,7 +517,8 @@ def evaluate(cfg, model, device, solver, steps, sampler="ode", gen_seed=1, objec
     if points:
         return x, dict(point_scores(cfg, x), network_calls=calls)
     x = (x.clamp(-1, 1) + 1) / 2
-    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir)
+    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir,
+                             out=cfg.out)
     return x, dict(m, network_calls=calls)
 
 

@@ -386,7 +386,7 @@ def main(argv=None):
     elif cfg.task == "generate":
         with torch.no_grad():
             result = torch.cat([T(z) for z in x_test.split(1000)]).clamp(0, 1).view(-1, 1, 28, 28)
-        metrics = common.image_metrics(result, cfg.data, data_dir=cfg.data_dir)
+        metrics = common.image_metrics(result, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
         common.save_images(result[:100], os.path.join(cfg.out, "samples.png"))
     elif cfg.task == "recolor":
         result, metrics = recolor_metrics(cfg, T, x_test, y_test)

@@ -341,7 +341,7 @@ def main(argv=None):
         history = train(cfg, G, D, G_ema, device, state)
     G_ema.eval()
     x = generate(G_ema, cfg.n_samples, cfg.psi)
-    metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
+    metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
     common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
     grid, n = style_mixing_grid(G_ema)
     common.save_images(grid, os.path.join(cfg.out, "style_mixing.png"), nrow=n)

@@ -515,7 +515,7 @@ def main(argv=None):
             else:
                 samples = model(x_eval.to(device)).clamp(0, 1).cpu()
     if cfg.model in ("vae", "vqvae"):
-        metrics.update(common.image_metrics(samples, cfg.data, data_dir=cfg.data_dir))
+        metrics.update(common.image_metrics(samples, cfg.data, data_dir=cfg.data_dir, out=cfg.out))
     common.save_images(samples[:100], os.path.join(cfg.out, "samples.png"))
     metrics["train_seconds"] = round(train_seconds, 2)
     return common.finish(cfg, metrics, t0, device, samples=samples, history=history)

@@ -268,7 +268,7 @@ def main(argv=None):
                            title=", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
     else:
         x = (x + 1) / 2                                                  # back to [0, 1]
-        metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir)
+        metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
     return common.finish(cfg, dict(metrics, **extra), t0, device, samples=x, history=history)
 

@@ -160,10 +160,10 @@ def test_foreign_checkpoint_with_sample_only(script, tmp_path):
 
 def test_corrupt_cached_evaluator_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "CACHE", str(tmp_path))
-    (tmp_path / "classifier_digits_v1.pt").write_bytes(b"junk")
-    with pytest.raises(common.UserError, match="classifier_digits_v1.pt is not a readable checkpoint.*delete it"):
+    (tmp_path / "classifier_digits_v2.pt").write_bytes(b"junk")
+    with pytest.raises(common.UserError, match="classifier_digits_v2.pt is not a readable checkpoint.*delete it"):
         common.get_classifier("digits")
-    with pytest.raises(common.UserError, match="classifier_digits_v1.pt is not a readable checkpoint"):
+    with pytest.raises(common.UserError, match="classifier_digits_v2.pt is not a readable checkpoint"):
         vae.main(["--out", str(tmp_path / "run")])                        # at once, before any training
     assert not (tmp_path / "run").exists()
 
