@@ -38,7 +38,10 @@ class Config(common.Config):
     ema: float = common.arg(0.999, "largest decay of the moving average of G used for sampling, in [0, 1) (0: off); "
                                    "the decay at step t is min(ema, (1 + t) / (10 + t))")
     n_samples: int = common.arg(5000, "samples for the final metrics (classes balanced)")
-    MODEL_FLAGS = ("data", "z_dim", "emb_dim")
+    d_cond: str = common.arg("input", "how D sees y: input (a label map beside the image, the paper's way), every "
+                                      "(label maps at every layer), projection (input + a projection term)",
+                             ["input", "every", "projection"])
+    MODEL_FLAGS = ("data", "z_dim", "emb_dim", "d_cond")
 
 
 # ----------------------------------------------------------------------------- data
@@ -69,16 +72,35 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """D(x|y) as a logit: a DCGAN discriminator (2x28x28 -> 64x14x14 -> 128x7x7 -> 1, no BatchNorm on the input
-    layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map."""
-    def __init__(self, n_classes=10):
+    layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map. cond "every" also joins a 14x14 label map to the
+    second layer's input and one-hot y to the last; "projection" adds <V e(y), phi(x)> to the logit, phi(x) the
+    last features (Miyato & Koyama 2018; not in the lecture)."""
+    def __init__(self, n_classes=10, cond="input"):
         super().__init__()
+        self.cond = cond
+        self.n_classes = n_classes
+        every = cond == "every"
         self.label_map = nn.Embedding(n_classes, 28 * 28)
-        self.net = nn.Sequential(nn.Conv2d(2, 64, 4, 2, 1), nn.LeakyReLU(0.2),  # two channels: image and label map
-                                 nn.Conv2d(64, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
-                                 nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+        self.conv1 = nn.Sequential(nn.Conv2d(2, 64, 4, 2, 1), nn.LeakyReLU(0.2))   # two channels: image, label map
+        self.conv2 = nn.Sequential(nn.Conv2d(64 + every, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
+                                   nn.Flatten())
+        self.linear = nn.Linear(128 * 7 * 7 + n_classes * every, 1)
+        if every:
+            self.label_map_14 = nn.Embedding(n_classes, 14 * 14)
+        if cond == "projection":
+            self.project = nn.Embedding(n_classes, 128 * 7 * 7)
 
     def forward(self, x, y):
-        return self.net(torch.cat([x, self.label_map(y).view(-1, 1, 28, 28)], 1))   # (B, 2, 28, 28) -> (B, 1)
+        h = self.conv1(torch.cat([x, self.label_map(y).view(-1, 1, 28, 28)], 1))   # (B, 2, 28, 28) -> (B, 64, 14, 14)
+        if self.cond == "every":
+            h = torch.cat([h, self.label_map_14(y).view(-1, 1, 14, 14)], 1)       # (B, 65, 14, 14)
+        phi = self.conv2(h)                                                      # (B, 128 * 7 * 7)
+        if self.cond == "every":
+            phi = torch.cat([phi, F.one_hot(y, self.n_classes).float()], 1)
+        logit = self.linear(phi)                                                 # (B, 1)
+        if self.cond == "projection":
+            logit = logit + (self.project(y) * phi).sum(1, keepdim=True)
+        return logit
 
 
 # ----------------------------------------------------------------------------- losses (l: D's logits, D = sigmoid(l))
@@ -178,7 +200,7 @@ def main(argv=None):
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     G = Generator(cfg.z_dim, cfg.emb_dim).to(device)
-    D = Discriminator().to(device)
+    D = Discriminator(cond=cfg.d_cond).to(device)
     G_ema = copy.deepcopy(G)
     t0 = time.time()
     history = {}
