@@ -21,6 +21,27 @@ def test_generator_and_discriminator_use_the_label():
         assert D(x0, y0).shape == (5, 1)
 
 
+def test_discriminator_conditioning_variants():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    y = torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        every = cgan.Discriminator(cond="every").eval()
+        every.label_map.weight.zero_()                                  # no label at the input ...
+        assert (every(x, y) - every(x, (y + 1) % 10)).abs().min() > 1e-4  # ... y still reaches D at the later layers
+        proj = cgan.Discriminator(cond="projection").eval()
+        phi = proj.conv2(proj.conv1(torch.cat([x, proj.label_map(y).view(-1, 1, 28, 28)], 1)))
+        by_hand = proj.linear(phi) + (proj.project(y) * phi).sum(1, keepdim=True)   # psi(phi) + <V e(y), phi>
+        assert torch.allclose(proj(x, y), by_hand, atol=1e-5)
+        assert (proj(x, y) - proj.linear(phi)).abs().min() > 1e-3       # the projection term is really added
+
+
+def test_every_cond_flag_runs_and_is_a_model_flag(tmp_path):
+    cgan.main(["--steps", "2", "--n-samples", "20", "--d-cond", "every", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError):
+        cgan.main(["--sample-only", "--d-cond", "input", "--out", str(tmp_path)])   # the checkpoint says "every"
+
+
 def test_conditional_loss_is_the_minimax_value_on_hand_logits():
     l_real, l_fake = torch.tensor([[2.0]]), torch.tensor([[-1.0]])
     D_real, D_fake = torch.sigmoid(l_real), torch.sigmoid(l_fake)
