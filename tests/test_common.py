@@ -408,6 +408,8 @@ def test_image_metrics_on_real_images_and_labels(tmp_path):
     blank = common.image_metrics(torch.zeros(500, 1, 28, 28), "digits")
     assert blank["class_entropy"] < 0.01                  # every blank image gets the same class
     assert blank["digit_confidence"] == 0 and blank["not_digit"] == 1
+    junk = common.image_metrics(common.not_digits(x, y, 500, seed=7), "digits")
+    assert junk["digit_confidence"] < 0.1 and junk["not_digit"] > 0.8  # counted under all eleven classes
 
 
 # Two kinds of "not a digit" that not_digits() never makes: held out from the evaluator's training.
