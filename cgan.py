@@ -82,11 +82,13 @@ class Discriminator(nn.Module):
         self.cond = cond
         self.n_classes = n_classes
         every = cond == "every"
+        extra_map = 1 if every else 0                                    # the 14x14 label map, a 65th channel
+        extra_y = n_classes if every else 0                              # one-hot y beside the last features
         self.label_map = nn.Embedding(n_classes, 28 * 28)
         self.conv1 = nn.Sequential(nn.Conv2d(2, 64, 4, 2, 1), nn.LeakyReLU(0.2))   # two channels: image, label map
-        self.conv2 = nn.Sequential(nn.Conv2d(64 + every, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
+        self.conv2 = nn.Sequential(nn.Conv2d(64 + extra_map, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
                                    nn.Flatten())
-        self.linear = nn.Linear(128 * 7 * 7 + n_classes * every, 1)
+        self.linear = nn.Linear(128 * 7 * 7 + extra_y, 1)
         if every:
             self.label_map_14 = nn.Embedding(n_classes, 14 * 14)
         if cond == "projection":
@@ -98,7 +100,7 @@ class Discriminator(nn.Module):
             h = torch.cat([h, self.label_map_14(y).view(-1, 1, 14, 14)], 1)       # (B, 65, 14, 14)
         phi = self.conv2(h)                                                      # (B, 128 * 7 * 7)
         if self.cond == "every":
-            phi = torch.cat([phi, F.one_hot(y, self.n_classes).float()], 1)
+            phi = torch.cat([phi, F.one_hot(y, self.n_classes).float()], 1)     # (B, 128 * 7 * 7 + 10)
         logit = self.linear(phi)                                                 # (B, 1)
         if self.cond == "projection":
             logit = logit + (self.project(y) * phi).sum(1, keepdim=True)

@@ -542,7 +542,7 @@ class Progress:
                   f"ETA {(self.total - step) / max(rate, 1e-9):.0f}s", flush=True)
 
 # ----------------------------------------------------------------------------- evaluation
-NOT_DIGIT = 10                           # the evaluator's 11th class: "not one of the ten" (blobs, blends, scribbles)
+NOT_DIGIT = 10                           # the evaluator's 11th class: "not one of the ten" (see not_digits)
 
 def gaussian_blur(x, sigma):
     """x (N, 1, H, W) blurred by a Gaussian of std sigma[i] pixels per image (zero padding)."""
@@ -662,8 +662,8 @@ def cached_classifier(path, make_data, epochs):
     return net.eval()
 
 def get_classifier(data, data_dir=""):
-    """The shared evaluator for an image dataset: trained once on its train split plus 20% not_digits() made from
-    it, cached in .cache/."""
+    """The shared evaluator for an image dataset: trained once on with_negatives() of its train split (the images,
+    legible variants of half of them, 20% as many not_digits()), cached in .cache/."""
     path = os.path.join(CACHE, f"classifier_{data}_v2.pt")
     make_data = lambda: with_negatives(*load_images(data, "train", data_dir))
     return cached_classifier(path, make_data, CLASSIFIER_EPOCHS[data])
@@ -722,15 +722,15 @@ def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
     digit_probs = probs[:, :NOT_DIGIT] / probs[:, :NOT_DIGIT].sum(1, keepdim=True)  # p(y | x, a digit)
     real_feats = real_features(data, data_dir, n_real, CACHE)
     hist = torch.bincount(digit_probs.argmax(1), minlength=10).float() / len(x)
-    out = {"fd": frechet_distance(feats, real_feats),
-           "digit_confidence": float((probs[:, :NOT_DIGIT].max(1).values >= 0.9).float().mean()),
-           "not_digit": float((probs.argmax(1) == NOT_DIGIT).float().mean()),
-           "class_entropy": float(-(hist * hist.clamp(min=1e-12).log()).sum()),
-           "inception_score": inception_score(digit_probs),
-           "nn_ratio": nn_ratio(x, load_images(data, "train", data_dir)[0], load_images(data, "test", data_dir)[0])}
+    metrics = {"fd": frechet_distance(feats, real_feats),
+               "digit_confidence": float((probs[:, :NOT_DIGIT].max(1).values >= 0.9).float().mean()),
+               "not_digit": float((probs.argmax(1) == NOT_DIGIT).float().mean()),
+               "class_entropy": float(-(hist * hist.clamp(min=1e-12).log()).sum()),
+               "inception_score": inception_score(digit_probs),
+               "nn_ratio": nn_ratio(x, load_images(data, "train", data_dir)[0], load_images(data, "test", data_dir)[0])}
     if labels is not None:
-        out["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
-    return out
+        metrics["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
+    return metrics
 
 def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):
     r"""Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) over the bandwidths h."""

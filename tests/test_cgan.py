@@ -28,7 +28,12 @@ def test_discriminator_conditioning_variants():
     with torch.no_grad():
         every = cgan.Discriminator(cond="every").eval()
         every.label_map.weight.zero_()                                  # no label at the input ...
-        assert (every(x, y) - every(x, (y + 1) % 10)).abs().min() > 1e-4  # ... y still reaches D at the later layers
+        one_hot_weights = every.linear.weight[:, -10:].clone()
+        every.linear.weight[:, -10:] = 0                                # ... nor at the last layer:
+        assert (every(x, y) - every(x, (y + 1) % 10)).abs().min() > 1e-4  # the 14x14 map alone carries y
+        every.linear.weight[:, -10:] = one_hot_weights
+        every.label_map_14.weight.zero_()
+        assert (every(x, y) - every(x, (y + 1) % 10)).abs().min() > 1e-4  # the one-hot y alone carries it
         proj = cgan.Discriminator(cond="projection").eval()
         phi = proj.conv2(proj.conv1(torch.cat([x, proj.label_map(y).view(-1, 1, 28, 28)], 1)))
         by_hand = proj.linear(phi) + (proj.project(y) * phi).sum(1, keepdim=True)   # psi(phi) + <V e(y), phi>
