@@ -56,6 +56,8 @@ class Config(common.Config):
     steps: int = common.arg(5000, "training steps")
     batch_size: int = common.arg(64, "images per training step")
     lr: float = common.arg(1e-3, "Adam learning rate")
+    lr_schedule: str = common.arg("constant", "constant, or a 200-step linear warm-up then cosine decay to 0 over "
+                                  "--steps", ["constant", "cosine"])
     T: int = common.arg(1000, "number of diffusion steps")
     schedule: str = common.arg("linear", "beta schedule", ["linear", "cosine"])
     ch: int = common.arg(16, "U-Net base channels, a multiple of 8 for GroupNorm (32 or 64 on a GPU)")
@@ -284,6 +286,16 @@ def save_denoising(trajectory, path, T):
 
 
 # ----------------------------------------------------------------------------- training
+def lr_factor(step, cfg, warmup=200):
+    """The learning rate at optimizer step `step` (0-based) over --lr: 1 (constant), or a linear warm-up over the
+    first `warmup` steps then a cosine to 0 at --steps (planned over --steps: a --resume to more steps re-plans it)."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, cfg.steps - warmup))))
+
+
 def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
     """Algorithm 1 for cfg.steps steps; state: a saved run to continue (--resume)."""
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
@@ -304,6 +316,8 @@ def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for group in opt.param_groups:                               # --lr-schedule (stateless: resumes as is)
+                group["lr"] = cfg.lr * lr_factor(step - 1, cfg)
             opt.step()
             common.ema_update(ema, model, step, cfg.ema)                   # EMA, warmed up over the first steps
             history["loss"].append(loss.item())

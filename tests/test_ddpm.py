@@ -264,3 +264,13 @@ def test_diffusion_loss_regresses_the_chosen_target():
     v2 = (sch.alpha_bar[t] + 9 * (1 - sch.alpha_bar[t])).mean()          # E v^2 = ab + 9 (1 - ab): eps, x0 independent
     torch.manual_seed(0)
     assert ddpm.diffusion_loss(Zero(), sch, x0, param="v").item() == pytest.approx(float(v2), rel=0.05)
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
+    cosine = ddpm.Config(steps=1200, lr_schedule="cosine")
+    f = [ddpm.lr_factor(s, cosine) for s in range(1200)]
+    assert f[0] == pytest.approx(1 / 200) and f[99] == pytest.approx(0.5) and f[199] == pytest.approx(1.0)
+    assert f[200] == pytest.approx(1.0) and f[700] == pytest.approx(0.5)      # half way through the cosine
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 999 / 1000))) and f[-1] < 1e-5
+    assert all(a >= b for a, b in zip(f[200:], f[201:]))
+    assert {ddpm.lr_factor(s, ddpm.Config(steps=1200, lr_schedule="constant")) for s in range(1200)} == {1.0}
