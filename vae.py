@@ -2,7 +2,7 @@ r"""vae.py - the variational autoencoder of Kingma & Welling, straight from the 
 lectures' autoencoder family around it: undercomplete (= PCA when linear), denoising, sparse, contractive, VQ-VAE.
 
 Lectures: 002 "Variational Auto-Encoders" to "VAE - instantiation example"; 004 "Variational autoencoder";
-000 section 7.3. Run: `python vae.py` (digits, ~2 CPU minutes), `python vae.py --latent-dim 2` (latent map),
+000 section 7.3. Run: `python vae.py` (digits, ~3 CPU minutes), `python vae.py --latent-dim 2` (latent map),
 `python vae.py --data mnist10k --data-dir ../shared/data/mnist --binarize` (real MNIST test files).
 The family (`--model`, each in its own section below): ae, dae, sae, cae (004 "Autoencoder" to "Contracting
 autoencoders") and vqvae (002 "Learning discrete distributions: VQ-VAE"), e.g. `python vae.py --model ae --linear`.
@@ -51,7 +51,7 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     data: str = common.arg("digits", "dataset", common.IMAGE_DATA)
-    steps: int = common.arg(10000, "training steps (other models than vae: 5000 unless given)")
+    steps: int = common.arg(13000, "training steps (other models than vae: 5000 unless given)")
     lr: float = common.arg(1e-3, "Adam learning rate (ae --linear: 3e-3 and batch 1024 unless given)")
     latent_dim: int = common.arg(20, "J, the dimension of z (2 draws latent_map.png)")
     hidden: int = common.arg(512, "hidden units per MLP layer")

@@ -72,7 +72,7 @@ class Oracle(torch.nn.Module):
 def test_perfect_eps_recovers_x0(sampler, steps):
     sch = ddpm.Schedule()
     x0 = torch.rand(1, 1, 28, 28) * 2 - 1
-    cfg = ddpm.Config(guidance=0.0, sigma="beta", clip_x0=False, eta=0.0)
+    cfg = ddpm.Config(guidance=0.0, sigma="beta", clip_x0=False, eta=0.0, param="eps")
     out = ddpm.sample(Oracle(sch, x0), sch, 3, cfg, torch.device("cpu"), sampler=sampler, steps=steps)
     assert torch.allclose(out, x0.expand(3, -1, -1, -1), atol=1e-4)
 
@@ -176,7 +176,7 @@ def test_samplers_draw_the_data_distribution_with_the_exact_eps(sampler, steps, 
     the states by noise, or shifts t by one, ends with the wrong mean or spread."""
     sch, m, s = ddpm.Schedule(), 0.3, 0.2                                # data well inside [-1, 1]: clipping is idle
     torch.manual_seed(0)
-    cfg = ddpm.Config(guidance=0.0, sigma="beta", clip_x0=clip, eta=0.0)
+    cfg = ddpm.Config(guidance=0.0, sigma="beta", clip_x0=clip, eta=0.0, param="eps")
     x = ddpm.sample(GaussianOracle(sch, m, s), sch, 64, cfg, torch.device("cpu"), sampler=sampler, steps=steps)
     assert abs(float(x.mean()) - m) < tol and abs(float(x.std()) - s) < tol, (float(x.mean()), float(x.std()))
 
