@@ -402,7 +402,7 @@ def test_fd_zero_for_halves_of_data_large_for_noise():
 
 def test_image_metrics_on_real_images_and_labels(tmp_path):
     x, y = common.load_images("digits", "test")
-    m = common.image_metrics(x[:2000], "digits", labels=y[:2000], out=str(tmp_path))
+    m = common.image_metrics(x[:1000], "digits", labels=y[:1000], out=str(tmp_path))
     assert m["digit_confidence"] > 0.92 and m["class_entropy"] > 2.29 and m["class_accuracy"] > 0.98
     assert m["not_digit"] < 0.01 and (tmp_path / "scored.png").exists()
     blank = common.image_metrics(torch.zeros(500, 1, 28, 28), "digits")
