@@ -181,8 +181,8 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------- loss
 def prediction_target(sch, x0, t, eps, param="eps"):
     r"""What the network learns to predict (000 1.2, "Network Parameterization Options"): eps (Ho et al. and the
-    slide), x_0 (this script's default), or the velocity v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (000's v = alpha eps - sigma x with
-    alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t); Salimans & Ho 2022)."""
+    slide), x_0 (this script's default), or the velocity v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (000's
+    v = alpha eps - sigma x with alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t); Salimans & Ho 2022)."""
     if param == "eps":
         return eps
     if param == "x0":

@@ -131,7 +131,8 @@ def test_unet_shapes_and_time_conditioning():
 
 
 def test_train_sample_only_and_cond_runs(tmp_path):
-    args = ["--out", str(tmp_path), "--steps", "30", "--n-samples", "40", "--sample-steps", "5", "--ch", "8", "--T", "100"]
+    args = ["--out", str(tmp_path), "--steps", "30", "--n-samples", "40", "--sample-steps", "5", "--ch", "8",
+            "--T", "100"]
     rec = ddpm.main(args)
     for key in ("fd", "digit_confidence", "class_entropy", "network_calls"):
         assert key in rec

@@ -115,8 +115,8 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(script, flags, tmp_
     assert numbers(again) == dict(numbers(straight), steps=0)
 
 
-@pytest.mark.parametrize("script", [pytest.param(m, marks=[] if m is ddpm else pytest.mark.slow) for m in SCHEDULE_FREE],
-                         ids=lambda m: m.__name__)                      # ddpm in the quick suite, the others slow
+@pytest.mark.parametrize("script", [pytest.param(m, marks=[] if m is ddpm else pytest.mark.slow)   # the others: slow
+                                    for m in SCHEDULE_FREE], ids=lambda m: m.__name__)
 def test_short_run_continued_to_more_steps_equals_the_straight_run(script, tmp_path):
     flags, N, k = TINY[script]
     straight = run(script, flags, tmp_path / "a", N)
