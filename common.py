@@ -704,10 +704,15 @@ def nn_ratio(x, train, test, batch=500):
     """Memorisation check: the mean pixel distance from each sample to its nearest training image, divided by the
     same for as many held-out test images. About 1 for a model that generalises like fresh data; < 1 flags
     samples closer to the training set than new data are (copying)."""
+    train = train.flatten(1).float()                                     # (N, 784)
+    train_sq = (train * train).sum(1)                                    # once per call (cdist redoes it per batch)
+
     def mean_nn(a):
-        a = a.flatten(1).float()
-        return torch.cat([torch.cdist(a[i:i + batch], train).amin(1) for i in range(0, len(a), batch)]).mean()
-    train = train.flatten(1).float()
+        nearest = []
+        for b in a.flatten(1).float().split(batch):                      # |b - t|^2 = |b|^2 + |t|^2 - 2 b.t
+            d2 = (b * b).sum(1, keepdim=True) + train_sq[None] - 2 * b @ train.T
+            nearest.append(d2.amin(1).clamp(min=0).sqrt())
+        return torch.cat(nearest).mean()
     return float(mean_nn(x.cpu()) / mean_nn(test[:len(x)]))
 
 def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
