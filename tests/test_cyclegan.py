@@ -90,6 +90,7 @@ def test_folder_loader_and_run(tmp_path):
         cyclegan.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
 
 
+@pytest.mark.slow  # the quick suite runs cyclegan through test_resume (main, --resume, --sample-only) and self_contained
 def test_smoke_run_on_digits_and_sample_only(tmp_path):
     args = ["--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "200", "--out", str(tmp_path)]
     rec = cyclegan.main(args)
