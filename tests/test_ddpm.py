@@ -275,3 +275,10 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
     assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 999 / 1000))) and f[-1] < 1e-5
     assert all(a >= b for a, b in zip(f[200:], f[201:]))
     assert {ddpm.lr_factor(s, ddpm.Config(steps=1200, lr_schedule="constant")) for s in range(1200)} == {1.0}
+
+
+def test_lr_schedule_reaches_the_optimizer(tmp_path):
+    ddpm.main(["--lr-schedule", "cosine", "--steps", "4", "--ch", "8", "--T", "20", "--batch-size", "8",
+               "--n-samples", "10", "--sample-steps", "5", "--out", str(tmp_path)])
+    lr = torch.load(tmp_path / "checkpoint.pt")["opt"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-3 * 4 / 200)                           # the 4th step of the 200-step warm-up
