@@ -149,6 +149,10 @@ def test_bad_input(tmp_path):
         ddpm.main(["--guidance", "2", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--sample-steps"):
         ddpm.main(["--sample-steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--sample-steps must be in 1..T=50, got 80"):
+        ddpm.main(["--T", "50", "--sample-steps", "80", "--out", str(tmp_path)])
+    assert common.parse_config(ddpm.Config, ["--T", "50"], "ddpm").sample_steps == 50    # the default 100, at most T
+    assert common.parse_config(ddpm.Config, [], "ddpm").sample_steps == 100
 
 
 class GaussianOracle(torch.nn.Module):
