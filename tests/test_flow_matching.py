@@ -295,6 +295,7 @@ def test_naive_ascent_collapses_and_annealing_fixes_the_weights():
     assert abs(fm.near_first(annealed, far) - 0.2) < 0.05                # 0.23 measured (its bias: see README)
 
 
+@pytest.mark.slow  # suite time; the score objective's math has its own quick tests
 def test_score_objective_and_langevin_runs(tmp_path):
     rec = fm.main(["--steps", "20", "--hidden", "16", "--out", str(tmp_path), "--n-samples", "100",
                    "--objective", "both"])
@@ -381,6 +382,7 @@ def test_corrupt_coupling_runs(tmp_path):
         fm.main(["--coupling", "corrupt", "--out", str(tmp_path / "pts")])
 
 
+@pytest.mark.slow  # suite time; test_reliability checks --sample-only reading the model flags
 def test_sample_only_of_an_image_run_takes_the_image_defaults(tmp_path):
     """--sample-only reads --data from the checkpoint, and with it the image default of --n-samples (1000, not
     the 2-D 2500): the same samples as the training run."""

@@ -8,6 +8,8 @@ import common
 import gan
 import wgan
 
+SLOW = pytest.mark.slow  # the lsgan and clipping variants of the 2-D smoke runs; the defaults stay quick
+
 
 def test_optimal_discriminator_and_value_equal_minus_log4_plus_2jsd():
     p = torch.tensor([0.5, 0.25, 0.25, 0.0], dtype=torch.float64)
@@ -101,8 +103,8 @@ def test_mode_metrics_on_collapsed_and_full_samplers():
     assert common.mode_metrics(collapsed, "ring8")["modes_covered"] == 1
 
 
-@pytest.mark.parametrize("script, extra", [(gan, []), (gan, ["--loss", "lsgan", "--k", "2"]),
-                                           (wgan, []), (wgan, ["--lipschitz", "clip"])])
+@pytest.mark.parametrize("script, extra", [(gan, []), pytest.param(gan, ["--loss", "lsgan", "--k", "2"], marks=SLOW),
+                                           (wgan, []), pytest.param(wgan, ["--lipschitz", "clip"], marks=SLOW)])
 def test_2d_runs_write_outputs(script, extra, tmp_path):
     rec = script.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "500", "--hidden", "32"] + extra)
     for key in ("modes_covered", "high_quality_frac", "mmd", "steps", "seconds"):

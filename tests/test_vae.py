@@ -93,6 +93,7 @@ def test_training_lowers_test_nelbo_and_writes_outputs(tmp_path):
     assert abs(again["test_nelbo"] - after["test_nelbo"]) < 5 and again["steps"] == 0
 
 
+@pytest.mark.slow  # suite time; the default run and test_resume cover main()
 def test_latent_dim_2_and_gaussian_binarized_runs(tmp_path):
     vae.main(["--out", str(tmp_path), "--latent-dim", "2", "--steps", "20", "--eval-n", "50", "--iw-k", "4",
               "--n-samples", "100", "--hidden", "32"])
