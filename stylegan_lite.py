@@ -2,13 +2,13 @@ r"""stylegan_lite.py - a small style-based generator (Karras et al. 2019) with e
 
 Lectures: 002 "Style Gan": "Preliminary: Adaptive Instance Normalization (AdaIN)", "Architecture of Style Gan"
 (mapping network, affine transforms A, noise inputs B), "Global architecture of StyleGAN"; 000 section 6.3.
-Run: `python stylegan_lite.py` (digits at 32x32, ~9 CPU minutes), `--data mnist10k --data-dir ../shared/data/mnist`.
+Run: `python stylegan_lite.py` (digits at 28x28, ~7 CPU minutes), `--data mnist10k --data-dir ../shared/data/mnist`.
 
     AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y)   per sample and channel; (sigma(y), mu(y)) = (gamma, beta)
                   = A(w), a learned affine map of w per layer                       (002, "AdaIN", "Architecture")
     mapping       w = f(z): PixelNorm(z) = z / sqrt(mean z^2), then --map-layers linear+LeakyReLU layers whose
                   learning rate is 0.01 times the synthesis network's (Karras et al. 2019, Appendix C)
-    synthesis     learned constant 4x4 -> blocks 4, 8, 16, 32; each layer: (upsample), 3x3 conv with bias,
+    synthesis     learned constant 7x7 -> blocks 7, 14, 28; each layer: (upsample), 3x3 conv with bias,
                   + noise B, LeakyReLU(0.2), AdaIN with its own style; two layers per block; toRGB (1x1 conv)
     noise B       x <- x + b * n, n ~ N(0, 1) one single-channel image per layer broadcast to all channels
                   (002, "Noise input are single channel images"), b a per-channel scale initialised to 0
@@ -18,14 +18,17 @@ Run: `python stylegan_lite.py` (digits at 32x32, ~9 CPU minutes), `--data mnist1
                   into the following LeakyReLU's gain, as in the paper's code: scale 1 / sqrt(fan_in))
     loss          non-saturating logistic: D minimizes softplus(D(G(z))) + softplus(-D(x)), G minimizes
                   softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018)
-    D             small conv net with a minibatch standard deviation feature at 4x4; EMA of G for sampling.
-Data: the 28x28 digits are padded by 2 pixels of background to 32x32 (pixels in [-1, 1]); samples are cropped
-back to 28x28 for the metrics. Differences from the paper: 32x32 and 8 layers (not 1024x1024 and 18), 128-d
-z and w (not 512), 64 channels at most, no progressive growing, nearest-neighbour upsampling without blur,
-Adam(2e-3, betas (0, 0.99)) for both nets. Also departures: the first layer convolves the constant (the paper
-starts with noise and AdaIN on it); truncation acts on all layers (the paper: the coarse ones); R1 is applied
-lazily, every 16 steps and scaled x16 (a StyleGAN2 technique); the sqrt(2) gain after LeakyReLU is placed as in
-StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it is (gamma, beta) = A(w).
+    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, 64 and 128 channels, BatchNorm on the
+                  second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999)); EMA of G for sampling.
+Data: the 28x28 digits as they are (pixels in [-1, 1]). Differences from the paper: 28x28 and 6 layers (not
+1024x1024 and 18), 128-d z and w (not 512), 64 channels at most, no progressive growing, nearest-neighbour
+upsampling without blur, G trained with Adam(2e-3, betas (0, 0.99)). Also departures: the first layer convolves
+the constant (the paper starts with noise and AdaIN on it); truncation acts on all layers (the paper: the coarse
+ones); R1 is applied lazily, every 16 steps and scaled x16 (a StyleGAN2 technique); the sqrt(2) gain after
+LeakyReLU is placed as in StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it is
+(gamma, beta) = A(w). The discriminator is not the paper's (ProGAN's, with equalized lr and a minibatch-std
+feature): with that one, trained with G's optimizer, the generator drew round blobs in 10 CPU minutes, and the
+DCGAN discriminator gave the best digits of the variants measured (README, StyleGAN ablation).
 """
 import copy, dataclasses, math, os, time
 
@@ -39,13 +42,14 @@ import common
 
 @dataclasses.dataclass
 class Config(common.Config):
-    data: str = common.arg("digits", "image dataset (28x28, padded to 32x32)", common.IMAGE_DATA)
-    steps: int = common.arg(2500, "training steps (one D and one G update each)")
+    data: str = common.arg("digits", "image dataset (28x28)", common.IMAGE_DATA)
+    steps: int = common.arg(4000, "training steps (one D and one G update each)")
     batch_size: int = common.arg(32, "images per step")
-    lr: float = common.arg(2e-3, "Adam learning rate (mapping network: 0.01 x this)")
+    lr: float = common.arg(2e-3, "G's Adam learning rate (mapping network: 0.01 x this)")
+    d_lr: float = common.arg(2e-4, "D's Adam learning rate")
     z_dim: int = common.arg(128, "size of z and w")
     map_layers: int = common.arg(4, "layers of the mapping network f")
-    channels: int = common.arg(64, "feature channels at 4x4 and 8x8 (half at 16, a quarter at 32)")
+    channels: int = common.arg(64, "G's feature channels at 7x7 (half at 14x14, a quarter at 28x28)")
     mix_prob: float = common.arg(0.9, "probability of style mixing regularisation per batch")
     r1_gamma: float = common.arg(10.0, "R1 penalty weight gamma (0: off)")
     r1_every: int = common.arg(16, "apply R1 every this many steps (lazy regularisation)")
@@ -58,14 +62,14 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- data
 def batch_sampler(cfg, gen):
-    """() -> a batch (B, 1, 32, 32) in [-1, 1] drawn by gen: the 28x28 images padded with 2 pixels of background."""
+    """() -> a batch (B, 1, 28, 28) in [-1, 1] drawn by gen."""
     x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
-    return lambda: F.pad(x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1, (2, 2, 2, 2), value=-1.0)
+    return lambda: x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1
 
 
 def to_image(x):
-    """Generator output (B, 1, 32, 32) in about [-1, 1] -> the 28x28 centre in [0, 1]."""
-    return ((x[:, :, 2:30, 2:30] + 1) / 2).clamp(0, 1)
+    """Generator output (B, 1, 28, 28) in about [-1, 1] -> [0, 1]."""
+    return ((x + 1) / 2).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- model: building blocks
@@ -140,60 +144,38 @@ class StyleLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- model: generator and critic
 class Generator(nn.Module):
-    """Mapping f, synthesis g from a learned constant; 8 style layers (two per resolution 4, 8, 16, 32)."""
+    """Mapping f, synthesis g from a learned constant; 6 style layers (two per resolution 7, 14, 28)."""
     def __init__(self, z_dim=128, map_layers=4, ch=64):
         super().__init__()
         self.mapping = MappingNetwork(z_dim, map_layers)
-        self.const = nn.Parameter(torch.randn(1, ch, 4, 4))
-        chans = [ch, ch, ch, ch, ch // 2, ch // 2, ch // 4, ch // 4]    # resolutions 4 4 8 8 16 16 32 32
+        self.const = nn.Parameter(torch.randn(1, ch, 7, 7))
+        chans = [ch, ch, ch // 2, ch // 2, ch // 4, ch // 4]             # resolutions 7 7 14 14 28 28
         self.layers = nn.ModuleList(StyleLayer(c_in, c_out, z_dim, upsample=(i % 2 == 0 and i > 0))
                                     for i, (c_in, c_out) in enumerate(zip([ch] + chans[:-1], chans)))
         self.to_rgb = EqConv2d(chans[-1], 1, 1)
         self.register_buffer("w_avg", torch.zeros(z_dim))               # running mean of w, for truncation
 
     def styles(self, z, z2=None, crossover=None, psi=1.0):
-        """Per-layer styles (B, 8, w_dim): w = f(z), or w_1 before the crossover layer and w_2 from it on."""
+        """Per-layer styles (B, 6, w_dim): w = f(z), or w_1 before the crossover layer and w_2 from it on."""
         w = self.mapping(z)[:, None].repeat(1, len(self.layers), 1)      # (B, L, w_dim)
         if z2 is not None:
             w[:, crossover:] = self.mapping(z2)[:, None]                 # style mixing
         return self.w_avg + psi * (w - self.w_avg)                       # truncation w' = w_bar + psi (w - w_bar)
 
     def synthesis(self, ws, noise=None):
-        x = self.const.expand(len(ws), -1, -1, -1)                       # (B, ch, 4, 4)
+        x = self.const.expand(len(ws), -1, -1, -1)                       # (B, ch, 7, 7)
         for i, layer in enumerate(self.layers):
             x = layer(x, ws[:, i], None if noise is None else noise[i])
-        return self.to_rgb(x)                                            # (B, 1, 32, 32)
+        return self.to_rgb(x)                                            # (B, 1, 28, 28)
 
     def forward(self, z, z2=None, crossover=None, psi=1.0, noise=None):
         return self.synthesis(self.styles(z, z2, crossover, psi), noise)
 
 
-def minibatch_std(x, group=4):
-    """Append the mean over features of the std over a group of samples as one more channel (Karras 2018)."""
-    g = math.gcd(group, len(x))                                          # a group size that divides the batch
-    y = x.view(g, -1, *x.shape[1:])                                      # (G, B/G, C, H, W)
-    s = y.var(0, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))         # (B/G,)
-    return torch.cat([x, s.view(-1, 1, 1, 1).repeat(g, 1, *x.shape[2:])], 1)
-
-
-class Discriminator(nn.Module):
-    """fromRGB, then conv+conv+downsample at 32, 16, 8 (channels 16, 32, 64), minibatch std, conv, two linears."""
-    def __init__(self, ch=64):
-        super().__init__()
-        c = [ch // 4, ch // 2, ch, ch]
-        self.from_rgb = EqConv2d(1, c[0], 1)
-        self.blocks = nn.ModuleList(nn.ModuleList([EqConv2d(c[i], c[i], 3), EqConv2d(c[i], c[i + 1], 3)])
-                                    for i in range(3))
-        self.final_conv = EqConv2d(ch + 1, ch, 3)
-        self.fc1, self.fc2 = EqLinear(ch * 16, ch), EqLinear(ch, 1)
-
-    def forward(self, x):
-        act = lambda t: F.leaky_relu(t, 0.2) * math.sqrt(2)
-        h = act(self.from_rgb(x))
-        for conv1, conv2 in self.blocks:
-            h = F.avg_pool2d(act(conv2(act(conv1(h)))), 2)               # 32 -> 16 -> 8 -> 4
-        h = act(self.final_conv(minibatch_std(h)))
-        return self.fc2(act(self.fc1(h.flatten(1))))                     # (B, 1) logit
+def discriminator(ch=64):
+    """D(x) as a logit: 1x28x28 -> ch x 14x14 -> 2ch x 7x7 -> 1, no BatchNorm on the input layer (DCGAN)."""
+    return nn.Sequential(nn.Conv2d(1, ch, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, 2 * ch, 4, 2, 1),
+                         nn.BatchNorm2d(2 * ch), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(2 * ch * 7 * 7, 1))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -218,7 +200,7 @@ def r1_penalty(D, x):
 
 # ----------------------------------------------------------------------------- sampling and pictures
 def sample_latents(G, n, device, mix_prob):
-    """z_1 and, with probability mix_prob, z_2 with a random crossover layer in 1..7 (style mixing)."""
+    """z_1 and, with probability mix_prob, z_2 with a random crossover layer in 1..5 (style mixing)."""
     z = torch.randn(n, G.w_avg.numel(), device=device)
     if torch.rand(()) < mix_prob:
         return z, torch.randn_like(z), int(torch.randint(1, len(G.layers), ()))
@@ -235,8 +217,8 @@ def generate(G, n, psi=1.0, seed=0, batch_size=500):
 
 
 @torch.no_grad()
-def style_mixing_grid(G, n=5, seed=1, coarse=4):
-    """Top row sources A, left column sources B; cell (i, j): layers < coarse (4x4, 8x8) from B_i, the rest from A_j."""
+def style_mixing_grid(G, n=5, seed=1, coarse=2):
+    """Top row sources A, left column sources B; cell (i, j): layers < coarse (the 7x7 ones) from B_i, the rest from A_j."""
     gen = torch.Generator().manual_seed(seed)
     dev = G.w_avg.device
     zA, zB = (torch.randn(n, G.w_avg.numel(), generator=gen).to(dev) for _ in range(2))
@@ -282,7 +264,7 @@ def train(cfg, G, D, G_ema, device, state=None):
     gen = torch.Generator().manual_seed(cfg.seed)                         # data order
     real = batch_sampler(cfg, gen)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), cfg.d_lr, betas=(0.5, 0.999))
     history = {"D loss": [], "G loss": []}
     start = 0
     if state:                                                            # --resume: continue the saved run
@@ -320,14 +302,14 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "stylegan_lite", __doc__)
     common.check(min(cfg.z_dim, cfg.map_layers, cfg.r1_every) > 0 and cfg.channels >= 4 and cfg.n_samples >= 10,
                  "--z-dim, --map-layers, --r1-every must be positive, --channels >= 4, --n-samples >= 10")
-    common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0,
-                 "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0")
+    common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0 and cfg.d_lr > 0,
+                 "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0, --d-lr > 0")
     state = common.load_run(cfg, "stylegan_lite") if cfg.sample_only or cfg.resume else None   # flags from it
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     G = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device)
-    D = Discriminator(cfg.channels).to(device)
+    D = discriminator().to(device)
     G_ema = copy.deepcopy(G)
     t0 = time.time()
     history = {}

@@ -28,10 +28,10 @@ def test_mapping_and_affine_shapes_and_pixel_norm():
     z = torch.randn(3, 16)
     assert torch.allclose(sg.pixel_norm(5 * z).pow(2).mean(1), torch.ones(3), atol=1e-5)
     w = G.mapping(z)
-    assert w.shape == (3, 16) and G.styles(z).shape == (3, 8, 16)       # one style per layer
+    assert w.shape == (3, 16) and G.styles(z).shape == (3, 6, 16)       # one style per layer
     gamma, beta = G.layers[3].A(w).chunk(2, 1)
     assert gamma.shape == beta.shape == (3, G.layers[3].conv.weight.shape[0])
-    assert G(z).shape == (3, 1, 32, 32) and sg.to_image(G(z)).shape == (3, 1, 28, 28)
+    assert G(z).shape == (3, 1, 28, 28) and sg.to_image(G(z)).shape == (3, 1, 28, 28)
 
 
 def test_noise_scale_starts_at_zero_and_then_changes_the_output():
@@ -49,7 +49,7 @@ def test_style_mixing_uses_w2_only_from_the_crossover_layer():
     """G(z1, z2, crossover=4) itself, its layers' outputs read by forward hooks, with the same noise images."""
     G = small_generator()
     z1, z2a, z2b = torch.randn(3, 2, 16)
-    noise = [torch.randn(2, 1, 4 * 2 ** (i // 2), 4 * 2 ** (i // 2)) for i in range(8)]
+    noise = [torch.randn(2, 1, 7 * 2 ** (i // 2), 7 * 2 ** (i // 2)) for i in range(6)]
     for layer in G.layers:                                               # noise on, so its images matter too
         layer.noise_scale.data.fill_(0.3)
     outs = []
@@ -59,7 +59,7 @@ def test_style_mixing_uses_w2_only_from_the_crossover_layer():
         G(z1, z2b, 4, noise=noise)
     for h in hooks:
         h.remove()
-    a, b = outs[:8], outs[8:]
+    a, b = outs[:6], outs[6:]
     for i in range(4):                                                   # coarse layers: w_1 only, unchanged
         assert torch.equal(a[i], b[i])
     assert (a[4] - b[4]).abs().max() > 1e-4                              # from the crossover on: w_2
@@ -73,7 +73,7 @@ def test_mixing_probability_and_crossover_layers():
     draws = [sg.sample_latents(G, 1, "cpu", 0.9) for _ in range(4000)]
     mixed = [c for _, z2, c in draws if z2 is not None]
     assert abs(len(mixed) / 4000 - 0.9) < 0.024                          # 5 standard errors of 4000 draws
-    assert set(mixed) == set(range(1, 8))                                # crossover in 1..7, all used
+    assert set(mixed) == set(range(1, 6))                                # crossover in 1..5, all used
     assert all(sg.sample_latents(G, 1, "cpu", 0.0)[1] is None for _ in range(100))
 
 
@@ -104,7 +104,7 @@ def test_w_avg_is_the_running_mean_of_w(tmp_path, monkeypatch):
 def test_truncation_psi_zero_gives_one_image_for_all_z():
     G = small_generator()
     G.w_avg.normal_()
-    noise = [torch.zeros(5, 1, 4 * 2 ** (i // 2), 4 * 2 ** (i // 2)) for i in range(8)]
+    noise = [torch.zeros(5, 1, 7 * 2 ** (i // 2), 7 * 2 ** (i // 2)) for i in range(6)]
     with torch.no_grad():
         x = G(torch.randn(5, 16), psi=0.0, noise=noise)
     assert (x - x[:1]).abs().max() < 1e-5
@@ -115,7 +115,7 @@ def test_truncation_psi_zero_gives_one_image_for_all_z():
     with torch.no_grad():                                                # w' = w_bar + psi (w - w_bar), per layer
         w = G.mapping(z)[:, None]
         assert torch.allclose(G.styles(z, psi=0.7), G.w_avg + 0.7 * (w - G.w_avg), atol=1e-6)
-        assert torch.allclose(G.styles(z, psi=1.0), w.expand(-1, 8, -1))
+        assert torch.allclose(G.styles(z, psi=1.0), w.expand(-1, 6, -1))
 
 
 def test_equalized_layers_keep_unit_variance_up_to_the_relu_gain():
@@ -135,18 +135,6 @@ def test_r1_penalty_on_a_linear_critic():
     assert sg.r1_penalty(D, x).item() == pytest.approx(0.5 * 9 * 4)
 
 
-def test_minibatch_std_against_a_loop():
-    """Sample i is in group i mod (B/G); its extra channel is the mean over (c, h, w) of the std over its group."""
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    out = sg.minibatch_std(x)
-    assert out.shape == (8, 4, 4, 4) and torch.equal(out[:, :3], x)
-    for i in range(8):
-        group = x[[j for j in range(8) if j % 2 == i % 2]]               # B/G = 8/4 = 2 groups
-        expected = (group.var(0, unbiased=False) + 1e-8).sqrt().mean()
-        assert torch.allclose(out[i, 3], expected.expand(4, 4))
-    assert sg.minibatch_std(torch.randn(6, 3, 4, 4)).shape == (6, 4, 4, 4)   # a group size that divides 6
-
-
 def test_main_smoke_and_sample_only(tmp_path):
     args = ["--steps", "4", "--batch-size", "8", "--channels", "8", "--z-dim", "16", "--n-samples", "200",
             "--r1-every", "2", "--out", str(tmp_path)]
@@ -161,3 +149,14 @@ def test_main_smoke_and_sample_only(tmp_path):
     assert again["fd"] == pytest.approx(rec["fd"], rel=0.05)             # same weights and z (noise draws differ)
     with pytest.raises(common.UserError, match=r"--mix-prob must be in \[0, 1\]"):
         sg.main(["--mix-prob", "2", "--out", str(tmp_path)])
+
+
+def test_each_net_has_its_own_optimizer_settings(tmp_path):
+    """G: Adam(--lr, betas (0, 0.99)); D (the DCGAN discriminator, one logit per image): Adam(--d-lr, (0.5, 0.999))."""
+    sg.main(["--steps", "1", "--batch-size", "4", "--channels", "4", "--n-samples", "20", "--lr", "3e-3",
+             "--d-lr", "5e-4", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pt")
+    g_group, d_group = state["opt_g"]["param_groups"][0], state["opt_d"]["param_groups"][0]
+    assert (g_group["lr"], g_group["betas"]) == (3e-3, (0.0, 0.99))
+    assert (d_group["lr"], d_group["betas"]) == (5e-4, (0.5, 0.999))
+    assert sg.discriminator()(torch.randn(3, 1, 28, 28)).shape == (3, 1)
