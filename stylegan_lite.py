@@ -28,7 +28,8 @@ ones); R1 is applied lazily, every 16 steps and scaled x16 (a StyleGAN2 techniqu
 LeakyReLU is placed as in StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it is
 (gamma, beta) = A(w). The discriminator is not the paper's (ProGAN's, with equalized lr and a minibatch-std
 feature): with that one, trained with G's optimizer, the generator drew round blobs in 10 CPU minutes, and the
-DCGAN discriminator gave the best digits of the variants measured (README, StyleGAN ablation).
+DCGAN discriminator gave the best digits of the variants measured (README, StyleGAN ablation). R1 takes
+grad_x D(x) with D in training mode, so BatchNorm's batch statistics are part of it.
 """
 import copy, dataclasses, math, os, time
 
@@ -218,7 +219,8 @@ def generate(G, n, psi=1.0, seed=0, batch_size=500):
 
 @torch.no_grad()
 def style_mixing_grid(G, n=5, seed=1, coarse=2):
-    """Top row sources A, left column sources B; cell (i, j): layers < coarse (the 7x7 ones) from B_i, the rest from A_j."""
+    """Top row sources A, left column sources B; cell (i, j): layers < coarse (the 7x7 ones) from B_i, the rest
+    from A_j."""
     gen = torch.Generator().manual_seed(seed)
     dev = G.w_avg.device
     zA, zB = (torch.randn(n, G.w_avg.numel(), generator=gen).to(dev) for _ in range(2))
