@@ -21,7 +21,7 @@ Run: `python stylegan_lite.py` (digits at 28x28, ~7 CPU minutes), `--data mnist1
     D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, 64 and 128 channels, BatchNorm on the
                   second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999)); EMA of G for sampling.
 Data: the 28x28 digits as they are (pixels in [-1, 1]). Differences from the paper: 28x28 and 6 layers (not
-1024x1024 and 18), 128-d z and w (not 512), 64 channels at most, no progressive growing, nearest-neighbour
+1024x1024 and 18), 128-d z and w (not 512), at most 64 channels in G, no progressive growing, nearest-neighbour
 upsampling without blur, G trained with Adam(2e-3, betas (0, 0.99)). Also departures: the first layer convolves
 the constant (the paper starts with noise and AdaIN on it); truncation acts on all layers (the paper: the coarse
 ones); R1 is applied lazily, every 16 steps and scaled x16 (a StyleGAN2 technique); the sqrt(2) gain after
