@@ -4,7 +4,8 @@ Lectures: 002 "GANs - Adversarial training as binary classification", "GAN equil
 "Objective functions - Least Square GANS"; 004 "How to build the discriminator and generator" (DCGAN rules),
 "Downside of traditional GAN's" (vanishing gradients); 000 section 6.1 (the k-step loop).
 Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `python gan.py --data digits`,
-`python gan.py --demo divergences` (no GAN: which Gaussian each divergence prefers, seconds).
+`python gan.py --demo divergences` (no GAN: which Gaussian each divergence prefers, seconds),
+`python gan.py --g-steps 10 --steps 1000` (mode collapse on purpose, below).
 
     value       V(D, G) = E_x log D(x) + E_z log(1 - D(G(z)))                  (002, "Loss function")
     D step      maximize V: k steps of binary cross-entropy, real -> 1, fake -> 0   (000 6.1, k = --k)
@@ -12,6 +13,9 @@ Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `pyt
                 nonsaturating:  minimize -E_z log D(G(z))    (002, "Equilibrium analysis ... Note"; default)
     LSGAN       L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2,  L(G) = E (D(G(z)) - c)^2,  a=0, b=c=1 (Mao et al.)
     optimum     D*(x) = p_data / (p_data + p_g),  V(D*, G) = -log 4 + 2 JSD(p_data, p_g)      (002, proof)
+Mode collapse on purpose: 004 ("Mode collapse or mode dropping") says that G trained in the inner loop places all
+its mass on the points D finds most likely. --g-steps 10 gives G ten steps against each D: the whole cloud shrinks
+to a short streak that chases D's maximum around the plane (progress.png).
 D works on logits l (D = sigmoid(l)) for stability: log D = -softplus(-l), log(1 - D) = -softplus(l).
 Slip in 004's Algorithm 1 (line 9): it says G is updated by "ascending" the gradient of log(1 - D(G(z))). G
 *minimizes* that term (it is the player who lowers V), so the code descends it; ascending would help D.
@@ -37,10 +41,12 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     data: str = common.arg("ring8", "dataset (2-D or images)", common.POINT_DATA + common.IMAGE_DATA)
-    steps: int = common.arg(5000, "generator steps (images: 2000 unless given)")
+    steps: int = common.arg(5000, "rounds of --k D steps and --g-steps G steps (images: 2000 unless given)")
     batch_size: int = common.arg(256, "examples per step (images: 64 unless given)")
     lr: float = common.arg(2e-4, "Adam learning rate (both networks)")
     k: int = common.arg(1, "discriminator steps per generator step (Algorithm 1's k)")
+    g_steps: int = common.arg(1, "generator steps per round (1 in Algorithm 1; more puts G in the inner loop, "
+                                 "where it collapses onto D's favourite points: 004, 'Mode collapse')")
     g_loss: str = common.arg("nonsaturating", "generator loss of the GAN value", ["nonsaturating", "saturating"])
     loss: str = common.arg("gan", "gan: the minimax value; lsgan: least squares (a=0, b=c=1)", ["gan", "lsgan"])
     z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
@@ -178,10 +184,11 @@ def train(cfg, G, D, z_dim, device, state=None):
                 opt_d.zero_grad()
                 loss_d.backward()
                 opt_d.step()
-            loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))   # one generator step
-            opt_g.zero_grad()
-            loss_g.backward()                                            # descends: see the docstring's note
-            opt_g.step()
+            for _ in range(cfg.g_steps):                                 # generator steps (Algorithm 1: one)
+                loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))
+                opt_g.zero_grad()
+                loss_g.backward()                                        # descends: see the docstring's note
+                opt_g.step()
             history["D loss"].append(loss_d.item())
             history["G loss"].append(loss_g.item())
             progress(step, loss_d.item() + loss_g.item())
@@ -270,8 +277,8 @@ def divergences_demo(cfg):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "gan", __doc__)
-    common.check(cfg.k > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
-                 "--k and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
+    common.check(cfg.k > 0 and cfg.g_steps > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
+                 "--k, --g-steps and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
     common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume),
                  "--demo writes no checkpoint: drop --sample-only and --resume")
     if cfg.demo == "divergences":
