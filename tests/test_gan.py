@@ -128,9 +128,34 @@ def test_digits_runs(script, tmp_path):
     assert 0 <= rec["digit_confidence"] <= 1 and rec["fd"] > 0
 
 
+def test_g_steps_puts_the_generator_in_the_inner_loop(tmp_path):
+    gan.main(["--steps", "3", "--k", "2", "--g-steps", "4", "--hidden", "8", "--n-samples", "100",
+              "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    step_count = lambda opt: int(opt["state"][0]["step"])
+    assert step_count(state["opt_d"]) == 3 * 2 and step_count(state["opt_g"]) == 3 * 4
+
+
+def test_wgan_gp_defaults_differ_by_data(tmp_path):
+    cfg = lambda *argv: common.parse_config(wgan.Config, [*argv, "--out", str(tmp_path)], "wgan")
+    assert (cfg().gp_lambda, cfg().lr) == (1.0, 2e-3)                   # 2-D: lambda 1, lr 2e-3 (README)
+    assert (cfg("--data", "digits").gp_lambda, cfg("--data", "digits").lr) == (10.0, 1e-3)   # images: the GP paper's
+    assert cfg("--data", "digits", "--gp-lambda", "3").gp_lambda == 3.0  # a given flag wins
+    assert cfg("--data", "digits", "--lipschitz", "clip").lr == 5e-5    # Algorithm 1's alpha
+
+
+def test_wgan_exact_w1_does_not_change_training(tmp_path):
+    run = lambda every: wgan.main(["--steps", "6", "--hidden", "16", "--n-samples", "300", "--exact-every", every,
+                                   "--out", str(tmp_path / every)])
+    assert "w1_exact_final" in run("2") and "w1_exact_final" not in run("0")
+    assert torch.equal(torch.load(tmp_path / "2" / "samples.pt"), torch.load(tmp_path / "0" / "samples.pt"))
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(common.UserError, match="--k"):
         gan.main(["--k", "0", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--g-steps"):
+        gan.main(["--g-steps", "0", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--n-critic"):
         wgan.main(["--n-critic", "0", "--out", str(tmp_path)])
 
