@@ -14,8 +14,8 @@ Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `pyt
     LSGAN       L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2,  L(G) = E (D(G(z)) - c)^2,  a=0, b=c=1 (Mao et al.)
     optimum     D*(x) = p_data / (p_data + p_g),  V(D*, G) = -log 4 + 2 JSD(p_data, p_g)      (002, proof)
 Mode collapse on purpose: 004 ("Mode collapse or mode dropping") says that G trained in the inner loop places all
-its mass on the points D finds most likely. --g-steps 10 gives G ten steps against each D: the whole cloud shrinks
-to a short streak that chases D's maximum around the plane (progress.png).
+its mass on the points D finds most likely. --g-steps 10 gives G ten steps per round (against one D step at k = 1):
+the whole cloud shrinks to a short streak that chases D's maximum around the plane (progress.png).
 D works on logits l (D = sigmoid(l)) for stability: log D = -softplus(-l), log(1 - D) = -softplus(l).
 Slip in 004's Algorithm 1 (line 9): it says G is updated by "ascending" the gradient of log(1 - D(G(z))). G
 *minimizes* that term (it is the player who lowers V), so the code descends it; ascending would help D.

@@ -180,8 +180,6 @@ def train(cfg, G, critic, z_dim, device, state=None):
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
     z_look = torch.randn(1000, z_dim, generator=torch.Generator().manual_seed(1))    # the same z in every snapshot
     x_look = common.sample_2d(cfg.data, 1000, torch.Generator().manual_seed(2)) if points else None
-    z_exact = z_look[:500]                                              # fixed points for the exact W_1, so that
-    x_exact = x_look[:500] if points else None                         # --exact-every does not change training
     noise = lambda n: torch.randn(n, z_dim, device=device)
     start = 0
     if state:                                                            # --resume: continue the saved run
@@ -217,8 +215,8 @@ def train(cfg, G, critic, z_dim, device, state=None):
             progress(step, loss_c.item() + loss_g.item())               # guards both losses against NaN
             if points and cfg.exact_every and (step % cfg.exact_every == 0 or step == 1):
                 with torch.no_grad():
-                    fake = G(z_exact.to(device)).cpu()
-                exact.append((step, common.w_exact(fake, x_exact, p=1)))
+                    fake = G(z_look[:500].to(device)).cpu()                 # fixed z and x: --exact-every
+                exact.append((step, common.w_exact(fake, x_look[:500], p=1)))  # leaves the training stream alone
             if points and step in snap_at:
                 with torch.no_grad():
                     fake = G(z_look.to(device)).cpu()

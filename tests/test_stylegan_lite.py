@@ -156,7 +156,8 @@ def test_each_net_has_its_own_optimizer_settings(tmp_path):
     sg.main(["--steps", "1", "--batch-size", "4", "--channels", "4", "--n-samples", "20", "--lr", "3e-3",
              "--d-lr", "5e-4", "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt")
-    g_group, d_group = state["opt_g"]["param_groups"][0], state["opt_d"]["param_groups"][0]
+    g_group = state["opt_g"]["param_groups"][0]
+    d_group = state["opt_d"]["param_groups"][0]
     assert (g_group["lr"], g_group["betas"]) == (3e-3, (0.0, 0.99))
     assert (d_group["lr"], d_group["betas"]) == (5e-4, (0.5, 0.999))
     assert sg.discriminator()(torch.randn(3, 1, 28, 28)).shape == (3, 1)
