@@ -51,9 +51,10 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     data: str = common.arg("digits", "dataset", common.IMAGE_DATA)
-    steps: int = common.arg(13000, "training steps (other models than vae: 5000 unless given)")
-    lr: float = common.arg(1e-3, "Adam learning rate (ae --linear: 3e-3 and batch 1024 unless given)")
-    latent_dim: int = common.arg(20, "J, the dimension of z (2 draws latent_map.png)")
+    steps: int = common.arg(10000, "training steps (other models than vae: 5000 unless given)")
+    lr: float = common.arg(2e-3, "Adam learning rate (other models: 1e-3; ae --linear: 3e-3 and batch 1024; unless "
+                                 "given)")
+    latent_dim: int = common.arg(10, "J, the dimension of z (other models: 20 unless given; 2 draws latent_map.png)")
     hidden: int = common.arg(512, "hidden units per MLP layer")
     likelihood: str = common.arg("bernoulli", "decoder p(x|z)", ["bernoulli", "gaussian"])
     sigma_x: float = common.arg(0.0, "gaussian decoder: fixed std of p(x|z); 0 = learned per pixel")
@@ -76,8 +77,10 @@ class Config(common.Config):
 
     def defaults(self, given):
         self.lam = self.lam or {"sae": 0.05, "cae": 0.5}.get(self.model, 0.0)
-        if self.model != "vae" and "--steps" not in given:
-            self.steps = 5000                                            # within 3 CPU minutes (vqvae: 6)
+        if self.model != "vae":                                          # the family keeps its measured settings
+            self.steps = self.steps if "--steps" in given else 5000      # within 3 CPU minutes (vqvae: 6)
+            self.lr = self.lr if "--lr" in given else 1e-3
+            self.latent_dim = self.latent_dim if "--latent-dim" in given else 20
         if self.linear:
             # lr 1e-3 leaves the small initialisation slowly, and batch 128's gradient noise keeps the last
             # directions of the subspace about 6 degrees off PCA's (batch 1024: under 3)

@@ -103,6 +103,16 @@ def test_latent_dim_2_and_gaussian_binarized_runs(tmp_path):
     assert math.isfinite(rec["test_nelbo"])
 
 
+def test_vae_and_family_defaults_differ(tmp_path):
+    cfg = lambda *argv: common.parse_config(vae.Config, [*argv, "--out", str(tmp_path)], "vae")
+    assert (cfg().steps, cfg().lr, cfg().latent_dim) == (10000, 2e-3, 10)    # the VAE's measured default (README)
+    family = cfg("--model", "dae")
+    assert (family.steps, family.lr, family.latent_dim) == (5000, 1e-3, 20)  # the family's rows' settings
+    assert cfg("--model", "sae", "--latent-dim", "7", "--lr", "3e-4").latent_dim == 7   # a given flag wins
+    assert cfg("--model", "sae", "--lr", "3e-4").lr == 3e-4
+    assert cfg("--model", "ae", "--linear").lr == 3e-3                 # PCA's setting
+
+
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(common.UserError, match="--latent-dim must be a positive integer"):
         vae.main(["--latent-dim", "0", "--out", str(tmp_path)])
