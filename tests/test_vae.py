@@ -26,7 +26,8 @@ def test_reparametrization_moments_and_gradients():
     mu = torch.tensor([1.0, -2.0], requires_grad=True)
     logvar = torch.tensor([0.0, math.log(0.25)], requires_grad=True)
     z = vae.reparametrize(mu.expand(100000, 2), logvar.expand(100000, 2))
-    assert torch.allclose(z.mean(0), mu.detach(), atol=0.02) and torch.allclose(z.std(0), torch.tensor([1.0, 0.5]), atol=0.01)
+    assert torch.allclose(z.mean(0), mu.detach(), atol=0.02)
+    assert torch.allclose(z.std(0), torch.tensor([1.0, 0.5]), atol=0.01)
     z.sum().backward()
     assert torch.allclose(mu.grad, torch.full((2,), 100000.0))           # dz/dmu = 1
     assert logvar.grad.abs().min() > 0                                   # dz/dsigma = eps: the gradient reaches sigma
