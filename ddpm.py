@@ -10,8 +10,8 @@ Algorithm 1), `--param v`.
 
 Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning "no noise" (alpha_bar_0 = 1).
     schedule   beta_t linear from 1e-4 to 0.02 (002; --schedule linear), or cosine (default; 000 1.1: "better for
-               images"): alpha_bar_t = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008,
-               beta_t = 1 - alpha_bar_t/alpha_bar_{t-1} clipped at 0.999 (Nichol & Dhariwal 2021); T = 1000;
+               images"): beta_t = 1 - f(t)/f(t-1) clipped at 0.999, f(t) = cos^2((t/T + s)/(1 + s) pi/2),
+               s = 0.008, so alpha_bar_t = f(t)/f(0) until the clip (Nichol & Dhariwal 2021); T = 1000;
                alpha_t = 1 - beta_t; alpha_bar_t = prod_{s<=t} alpha_s
     forward    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)                 (002, forward process)
     kernel     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                 (002, diffusion kernel)
