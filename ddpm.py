@@ -345,7 +345,8 @@ def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
 
 def evaluate(ema, sch, cfg, device, sampler, steps):
     """Samples (in [0, 1]), metrics and the number of network calls of one sampler."""
-    t0, y = time.time(), None
+    t0 = time.time()
+    y = None
     if cfg.cond:
         y = torch.arange(cfg.n_samples, device=device) % 10
     x = torch.cat([sample(ema, sch, len(b), cfg, device, b if y is not None else None, sampler, steps)

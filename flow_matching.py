@@ -306,7 +306,8 @@ def sample(net, x, steps, solver="euler", sampler="ode", sigma=0.0, kind="linear
     calls."""
     t0 = t0 if t0 is not None else (T0_SCORE if objective == "score" else 0.0)
     vfield = net if objective == "velocity" else lambda z, t: velocity_from_score(kind, z, t, net(z, t))
-    h, calls = (1.0 - t0) / steps, 0
+    h = (1.0 - t0) / steps
+    calls = 0
     for k in range(steps):
         t = t0 + k * h
         out = net(x, t)

@@ -103,7 +103,8 @@ def test_ring8_radii_and_angles():
     counts = torch.bincount(k.long(), minlength=8).float()
     assert counts.min() > 0.11 * len(x) and counts.max() < 0.14 * len(x)
     means = common.MODES["ring8"][0]
-    assert torch.allclose(means.norm(dim=1), torch.full((8,), 2.0)) and torch.allclose(means[1], torch.tensor([2 ** 0.5] * 2))
+    assert torch.allclose(means.norm(dim=1), torch.full((8,), 2.0))
+    assert torch.allclose(means[1], torch.tensor([2 ** 0.5] * 2))
 
 
 def test_grid25_means_and_std():
@@ -376,7 +377,8 @@ def test_mmd_equals_the_unbiased_double_sum():
     y = torch.randn(9, 2, generator=gen(5), dtype=torch.float64) + 0.5
     hs = (0.1, 0.3, 1.0, 3.0)
     k = lambda a, b: sum(math.exp(-float(((a - b) ** 2).sum()) / (2 * h * h)) for h in hs)
-    within = lambda s: sum(k(s[i], s[j]) for i in range(len(s)) for j in range(len(s)) if i != j) / (len(s) * (len(s) - 1))
+    pairs = lambda s: [(a, b) for i, a in enumerate(s) for j, b in enumerate(s) if i != j]
+    within = lambda s: sum(k(a, b) for a, b in pairs(s)) / (len(s) * (len(s) - 1))
     across = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
     assert common.mmd(x, y) == pytest.approx(within(x) + within(y) - 2 * across, abs=1e-12)
 

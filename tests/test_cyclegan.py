@@ -64,7 +64,8 @@ def test_domains_are_different_renderings_of_the_same_glyphs():
     ink = (cyclegan.grey(y) < 0.4).float()[0, 0]
     assert ink.sum() > 2 * m.sum()                                       # bold: thicker
     rows = ink.nonzero()
-    top, bottom = rows[rows[:, 0] == rows[:, 0].min(), 1].float().mean(), rows[rows[:, 0] == rows[:, 0].max(), 1].float().mean()
+    top = rows[rows[:, 0] == rows[:, 0].min(), 1].float().mean()                  # mean column of the top row
+    bottom = rows[rows[:, 0] == rows[:, 0].max(), 1].float().mean()
     assert top > bottom + 2                                              # italic: the top leans right
 
 
@@ -81,8 +82,8 @@ def test_folder_loader_and_run(tmp_path):
     x = cyclegan.load_folder(str(tmp_path / "data" / "trainA"), 16)
     assert x.shape == (3, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2])   # the grey image, in all 3 channels
-    rec = cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--steps", "2", "--batch-size", "2",
-                         "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
+    rec = cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--steps", "2",
+                         "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
     assert "cycle_l1_x" in rec and "label_preservation_xy" not in rec   # no labels in folders
     with pytest.raises(common.UserError, match="--image-size must be a multiple of 4"):
         cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "18", "--out", str(tmp_path / "run")])
@@ -90,7 +91,8 @@ def test_folder_loader_and_run(tmp_path):
         cyclegan.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
 
 
-@pytest.mark.slow  # the quick suite runs cyclegan through test_resume (main, --resume, --sample-only) and self_contained
+# the quick suite runs cyclegan through test_resume (main, --resume, --sample-only) and self_contained
+@pytest.mark.slow
 def test_smoke_run_on_digits_and_sample_only(tmp_path):
     args = ["--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "200", "--out", str(tmp_path)]
     rec = cyclegan.main(args)

@@ -27,7 +27,8 @@ def test_alpha_bar_closed_form_and_product():
 @pytest.mark.parametrize("t", [1, 100, 500, 1000])
 def test_q_sample_moments(t):
     sch, x0 = ddpm.Schedule(), torch.full((200000, 1), 0.7)
-    xt = ddpm.q_sample(sch, x0, torch.full((200000,), t), torch.randn(200000, 1, generator=torch.Generator().manual_seed(t)))
+    eps = torch.randn(200000, 1, generator=torch.Generator().manual_seed(t))
+    xt = ddpm.q_sample(sch, x0, torch.full((200000,), t), eps)
     ab = float(sch.alpha_bar[t])
     assert float(xt.mean()) == pytest.approx(math.sqrt(ab) * 0.7, abs=0.01)
     assert float(xt.var()) == pytest.approx(1 - ab, abs=0.01 + 0.01 * (1 - ab))
@@ -36,9 +37,10 @@ def test_q_sample_moments(t):
 def test_iterated_one_step_kernel_equals_closed_form():
     sch, g = ddpm.Schedule(), torch.Generator().manual_seed(0)
     x = torch.full((100000,), -0.5)
-    for t in range(1, 301):                                              # x_t = sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) z
+    for t in range(1, 301):                                  # x_t = sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) z
         x = sch.alpha[t].sqrt() * x + (1 - sch.alpha[t]).sqrt() * torch.randn(100000, generator=g)
-    closed = ddpm.q_sample(sch, torch.full((100000,), -0.5), torch.full((100000,), 300), torch.randn(100000, generator=g))
+    eps = torch.randn(100000, generator=g)
+    closed = ddpm.q_sample(sch, torch.full((100000,), -0.5), torch.full((100000,), 300), eps)
     assert float(x.mean()) == pytest.approx(float(closed.mean()), abs=0.01)
     assert float(x.std()) == pytest.approx(float(closed.std()), abs=0.01)
     qs = torch.linspace(0.05, 0.95, 10)
@@ -81,7 +83,8 @@ def test_ddim_eta0_deterministic_and_eta1_is_ancestral_with_beta_tilde():
     sch, g = ddpm.Schedule(), torch.Generator().manual_seed(2)
     x, eps, z1, z2 = (torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(4))
     for t in (5, 300, 999):
-        assert torch.equal(ddpm.ddim_step(sch, x, t, t - 1, eps, z1, 0.0), ddpm.ddim_step(sch, x, t, t - 1, eps, z2, 0.0))
+        deterministic = ddpm.ddim_step(sch, x, t, t - 1, eps, z1, 0.0)
+        assert torch.equal(deterministic, ddpm.ddim_step(sch, x, t, t - 1, eps, z2, 0.0))
         d = ddpm.ddim_step(sch, x, t, t - 1, eps, z1, eta=1.0, clip=False)
         a = ddpm.ancestral_step(sch, x, t, t - 1, eps, z1, "beta-tilde", clip=False)
         assert torch.allclose(d, a, atol=1e-10)
@@ -139,8 +142,8 @@ def test_train_sample_only_and_cond_runs(tmp_path):
     for f in ("samples.png", "samples.pt", "loss.png", "forward.png", "denoising.png", "checkpoint.pt"):
         assert (tmp_path / f).exists(), f
     assert ddpm.main(args + ["--sample-only"])["steps"] == 0
-    rec = ddpm.main(["--out", str(tmp_path / "c"), "--steps", "20", "--n-samples", "40", "--sample-steps", "5", "--ch", "8",
-                     "--cond", "--guidance", "2", "--T", "100"])
+    rec = ddpm.main(["--out", str(tmp_path / "c"), "--steps", "20", "--n-samples", "40", "--sample-steps", "5",
+                     "--ch", "8", "--cond", "--guidance", "2", "--T", "100"])
     assert "class_accuracy" in rec and rec["network_calls"] == 10 and (tmp_path / "c" / "guidance.png").exists()
 
 
@@ -212,8 +215,8 @@ def test_bf16_autocast_path_runs_on_the_cpu(tmp_path, monkeypatch):
             dtypes.add(out.dtype)
         return out
     monkeypatch.setattr(ddpm.UNet, "forward", forward)
-    rec = ddpm.main(["--bf16", "--ch", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10", "--sample-steps", "5",
-                     "--steps", "3", "--out", str(tmp_path)])
+    rec = ddpm.main(["--bf16", "--ch", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10",
+                     "--sample-steps", "5", "--steps", "3", "--out", str(tmp_path)])
     assert dtypes == {torch.bfloat16} and math.isfinite(rec["fd"])
 
 

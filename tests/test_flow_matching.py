@@ -21,8 +21,9 @@ def test_conditional_path_mean_and_std(kind):
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_target_is_time_derivative_of_x_t(kind):
     g = torch.Generator().manual_seed(1)
-    x0, x1, t = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64), \
-        torch.rand(5, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    x0 = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    x1 = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    t = torch.rand(5, generator=g, dtype=torch.float64) * 0.9 + 0.05
     h = 1e-6
     _, target = fm.cfm_target(kind, x0, x1, t)
     fd = (fm.cfm_target(kind, x0, x1, t + h)[0] - fm.cfm_target(kind, x0, x1, t - h)[0]) / (2 * h)
@@ -54,7 +55,8 @@ def test_euler_with_analytic_velocity_transports_to_the_gaussian(kind):
     x0 = torch.randn(100000, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x1, calls = fm.sample(v, x0, 200, "euler", kind=kind)
     assert calls == 200
-    assert torch.allclose(x1.mean(0), m, atol=0.02) and torch.allclose(x1.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.02)
+    assert torch.allclose(x1.mean(0), m, atol=0.02)
+    assert torch.allclose(x1.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.02)
     x1h, calls = fm.sample(v, x0, 20, "heun", kind=kind)                  # a second-order solver, fewer steps
     assert calls == 40 and torch.allclose(x1h.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.02)
 
@@ -84,7 +86,8 @@ def test_score_from_velocity_and_sde_sampler():
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(100000, 2, generator=g, dtype=torch.float64)
     x1, _ = fm.sample(v, x0, 500, sampler="sde", sigma=0.7, kind="linear", gen=g)   # same marginals as the ODE
-    assert torch.allclose(x1.mean(0), m, atol=0.02) and torch.allclose(x1.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.03)
+    assert torch.allclose(x1.mean(0), m, atol=0.02)
+    assert torch.allclose(x1.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.03)
 
 
 def test_cfg_combination():
@@ -109,11 +112,13 @@ def test_ot_pairs_are_shorter_than_random_pairs():
 
 def test_support_frac():
     assert fm.support_frac(common.sample_2d("checkerboard", 5000)) == 1.0
-    assert fm.support_frac(torch.tensor([[1.0, 0.5], [-1.0, 0.5], [5.0, 0.5]])) == pytest.approx(1 / 3)   # (0,0) cell only
+    three = torch.tensor([[1.0, 0.5], [-1.0, 0.5], [5.0, 0.5]])
+    assert fm.support_frac(three) == pytest.approx(1 / 3)                # (0,0) cell only
 
 
 def test_2d_and_image_runs(tmp_path):
-    rec = fm.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "100", "--hidden", "32", "--coupling", "both"])
+    rec = fm.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "100", "--hidden", "32",
+                   "--coupling", "both"])
     assert "support_frac" in rec and "by_solver" in rec and "ot/euler" in rec["by_solver"]
     for f in ("samples.png", "samples.pt", "loss.png", "trajectories.png", "path.png", "field.png", "nfe.png"):
         assert (tmp_path / f).exists(), f
@@ -122,7 +127,8 @@ def test_2d_and_image_runs(tmp_path):
     rec = fm.main(["--data", "digits", "--steps", "5", "--ch", "8", "--out", str(tmp_path / "img"), "--n-samples", "50",
                    "--sample-steps", "3", "--cond", "--guidance", "2"])
     assert "class_accuracy" in rec and rec["network_calls"] == 6          # 3 steps, 2 calls each (guided)
-    rec = fm.main(["--steps", "5", "--hidden", "16", "--out", str(tmp_path / "sde"), "--n-samples", "100", "--sampler", "sde"])
+    rec = fm.main(["--steps", "5", "--hidden", "16", "--out", str(tmp_path / "sde"), "--n-samples", "100",
+                   "--sampler", "sde"])
     assert math.isfinite(rec["mmd"])
 
 

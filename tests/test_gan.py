@@ -123,7 +123,8 @@ def test_2d_runs_write_outputs(script, extra, tmp_path):
 
 @pytest.mark.parametrize("script", [gan, wgan])
 def test_digits_runs(script, tmp_path):
-    rec = script.main(["--data", "digits", "--steps", "5", "--batch-size", "16", "--out", str(tmp_path), "--n-samples", "200"])
+    rec = script.main(["--data", "digits", "--steps", "5", "--batch-size", "16", "--out", str(tmp_path),
+                       "--n-samples", "200"])
     assert torch.load(tmp_path / "samples.pt").shape == (200, 1, 28, 28)
     assert 0 <= rec["digit_confidence"] <= 1 and rec["fd"] > 0
 
