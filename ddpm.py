@@ -84,7 +84,8 @@ class Config(common.Config):
     cond: bool = common.arg(False, "class-conditional with classifier-free guidance")
     guidance: float = common.arg(0.0, "w: eps~ = (1 + w) eps(y) - w eps(null)")
     p_uncond: float = common.arg(0.1, "probability of dropping the label to the null token (per sample)")
-    ema: float = common.arg(0.999, "EMA decay of the sampling weights")
+    ema: float = common.arg(0.999, "largest EMA decay of the sampling weights; the decay at step t is "
+                                   "min(ema, (1 + t) / (10 + t)), below 0.999 for t < 8990")
     grad_clip: float = common.arg(1.0, "gradient norm clipping threshold (> 0)")
     n_samples: int = common.arg(1000, "samples for the metrics")
     compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
