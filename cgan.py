@@ -12,7 +12,7 @@ e_G a learned 16-d embedding of y, followed by a DCGAN generator. D gets the ima
 channel e_D(y), a learned 28x28 "label map" (an embedding of y with 784 entries), followed by a DCGAN
 discriminator, so its first convolution already compares pixels with the label. p(y) is uniform.
 `--d-cond every` also gives D the label at its later layers; `--d-cond projection` adds Miyato & Koyama's
-projection term (not in the lecture). Neither raised the class accuracy measurably (README).
+projection term (not in the lecture). Neither raised the class accuracy (README).
 Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
 one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam at lr 4e-4 (the
 lecture names none; DCGAN's 2e-4 scored 0.05 lower class accuracy on seeds 0-2, 3e-4 0.01-0.03, README), decayed
