@@ -1,6 +1,6 @@
 """Checks that need a CUDA GPU: each skips where torch sees none (CI has none). On a GPU machine:
 `pytest tests/test_gpu.py`. Every script trains on cuda, writes CPU tensors, reloads, and resumes to the same
-numbers; ddpm's --bf16 and --compile run on the GPU they were written for."""
+samples (to 1e-3); ddpm's --bf16 and --compile run on the GPU they were written for."""
 import math
 
 import pytest
