@@ -203,9 +203,8 @@ def test_ddim_with_clipping_rederives_eps_from_the_clipped_x0():
     assert not torch.allclose(got, ddpm.ddim_step(sch, x, t, s, eps, torch.zeros_like(x), eta=0.0, clip=False))
 
 
-def test_bf16_autocast_path_runs_on_the_cpu(tmp_path, monkeypatch):
-    """The --bf16 path a GPU run takes (torch.autocast with bfloat16), exercised on the CPU: the U-Net's
-    convolutions really run in bfloat16 during training, and the run ends with finite numbers."""
+def training_dtypes(monkeypatch):
+    """The set that collects the dtype of every U-Net output computed with gradients (training passes)."""
     dtypes = set()
     real = ddpm.UNet.forward
 
@@ -215,6 +214,13 @@ def test_bf16_autocast_path_runs_on_the_cpu(tmp_path, monkeypatch):
             dtypes.add(out.dtype)
         return out
     monkeypatch.setattr(ddpm.UNet, "forward", forward)
+    return dtypes
+
+
+def test_bf16_autocast_path_runs_on_the_cpu(tmp_path, monkeypatch):
+    """The --bf16 path a GPU run takes (torch.autocast with bfloat16), exercised on the CPU: the U-Net's
+    convolutions really run in bfloat16 during training, and the run ends with finite numbers."""
+    dtypes = training_dtypes(monkeypatch)
     rec = ddpm.main(["--bf16", "--ch", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10",
                      "--sample-steps", "5", "--steps", "3", "--out", str(tmp_path)])
     assert dtypes == {torch.bfloat16} and math.isfinite(rec["fd"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common, ddpm
+from test_ddpm import training_dtypes
 from test_resume import TINY, cheap_w_exact, numbers, run, sigint_at  # noqa: F401 (fixtures used by name)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,15 +51,7 @@ def _tensors(obj):
 
 def test_ddpm_bf16_trains_in_bfloat16_on_cuda(tmp_path, monkeypatch):
     """--bf16 on cuda: the U-Net's training passes really run in bfloat16, and the run ends with finite numbers."""
-    dtypes = set()
-    real = ddpm.UNet.forward
-
-    def forward(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        if torch.is_grad_enabled():
-            dtypes.add(out.dtype)
-        return out
-    monkeypatch.setattr(ddpm.UNet, "forward", forward)
+    dtypes = training_dtypes(monkeypatch)
     rec = ddpm.main(CUDA + ["--bf16", "--ch", "16", "--batch-size", "32", "--n-samples", "50", "--sample-steps", "10",
                             "--steps", "20", "--out", str(tmp_path)])
     assert dtypes == {torch.bfloat16} and math.isfinite(rec["fd"])
