@@ -102,7 +102,7 @@ class Config(common.Config):
 class Schedule:
     """beta, alpha, alpha_bar as float64 tensors indexed by t = 0..T (index 0: alpha_bar = 1, beta = 0); float64
     because 1 - alpha_bar_t / alpha_bar_s cancels badly in float32 at small t. sqrt_ab, sqrt_1m_ab: float32, on
-    the device."""
+    the device. kind defaults to 002's linear slide; the CLI's --schedule defaults to 000 1.1's cosine."""
     def __init__(self, T=1000, kind="linear", device="cpu"):
         if kind == "linear":
             beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
