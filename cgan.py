@@ -16,8 +16,10 @@ projection term (not in the lecture). Neither raised the class accuracy (README)
 Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
 one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam at lr 8e-4 (the
 lecture names none; on seeds 0-2, DCGAN's 2e-4 scored 0.06-0.10 lower class accuracy and 4e-4 0.00-0.04 lower,
-README), decayed linearly to 0 over the second half of training; samples drawn from an exponential moving average of G's
-weights with decay min(--ema, (1 + t)/(10 + t)) at step t (common.ema_update; --ema 0: from G itself).
+README), decayed linearly to 0 over the second half of training; samples drawn from an exponential moving
+average of G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t (common.ema_update; --ema 0: from G
+itself). z has 32 entries (the lecture names none): over seeds 0-4 its class accuracy spread over 0.935-0.960,
+64's over 0.910-0.969 (README).
 """
 import copy, dataclasses, os, time
 
@@ -36,7 +38,7 @@ class Config(common.Config):
                                      "the same time)")
     lr: float = common.arg(8e-4, "Adam learning rate, betas (0.5, 0.999), both networks (DCGAN's 2e-4 gave lower "
                                  "class accuracy here, README)")
-    z_dim: int = common.arg(64, "size of the noise z")
+    z_dim: int = common.arg(32, "size of the noise z (64 gave a wider spread of class accuracy over seeds, README)")
     emb_dim: int = common.arg(16, "size of G's label embedding e_G(y)")
     g_loss: str = common.arg("nonsaturating", "generator loss", ["nonsaturating", "saturating"])
     loss: str = common.arg("gan", "gan: the conditional minimax value; lsgan: least squares", ["gan", "lsgan"])
