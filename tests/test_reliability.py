@@ -59,7 +59,8 @@ def test_cgan_ema_forgets_the_random_init(tmp_path):
     cgan.main(["--steps", "20", "--n-samples", "20", "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     common.seed_all(0)                                                   # the run's seed: the same initial G
-    init = cgan.Generator(64, 16).state_dict()
+    cfg = cgan.Config()                                                  # the defaults the run used
+    init = cgan.Generator(cfg.z_dim, cfg.emb_dim).state_dict()
     key = "net.0.weight"
     to_g = (state["G_ema"][key] - state["G"][key]).norm()
     to_init = (state["G_ema"][key] - init[key]).norm()
