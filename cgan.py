@@ -15,11 +15,11 @@ discriminator, so its first convolution already compares pixels with the label. 
 projection term (not in the lecture). Neither raised the class accuracy (README).
 Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
 one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam at lr 8e-4 (the
-lecture names none; on seeds 0-2, DCGAN's 2e-4 scored 0.06-0.10 lower class accuracy and 4e-4 0.00-0.04 lower,
-README), decayed linearly to 0 over the second half of training; samples drawn from an exponential moving
-average of G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t (common.ema_update; --ema 0: from G
-itself). z has 32 entries (the lecture names none): over seeds 0-4 its class accuracy spread over 0.935-0.960,
-64's over 0.910-0.969 (README).
+lecture names none; on seeds 0-2 with z of size 64, DCGAN's 2e-4 scored 0.06-0.10 lower class accuracy and
+4e-4 0.00-0.04 lower, README), decayed linearly to 0 over the second half of training; samples drawn from an
+exponential moving average of G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t
+(common.ema_update; --ema 0: from G itself). z has 32 entries (the lecture names none): over seeds 0-4
+its class accuracy spread over 0.935-0.960, 64's over 0.910-0.969 (README).
 """
 import copy, dataclasses, os, time
 
