@@ -715,11 +715,24 @@ def nn_ratio(x, train, test, batch=500):
         return torch.cat(nearest).mean()
     return float(mean_nn(x.cpu()) / mean_nn(test[:len(x)]))
 
+def class_spread(feats, labels, real_feats, real_labels, n=300):
+    """Variety within a class: the mean distance between the evaluator's features of two samples of class y, over
+    the same for two real images of class y, averaged over the classes with at least 2 samples (n of each at most).
+    About 1 for samples as varied as real digits; near 0 when G draws one image per class whatever z is."""
+    ratios = []
+    for c in labels.unique():
+        f = feats[labels == c][:n]
+        r = real_feats[real_labels == c][:n]
+        if len(f) > 1:
+            ratios.append(torch.pdist(f).mean() / torch.pdist(r).mean())
+    return float(torch.stack(ratios).mean())
+
 def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
     """fd (vs held-out test images); digit_confidence (the fraction the evaluator calls one of the ten classes with
     probability >= 0.9); not_digit (the fraction whose most likely class is NOT_DIGIT); class_entropy (nats) of
-    the most likely of the ten classes; inception_score over the ten; nn_ratio; class_accuracy if labels (a sample
-    called NOT_DIGIT counts as wrong). With out, also writes out/scored.png (save_scored)."""
+    the most likely of the ten classes; inception_score over the ten; nn_ratio; if labels, class_accuracy (a
+    sample called NOT_DIGIT counts as wrong) and class_spread (variety within each asked-for class). With out, also
+    writes out/scored.png (save_scored)."""
     net = get_classifier(data, data_dir)
     feats, probs = classify(net, x)
     if out:
@@ -735,6 +748,9 @@ def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
                "nn_ratio": nn_ratio(x, load_images(data, "train", data_dir)[0], load_images(data, "test", data_dir)[0])}
     if labels is not None:
         metrics["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
+        if torch.bincount(labels.cpu()).max() > 1:                      # two samples of one class to compare
+            real_labels = load_images(data, "test", data_dir)[1][:n_real]
+            metrics["class_spread"] = class_spread(feats, labels.cpu(), real_feats, real_labels)
     return metrics
 
 def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):

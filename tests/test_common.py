@@ -417,6 +417,18 @@ def test_image_metrics_on_real_images_and_labels(tmp_path):
     assert junk["class_accuracy"] == pytest.approx(1 - junk["not_digit"])   # "not a digit" counts as wrong
 
 
+def test_class_spread_one_for_real_digits_zero_for_one_image_per_class():
+    x, y = common.load_images("digits", "test")
+    varied = common.image_metrics(x[5000:6000], "digits", labels=y[5000:6000])   # not the real images it is compared to
+    assert 0.9 < varied["class_spread"] < 1.1
+    first = torch.stack([x[5000:][y[5000:] == c][0] for c in range(10)])        # (10, 1, 28, 28): one image a class
+    collapsed = common.image_metrics(first.repeat(100, 1, 1, 1), "digits", labels=torch.arange(10).repeat(100))
+    assert collapsed["class_accuracy"] > 0.9 and collapsed["class_spread"] < 0.01   # right classes, no variety
+    mixed = y[5000:6000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]   # labels shuffled
+    shuffled = common.image_metrics(x[5000:6000], "digits", labels=mixed)
+    assert shuffled["class_spread"] > 1.2                 # a "class" holding every digit varies more than a class
+
+
 # Two kinds of "not a digit" that not_digits() never makes: held out from the evaluator's training.
 def warped(x, gen, strength=0.25):
     """A smooth random displacement field (4x4 control points, std strength in normalised coords): tangled strokes."""
