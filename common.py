@@ -77,12 +77,18 @@ def parse_config(cls, argv, script, doc=""):
     return cfg
 
 def run(main):
-    """`if __name__ == "__main__": common.run(main)`: bad input ends in one line on stderr, exit status 1;
-    Ctrl-C in one line too, exit status 130 (during training the run is saved first: see Checkpoints)."""
+    """`if __name__ == "__main__": common.run(main)`: bad input (a checkpoint whose shapes do not fit the model too)
+    ends in one line on stderr, exit status 1; Ctrl-C in one line too, exit status 130 (during training the run is
+    saved first: see Checkpoints)."""
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:                                            # a checkpoint of other shapes
+        if "loading state_dict" not in str(e):
+            raise
+        sys.exit(f"error: the checkpoint does not fit this model ({str(e).splitlines()[1].strip()}); an older "
+                 f"version or other settings wrote it: train again, or point --out at another run")
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)

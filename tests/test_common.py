@@ -3,6 +3,7 @@ import dataclasses, gzip, json, math, os, shutil, time
 
 import pytest
 import torch
+import torch.nn as nn
 
 import common
 
@@ -65,6 +66,16 @@ def test_run_turns_user_errors_into_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         common.run(main)
     assert e.value.code == "error: what went wrong; what to do"          # python prints it on stderr, status 1
+
+
+def test_run_turns_a_checkpoint_of_other_shapes_into_one_line():
+    def main():                                                          # e.g. a run saved with another --ndf
+        nn.Linear(2, 2).load_state_dict(nn.Linear(3, 2).state_dict())
+    with pytest.raises(SystemExit) as e:
+        common.run(main)
+    assert e.value.code.startswith("error: the checkpoint does not fit this model (size mismatch for weight")
+    with pytest.raises(RuntimeError):                                    # other errors still show their traceback
+        common.run(lambda: torch.zeros(2) @ torch.zeros(3))
 
 
 def test_device_resolution(monkeypatch):
