@@ -41,10 +41,14 @@ def test_discriminator_conditioning_variants():
         assert (proj(x, y) - proj.linear(phi)).abs().min() > 1e-3       # the projection term is really added
 
 
-def test_every_cond_flag_runs_and_is_a_model_flag(tmp_path):
-    cgan.main(["--steps", "2", "--n-samples", "20", "--d-cond", "every", "--out", str(tmp_path)])
+def test_every_cond_flag_and_width_run_and_are_model_flags(tmp_path):
+    rec = cgan.main(["--steps", "2", "--n-samples", "20", "--d-cond", "every", "--ndf", "8", "--out", str(tmp_path)])
     with pytest.raises(common.UserError):
         cgan.main(["--sample-only", "--d-cond", "input", "--out", str(tmp_path)])   # the checkpoint says "every"
+    with pytest.raises(common.UserError):
+        cgan.main(["--sample-only", "--ndf", "16", "--out", str(tmp_path)])          # ... and width 8
+    again = cgan.main(["--sample-only", "--n-samples", "20", "--out", str(tmp_path)])   # both read from the checkpoint
+    assert again["fd"] == pytest.approx(rec["fd"])
 
 
 def test_conditional_loss_is_the_minimax_value_on_hand_logits():
