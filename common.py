@@ -87,8 +87,9 @@ def run(main):
     except RuntimeError as e:                                            # a checkpoint of other shapes
         if "loading state_dict" not in str(e):
             raise
-        sys.exit(f"error: the checkpoint does not fit this model ({str(e).splitlines()[1].strip()}); an older "
-                 f"version or other settings wrote it: train again, or point --out at another run")
+        first = str(e).splitlines()[1].strip().rstrip(".")              # the first mismatch torch names
+        sys.exit(f"error: the checkpoint does not fit this model ({first}); an older version or other settings wrote "
+                 f"it: train again, or point --out at another run")
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)
