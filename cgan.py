@@ -88,7 +88,7 @@ class Discriminator(nn.Module):
     layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map. cond "every" also joins a 14x14 label map to the
     second layer's input and one-hot y to the last; "projection" adds <V e(y), phi(x)> to the logit, phi(x) the
     last features (Miyato & Koyama 2018; not in the lecture)."""
-    def __init__(self, n_classes=10, cond="input", ndf=64):
+    def __init__(self, n_classes=10, cond="input", ndf=32):
         super().__init__()
         self.cond = cond
         self.n_classes = n_classes
