@@ -207,8 +207,8 @@ def train(cfg, G, D, G_ema, device, state=None):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "cgan", __doc__)
-    common.check(cfg.z_dim > 0 and cfg.emb_dim > 0 and cfg.n_samples >= 10,
-                 "--z-dim and --emb-dim must be positive and --n-samples at least 10")
+    common.check(cfg.z_dim > 0 and cfg.emb_dim > 0 and cfg.ndf > 0 and cfg.n_samples >= 10,
+                 "--z-dim, --emb-dim and --ndf must be positive and --n-samples at least 10")
     common.check(0 <= cfg.ema < 1, f"--ema must be in [0, 1) (0: no averaging), got {cfg.ema}")
     state = common.load_run(cfg, "cgan") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
     common.seed_all(cfg.seed)

@@ -86,7 +86,9 @@ def test_short_run_learns_the_labels_with_the_default_ema(tmp_path):
 
 
 def test_bad_input_is_a_user_error(tmp_path):
-    with pytest.raises(common.UserError, match="--z-dim and --emb-dim must be positive"):
+    with pytest.raises(common.UserError, match="--z-dim, --emb-dim and --ndf must be positive"):
         cgan.main(["--z-dim", "0", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--ndf must be positive"):
+        cgan.main(["--ndf", "0", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--steps must be a positive integer, got -1"):
         cgan.main(["--steps", "-1", "--out", str(tmp_path)])
