@@ -84,10 +84,10 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D(x|y) as a logit: a DCGAN discriminator (2x28x28 -> ndf x14x14 -> 2 ndf x7x7 -> 1, no BatchNorm on the input
-    layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map. cond "every" also joins a 14x14 label map to the
-    second layer's input and one-hot y to the last; "projection" adds <V e(y), phi(x)> to the logit, phi(x) the
-    last features (Miyato & Koyama 2018; not in the lecture)."""
+    """D(x|y) as a logit: a DCGAN discriminator ((2, 28, 28) -> (ndf, 14, 14) -> (2 ndf, 7, 7) -> 1, no BatchNorm on
+    the input layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map. cond "every" also joins a 14x14 label
+    map to the second layer's input and one-hot y to the last; "projection" adds <V e(y), phi(x)> to the logit,
+    phi(x) the last features (Miyato & Koyama 2018; not in the lecture)."""
     def __init__(self, n_classes=10, cond="input", ndf=32):
         super().__init__()
         self.cond = cond

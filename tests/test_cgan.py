@@ -43,6 +43,9 @@ def test_discriminator_conditioning_variants():
 
 def test_every_cond_flag_and_width_run_and_are_model_flags(tmp_path):
     rec = cgan.main(["--steps", "2", "--n-samples", "20", "--d-cond", "every", "--ndf", "8", "--out", str(tmp_path)])
+    D = torch.load(tmp_path / "checkpoint.pt")["D"]
+    assert D["conv1.0.weight"].shape[0] == 8                           # ndf channels out of the first layer
+    assert D["conv2.0.weight"].shape[:2] == (16, 9)                      # 2 ndf out; ndf + the 14x14 label map in
     with pytest.raises(common.UserError):
         cgan.main(["--sample-only", "--d-cond", "input", "--out", str(tmp_path)])   # the checkpoint says "every"
     with pytest.raises(common.UserError):
