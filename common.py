@@ -308,20 +308,29 @@ def save_images(x, path, labels=None, nrow=10):
 
 def save_scored(x, probs, path, n=40):
     """n images of x spread evenly over the evaluator's ranking (most confident first), each titled with its most
-    likely class ("not" = NOT_DIGIT) and that class's probability; a frame marks those digit_confidence counts."""
+    likely class ("not" = NOT_DIGIT) and that class's probability; a frame marks those digit_confidence counts
+    (green) and those it does not (red). One picture drawn as pixels: 40 small plots took 1.3 s, this 0.1 s."""
     score = probs[:, :NOT_DIGIT].max(1).values
     order = score.argsort(descending=True)
     pick = order[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long()]
-    fig = Figure(figsize=(10, 1.25 * math.ceil(len(pick) / 10)))
+    h, w = x.shape[-2:]
+    cell_h, cell_w = h + 12, w + 6                                      # room for the frame, the gap and the title
+    rows = math.ceil(len(pick) / 10)
+    grid = torch.ones(rows * cell_h, 10 * cell_w, 3)                   # (H, W, RGB), white
+    fig = Figure(figsize=(10, 10 * rows * cell_h / (10 * cell_w)))
+    ax = fig.add_axes((0, 0, 1, 1))
     for i, k in enumerate(pick.tolist()):
-        ax = fig.add_subplot(math.ceil(len(pick) / 10), 10, i + 1)
-        ax.imshow(x[k, 0].detach().float().cpu().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        top = (i // 10) * cell_h + 10
+        left = (i % 10) * cell_w + 3
+        frame = (0.17, 0.63, 0.17) if score[k] >= 0.9 else (0.84, 0.15, 0.16)   # tab:green, tab:red
+        grid[top - 1:top + h + 1, left - 1:left + w + 1] = torch.tensor(frame)
+        grid[top:top + h, left:left + w] = x[k, 0].detach().float().cpu().clamp(0, 1)[:, :, None]   # grey -> RGB
         c = int(probs[k].argmax())
-        ax.set_title(f"{'not' if c == NOT_DIGIT else c} {float(probs[k, c]):.2f}", fontsize=8)
-        ax.set(xticks=[], yticks=[])
-        for side in ax.spines.values():
-            side.set(color="tab:green" if score[k] >= 0.9 else "tab:red", linewidth=2)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+        ax.text(left + w / 2, top - 2, f"{'not' if c == NOT_DIGIT else c} {float(probs[k, c]):.2f}", fontsize=8,
+                ha="center", va="bottom")
+    ax.imshow(grid.numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    fig.savefig(path, dpi=80)
 
 def save_points(x, path, ref=None, title=""):
     """Scatter plot of 2-D samples x (N, 2), over reference data ref (grey) if given."""
