@@ -2,7 +2,8 @@ r"""stylegan_lite.py - a small style-based generator (Karras et al. 2019) with e
 
 Lectures: 002 "Style Gan": "Preliminary: Adaptive Instance Normalization (AdaIN)", "Architecture of Style Gan"
 (mapping network, affine transforms A, noise inputs B), "Global architecture of StyleGAN"; 000 section 6.3.
-Run: `python stylegan_lite.py` (digits at 28x28, ~9 CPU minutes), `--data mnist10k --data-dir ../shared/data/mnist`.
+Run: `python stylegan_lite.py` (digits at 28x28, 9 to 14 CPU minutes),
+`--data mnist10k --data-dir ../shared/data/mnist`.
 
     AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y)   per sample and channel; (sigma(y), mu(y)) = (gamma, beta)
                   = A(w), a learned affine map of w per layer                       (002, "AdaIN", "Architecture")
@@ -19,8 +20,8 @@ Run: `python stylegan_lite.py` (digits at 28x28, ~9 CPU minutes), `--data mnist1
                   into the following LeakyReLU's gain, as in the paper's code: scale 1 / sqrt(fan_in))
     loss          non-saturating logistic: D minimizes softplus(D(G(z))) + softplus(-D(x)), G minimizes
                   softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018)
-    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, 64 and 128 channels, BatchNorm on the
-                  second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999)); EMA of G for sampling.
+    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, --ndf 64 and 128 channels, BatchNorm on
+                  the second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999)); EMA of G for sampling.
 Data: the 28x28 digits as they are (pixels in [-1, 1]). Differences from the paper: 28x28 and 6 layers (not
 1024x1024 and 18), 128-d z and w (not 512), at most 64 channels in G, no progressive growing, nearest-neighbour
 upsampling without blur, G trained with Adam(4e-3, betas (0, 0.99); 1e-3 to 3e-3 scored lower here, README), batch
@@ -54,6 +55,8 @@ class Config(common.Config):
     z_dim: int = common.arg(128, "size of z and w")
     map_layers: int = common.arg(4, "layers of the mapping network f")
     channels: int = common.arg(64, "G's feature channels at 7x7 (half at 14x14, a quarter at 28x28)")
+    ndf: int = common.arg(64, "D's width: ndf channels at 14x14, 2 ndf at 7x7 (DCGAN's 64; 32 is 1.25 times as "
+                                  "fast and scored lower, README)")
     mix_prob: float = common.arg(0.0, "probability of style mixing regularisation per batch (the paper: 0.9; "
                                       "here 0.9 about doubled fd, README)")
     r1_gamma: float = common.arg(1.0, "R1 penalty weight gamma (0: off; the paper: 10)")
@@ -62,7 +65,7 @@ class Config(common.Config):
                                    "step t is min(ema, (1 + t) / (10 + t)), so 0.999 binds only after ~9000 steps")
     psi: float = common.arg(1.0, "truncation psi for samples.png and the metrics (1: none)")
     n_samples: int = common.arg(5000, "samples for the final metrics")
-    MODEL_FLAGS = ("data", "z_dim", "map_layers", "channels")
+    MODEL_FLAGS = ("data", "z_dim", "map_layers", "channels", "ndf")
 
 
 # ----------------------------------------------------------------------------- data
@@ -177,10 +180,10 @@ class Generator(nn.Module):
         return self.synthesis(self.styles(z, z2, crossover, psi), noise)
 
 
-def discriminator(ch=64):
-    """D(x) as a logit: 1x28x28 -> ch x 14x14 -> 2ch x 7x7 -> 1, no BatchNorm on the input layer (DCGAN)."""
-    return nn.Sequential(nn.Conv2d(1, ch, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, 2 * ch, 4, 2, 1),
-                         nn.BatchNorm2d(2 * ch), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(2 * ch * 7 * 7, 1))
+def discriminator(ndf=64):
+    """D(x) as a logit: (1, 28, 28) -> (ndf, 14, 14) -> (2 ndf, 7, 7) -> 1, no BatchNorm on the input layer (DCGAN)."""
+    return nn.Sequential(nn.Conv2d(1, ndf, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ndf, 2 * ndf, 4, 2, 1),
+                         nn.BatchNorm2d(2 * ndf), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(2 * ndf * 7 * 7, 1))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -306,8 +309,9 @@ def train(cfg, G, D, G_ema, device, state=None):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "stylegan_lite", __doc__)
-    common.check(min(cfg.z_dim, cfg.map_layers, cfg.r1_every) > 0 and cfg.channels >= 4 and cfg.n_samples >= 10,
-                 "--z-dim, --map-layers, --r1-every must be positive, --channels >= 4, --n-samples >= 10")
+    positive = min(cfg.z_dim, cfg.map_layers, cfg.r1_every, cfg.ndf) > 0
+    common.check(positive and cfg.channels >= 4 and cfg.n_samples >= 10,
+                 "--z-dim, --map-layers, --r1-every and --ndf must be positive, --channels >= 4, --n-samples >= 10")
     common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0 and cfg.d_lr > 0,
                  "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0, --d-lr > 0")
     state = common.load_run(cfg, "stylegan_lite") if cfg.sample_only or cfg.resume else None   # flags from it
@@ -315,7 +319,7 @@ def main(argv=None):
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     G = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device)
-    D = discriminator().to(device)
+    D = discriminator(cfg.ndf).to(device)
     G_ema = copy.deepcopy(G)
     t0 = time.time()
     history = {}

@@ -151,13 +151,20 @@ def test_main_smoke_and_sample_only(tmp_path):
         sg.main(["--mix-prob", "2", "--out", str(tmp_path)])
 
 
-def test_each_net_has_its_own_optimizer_settings(tmp_path):
-    """G: Adam(--lr, betas (0, 0.99)); D (the DCGAN discriminator, one logit per image): Adam(--d-lr, (0.5, 0.999))."""
+def test_each_net_has_its_own_optimizer_settings_and_d_its_width(tmp_path):
+    """G: Adam(--lr, betas (0, 0.99)); D (the DCGAN discriminator, one logit per image): Adam(--d-lr, (0.5, 0.999)),
+    --ndf channels, then 2 ndf; --ndf is read back from the checkpoint."""
     sg.main(["--steps", "1", "--batch-size", "4", "--channels", "4", "--n-samples", "20", "--lr", "3e-3",
-             "--d-lr", "5e-4", "--out", str(tmp_path)])
+             "--d-lr", "5e-4", "--ndf", "8", "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt")
     g_group = state["opt_g"]["param_groups"][0]
     d_group = state["opt_d"]["param_groups"][0]
     assert (g_group["lr"], g_group["betas"]) == (3e-3, (0.0, 0.99))
     assert (d_group["lr"], d_group["betas"]) == (5e-4, (0.5, 0.999))
+    assert state["D"]["0.weight"].shape[0] == 8 and state["D"]["2.weight"].shape[:2] == (16, 8)
+    with pytest.raises(common.UserError, match="--ndf 16 contradicts the checkpoint"):
+        sg.main(["--sample-only", "--ndf", "16", "--out", str(tmp_path)])
+    assert sg.main(["--sample-only", "--n-samples", "20", "--out", str(tmp_path)])["config"]["ndf"] == 8
     assert sg.discriminator()(torch.randn(3, 1, 28, 28)).shape == (3, 1)
+    with pytest.raises(common.UserError, match="--ndf must be positive"):
+        sg.main(["--ndf", "0", "--out", str(tmp_path)])
