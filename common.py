@@ -317,7 +317,7 @@ def save_scored(x, probs, path, n=40):
     cell_h, cell_w = h + 12, w + 6                                      # room for the frame, the gap and the title
     rows = math.ceil(len(pick) / 10)
     grid = torch.ones(rows * cell_h, 10 * cell_w, 3)                   # (H, W, RGB), white
-    fig = Figure(figsize=(10, 10 * rows * cell_h / (10 * cell_w)))
+    fig = Figure(figsize=(10, rows * cell_h / cell_w))                  # 10 inches wide, the grid's aspect
     ax = fig.add_axes((0, 0, 1, 1))
     for i, k in enumerate(pick.tolist()):
         top = (i // 10) * cell_h + 10

@@ -20,8 +20,9 @@ Run: `python stylegan_lite.py` (digits at 28x28, 9 to 14 CPU minutes),
                   into the following LeakyReLU's gain, as in the paper's code: scale 1 / sqrt(fan_in))
     loss          non-saturating logistic: D minimizes softplus(D(G(z))) + softplus(-D(x)), G minimizes
                   softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018)
-    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, --ndf 64 and 128 channels, BatchNorm on
-                  the second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999)); EMA of G for sampling.
+    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, ndf = 64 (--ndf) and 2 ndf = 128
+                  channels, BatchNorm on the second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999));
+                  EMA of G for sampling.
 Data: the 28x28 digits as they are (pixels in [-1, 1]). Differences from the paper: 28x28 and 6 layers (not
 1024x1024 and 18), 128-d z and w (not 512), at most 64 channels in G, no progressive growing, nearest-neighbour
 upsampling without blur, G trained with Adam(4e-3, betas (0, 0.99); 1e-3 to 3e-3 scored lower here, README), batch

@@ -436,6 +436,7 @@ def test_class_spread_one_for_real_digits_zero_for_one_image_per_class():
     spread = lambda images, labels: common.class_spread(common.classify(common.get_classifier("digits"), images)[0],
                                                         labels, real, y)
     first = torch.stack([x[5000:][y[5000:] == c][0] for c in range(10)])        # (10, 1, 28, 28): one image a class
+    assert (common.classify(common.get_classifier("digits"), first)[1].argmax(1) == torch.arange(10)).all()
     assert spread(first.repeat(100, 1, 1, 1), torch.arange(10).repeat(100)) < 0.01   # right classes, no variety
     mixed = y[5000:6000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]   # labels shuffled
     assert spread(x[5000:6000], mixed) > 1.2              # a "class" holding every digit varies more than a class
