@@ -25,16 +25,16 @@ Run: `python stylegan_lite.py` (digits at 28x28, 9 to 14 CPU minutes),
                   EMA of G for sampling.
 Data: the 28x28 digits as they are (pixels in [-1, 1]). Differences from the paper: 28x28 and 6 layers (not
 1024x1024 and 18), 128-d z and w (not 512), at most 64 channels in G, no progressive growing, nearest-neighbour
-upsampling without blur, G trained with Adam(4e-3, betas (0, 0.99); 1e-3 to 3e-3 scored lower here, README), batch
-16. Also departures: the first layer convolves the constant (the paper starts with noise and AdaIN on it);
-truncation acts on all layers (the paper: the coarse ones); R1 is applied lazily, every 16 steps and scaled x16 (a
-StyleGAN2 technique), with gamma 1 (the paper: 10); no mixing regularisation by default (with the paper's 0.9, fd
-was about twice as large here; the style mixing figure is drawn all the same); the sqrt(2) gain after LeakyReLU is
-placed as in StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it is (gamma, beta) = A(w).
-The discriminator is not the paper's (ProGAN's, with equalized lr and a minibatch-std feature): with that one,
-trained with G's optimizer, the generator drew round blobs in 10 CPU minutes, and the DCGAN discriminator gave the
-best digits of the variants measured (README, StyleGAN ablation). R1 takes grad_x D(x) with D in training mode, so
-BatchNorm's batch statistics are part of it.
+upsampling without blur, G trained with Adam(4e-3, betas (0, 0.99); 1e-3 to 3e-3 scored lower here, 6e-3 no higher
+and with a worse fd, README), batch 16. Also departures: the first layer convolves the constant (the paper starts
+with noise and AdaIN on it); truncation acts on all layers (the paper: the coarse ones); R1 is applied lazily, every
+16 steps and scaled x16 (a StyleGAN2 technique), with gamma 1 (the paper: 10); no mixing regularisation by default
+(with the paper's 0.9, fd was about twice as large here; the style mixing figure is drawn all the same); the sqrt(2)
+gain after LeakyReLU is placed as in StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it
+is (gamma, beta) = A(w). The discriminator is not the paper's (ProGAN's, with equalized lr and a minibatch-std
+feature): with that one, trained with G's optimizer, the generator drew round blobs in 10 CPU minutes, and the DCGAN
+discriminator gave the best digits of the variants measured (README, StyleGAN ablation). R1 takes grad_x D(x) with D
+in training mode, so BatchNorm's batch statistics are part of it.
 """
 import copy, dataclasses, math, os, time
 
@@ -51,7 +51,8 @@ class Config(common.Config):
     data: str = common.arg("digits", "image dataset (28x28)", common.IMAGE_DATA)
     steps: int = common.arg(9000, "training steps (one D and one G update each)")
     batch_size: int = common.arg(16, "images per step (16 for 9000 steps scored above 32 for 4000, README)")
-    lr: float = common.arg(4e-3, "G's Adam learning rate (mapping network: 0.01 x this; 2e-3 scored lower, README)")
+    lr: float = common.arg(4e-3, "G's Adam learning rate (mapping network: 0.01 x this; 2e-3 scored lower, 6e-3 "
+                                          "no higher with a worse fd, README)")
     d_lr: float = common.arg(4e-4, "D's Adam learning rate")
     z_dim: int = common.arg(128, "size of z and w")
     map_layers: int = common.arg(4, "layers of the mapping network f")
