@@ -188,11 +188,13 @@ def train(cfg, G, D, G_ema, device, state=None):
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
+            D.requires_grad_(False)                                      # G's step: grads pass through D, not into it
             l_fake = D(x_fake, y_fake)
             loss_g = lsgan_g_loss(l_fake) if lsgan else g_loss(l_fake, cfg.g_loss == "saturating")
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
+            D.requires_grad_(True)
             common.ema_update(G_ema, G, step, cfg.ema)                   # with warm-up: forgets the random init
             for s in scheds:
                 s.step()

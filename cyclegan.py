@@ -265,10 +265,12 @@ def train_paired(cfg, G, D, device, state=None):
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
+            D.requires_grad_(False)                                      # G's step: grads pass through D, not into it
             loss_g = pix2pix_g_loss(D(torch.cat([x, fake_y], 1)), fake_y, y, cfg.lam_l1)
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
+            D.requires_grad_(True)
             for s in scheds:
                 s.step()
             history["G loss"].append(loss_g.item())
@@ -305,6 +307,8 @@ def train(cfg, nets, device, state=None):
             y = batch(y_all)
             fake_y = G(x)
             fake_x = F(y)
+            D_X.requires_grad_(False)                                    # G's and F's step: grads pass through
+            D_Y.requires_grad_(False)                                    # D_X and D_Y, not into them
             loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
             loss_g = loss_g + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)   # L_GAN(G) + L_GAN(F) + lambda L_cyc
             if cfg.lambda_id > 0:
@@ -312,6 +316,8 @@ def train(cfg, nets, device, state=None):
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
+            D_X.requires_grad_(True)
+            D_Y.requires_grad_(True)
             loss_d = lsgan_d_loss(D_Y(y), D_Y(pool_y.query(fake_y))) + lsgan_d_loss(D_X(x), D_X(pool_x.query(fake_x)))
             opt_d.zero_grad()
             loss_d.backward()

@@ -184,11 +184,13 @@ def train(cfg, G, D, z_dim, device, state=None):
                 opt_d.zero_grad()
                 loss_d.backward()
                 opt_d.step()
+            D.requires_grad_(False)                                      # G's steps: grads pass through D, not into it
             for _ in range(cfg.g_steps):                                 # generator steps (Algorithm 1: one)
                 loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))
                 opt_g.zero_grad()
                 loss_g.backward()                                        # descends: see the docstring's note
                 opt_g.step()
+            D.requires_grad_(True)
             history["D loss"].append(loss_d.item())
             history["G loss"].append(loss_g.item())
             progress(step, loss_d.item() + loss_g.item())

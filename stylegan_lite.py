@@ -294,10 +294,12 @@ def train(cfg, G, D, G_ema, device, state=None):
             loss_d.backward()
             opt_d.step()
             z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
+            D.requires_grad_(False)                                      # G's step: grads pass through D, not into it
             loss_g = g_loss(D(G(z, z2, crossover)))                      # non-saturating: -log D(G(z))
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
+            D.requires_grad_(True)
             with torch.no_grad():
                 G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)               # w_bar: running mean of w
             common.ema_update(G_ema, G, step, cfg.ema)                   # EMA of G with warm-up; w_avg copied

@@ -200,10 +200,12 @@ def train(cfg, G, critic, z_dim, device, state=None):
                 opt_c.step()
                 if cfg.lipschitz == "clip":
                     clip_weights(critic, cfg.clip)
+            critic.requires_grad_(False)                                # G's step: grads pass through f, not into it
             loss_g = -critic(G(noise(cfg.batch_size))).mean()           # -E f(g(z))
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
+            critic.requires_grad_(True)
             for sched in scheds:
                 sched.step()
             with torch.no_grad():                                       # W estimate on a fresh batch

@@ -1,5 +1,5 @@
 """Tests of cgan.py: G and D really use y, the conditional loss, a short run learns the labels, outputs."""
-import json, os
+import copy, json, os
 
 import pytest
 import torch
@@ -86,6 +86,18 @@ def test_short_run_learns_the_labels_with_the_default_ema(tmp_path):
     assert json.load(open(tmp_path / "metrics.json"))["steps"] == 120
     x = torch.load(tmp_path / "samples.pt")
     assert x.shape == (500, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+
+
+def test_d_gets_a_gradient_only_in_its_own_step(tmp_path):
+    """G's step freezes D (its weights' gradients would be thrown away), and D trains again after it."""
+    cfg = common.parse_config(cgan.Config, ["--steps", "2", "--batch-size", "8", "--ndf", "8", "--out", str(tmp_path)],
+                              "cgan")
+    G = cgan.Generator(cfg.z_dim, cfg.emb_dim)
+    D = cgan.Discriminator(cond=cfg.d_cond, ndf=cfg.ndf)
+    calls = []
+    D.conv1[0].weight.register_hook(lambda g: calls.append(1))
+    cgan.train(cfg, G, D, copy.deepcopy(G), "cpu")
+    assert len(calls) == 2                                              # once per step: in D's step only
 
 
 def test_bad_input_is_a_user_error(tmp_path):

@@ -118,6 +118,28 @@ def test_pix2pix_losses_by_hand():
     assert torch.allclose(cyclegan.pix2pix_g_loss(l_fake, fake_y, y, 100.0), want_g, atol=1e-5)
 
 
+@pytest.mark.parametrize("paired", [False, True])
+def test_d_gets_a_gradient_only_in_its_own_step(paired, tmp_path):
+    """The generators' step freezes the discriminators (their weights' gradients would be thrown away), and they
+    train again after it."""
+    argv = ["--steps", "2", "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path)]
+    cfg = common.parse_config(cyclegan.Config, argv + ["--paired"] * paired, "cyclegan")
+    G = cyclegan.generator(3, 3, cfg.ngf, cfg.n_res)
+    calls = []
+    if paired:
+        D = cyclegan.discriminator(6, cfg.ndf)
+        next(D.parameters()).register_hook(lambda g: calls.append(1))
+        cyclegan.train_paired(cfg, G, D, "cpu")
+    else:
+        F = cyclegan.generator(3, 3, cfg.ngf, cfg.n_res)
+        D_X = cyclegan.discriminator(3, cfg.ndf)
+        D_Y = cyclegan.discriminator(3, cfg.ndf)
+        for D in (D_X, D_Y):
+            next(D.parameters()).register_hook(lambda g: calls.append(1))
+        cyclegan.train(cfg, [G, F, D_X, D_Y], "cpu")
+    assert len(calls) == 2 * (1 if paired else 2)                       # once per step and D: in D's step only
+
+
 def test_pairs_are_one_glyph_rendered_both_ways():
     cfg = cyclegan.Config(image_size=28)
     x, y, labels = cyclegan.load_pairs(cfg, "test")

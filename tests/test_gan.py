@@ -137,7 +137,17 @@ def test_g_steps_puts_the_generator_in_the_inner_loop(tmp_path):
     assert step_count(state["opt_d"]) == 3 * 2 and step_count(state["opt_g"]) == 3 * 4
 
 
-def test_wgan_gp_defaults_differ_by_data(tmp_path):
+@pytest.mark.parametrize("script, extra", [(gan, ["--g-steps", "3"]), (wgan, ["--exact-every", "0"])])
+def test_d_gets_a_gradient_only_in_its_own_steps(script, extra, tmp_path):
+    """G's steps freeze D (its weights' gradients would be thrown away), and D trains again after them."""
+    argv = ["--steps", "2", "--hidden", "8", "--out", str(tmp_path)] + extra
+    cfg = common.parse_config(script.Config, argv, script.__name__)
+    G, D, z_dim = script.make_nets(cfg)
+    calls = []
+    next(D.parameters()).register_hook(lambda g: calls.append(1))      # one call per gradient of D's first weight
+    script.train(cfg, G, D, z_dim, "cpu")
+    assert len(calls) == 2 * (cfg.k if script is gan else cfg.n_critic)   # D's (or f's) steps only
+
     cfg = lambda *argv: common.parse_config(wgan.Config, [*argv, "--out", str(tmp_path)], "wgan")
     assert (cfg().gp_lambda, cfg().lr) == (1.0, 2e-3)                   # 2-D: lambda 1, lr 2e-3 (README)
     assert (cfg("--data", "digits").gp_lambda, cfg("--data", "digits").lr) == (10.0, 1e-3)   # images: the GP paper's

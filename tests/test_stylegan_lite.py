@@ -1,6 +1,6 @@
 """Tests of stylegan_lite.py: AdaIN statistics, shapes of f and A, noise inputs, style mixing, truncation,
 equalized learning rate, R1, and a run through main()."""
-import json, os
+import copy, json, os
 
 import pytest
 import torch
@@ -99,6 +99,20 @@ def test_w_avg_is_the_running_mean_of_w(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(G.w_avg, 0.005 * G.mapping(z).mean(0), atol=1e-7)
     assert torch.equal(state["G_ema"]["w_avg"], G.w_avg)                # the EMA copy carries it (a buffer)
+
+
+def test_d_gets_a_gradient_only_in_its_own_step(tmp_path):
+    """G's step freezes D (its weights' gradients would be thrown away), and D trains again after it; R1's
+    steps included."""
+    argv = ["--steps", "3", "--batch-size", "4", "--channels", "8", "--ndf", "8", "--r1-every", "2", "--out",
+            str(tmp_path)]
+    cfg = common.parse_config(sg.Config, argv, "stylegan_lite")
+    G = sg.Generator(cfg.z_dim, cfg.map_layers, cfg.channels)
+    D = sg.discriminator(cfg.ndf)
+    calls = []
+    D[0].weight.register_hook(lambda g: calls.append(1))
+    sg.train(cfg, G, D, copy.deepcopy(G), "cpu")
+    assert len(calls) == 3                                              # once per step: in D's step only
 
 
 def test_truncation_psi_zero_gives_one_image_for_all_z():
