@@ -123,7 +123,7 @@ def test_d_gets_a_gradient_only_in_its_own_step(paired, tmp_path):
     """The generators' step freezes the discriminators (their weights' gradients would be thrown away), and they
     train again after it."""
     argv = ["--steps", "2", "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path)]
-    cfg = common.parse_config(cyclegan.Config, argv + ["--paired"] * paired, "cyclegan")
+    cfg = common.parse_config(cyclegan.Config, argv + (["--paired"] if paired else []), "cyclegan")
     G = cyclegan.generator(3, 3, cfg.ngf, cfg.n_res)
     calls = []
     if paired:
