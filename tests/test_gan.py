@@ -148,6 +148,8 @@ def test_d_gets_a_gradient_only_in_its_own_steps(script, extra, tmp_path):
     script.train(cfg, G, D, z_dim, "cpu")
     assert len(calls) == 2 * (cfg.k if script is gan else cfg.n_critic)   # D's (or f's) steps only
 
+
+def test_wgan_gp_defaults_differ_by_data(tmp_path):
     cfg = lambda *argv: common.parse_config(wgan.Config, [*argv, "--out", str(tmp_path)], "wgan")
     assert (cfg().gp_lambda, cfg().lr) == (1.0, 2e-3)                   # 2-D: lambda 1, lr 2e-3 (README)
     assert (cfg("--data", "digits").gp_lambda, cfg("--data", "digits").lr) == (10.0, 1e-3)   # images: the GP paper's
