@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
 CACHE = os.environ.get("GENMODELS_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+EVALUATORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluators")   # shipped evaluator weights
 
 # ----------------------------------------------------------------------------- errors and CLI
 class UserError(ValueError):
@@ -72,8 +73,9 @@ def parse_config(cls, argv, script, doc=""):
     cfg.out = cfg.out or os.path.join("runs", script)
     if not (cfg.resume or cfg.sample_only) and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         print(f"note: this new run replaces the checkpoint in {cfg.out} (to continue that run, add --resume)")
-    for path in glob.glob(os.path.join(CACHE, f"classifier_{cfg.data}_*.pt")):
-        load_checkpoint(path)                             # a broken cached evaluator: an error now, not after training
+    for folder in (EVALUATORS, CACHE):
+        for path in glob.glob(os.path.join(folder, f"classifier_{cfg.data}_*.pt")):
+            load_checkpoint(path)                         # a broken evaluator file: an error now, not after training
     return cfg
 
 def run(main):
@@ -666,21 +668,27 @@ def with_negatives(x, y, fraction=0.2, seed=0):
     return torch.cat([x, legible_variants(x[half], seed), neg]), labels
 
 def cached_classifier(path, make_data, epochs):
-    """An evaluator CNN trained once on make_data() -> (x, y) and cached at path; a broken cache file: one line."""
-    if not os.path.exists(path):
+    """An evaluator CNN: the shipped one, evaluators/<the file name of path>, if there is one; else trained once on
+    make_data() -> (x, y) and cached at path. A broken file: one line. Training is chaotic: the same seed on another
+    CPU or thread count ends in another net of the same accuracy that scores samples differently (README), so the
+    built-in data's evaluators are trained once and shipped, and every machine measures with the same one."""
+    shipped = os.path.join(EVALUATORS, os.path.basename(path))
+    if os.path.exists(shipped):
+        path = shipped
+    elif not os.path.exists(path):
         x, y = make_data()
         with torch.random.fork_rng():                  # training it must not change the caller's random stream
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_checkpoint(path, **train_classifier(x, y, epochs).state_dict())
     with torch.random.fork_rng():                      # nor must building it (its random initial weights)
         net = make_classifier()
-    net.load_state_dict(load_checkpoint(path))                         # a corrupt cache file: one line naming it
+    net.load_state_dict(load_checkpoint(path))                         # a corrupt file: one line naming it
     return net.eval()
 
 def get_classifier(data, data_dir=""):
     """The shared evaluator for an image dataset: trained once on with_negatives() of its train split (the images,
-    legible variants of half of them, 20% as many not_digits()), cached in .cache/."""
-    path = os.path.join(CACHE, f"classifier_{data}_v2.pt")
+    legible variants of half of them, 20% as many not_digits()); shipped in evaluators/ for digits, else cached."""
+    path = os.path.join(CACHE, f"classifier_{data}_v2.pt")                # v2: bump it when the recipe changes
     make_data = lambda: with_negatives(*load_images(data, "train", data_dir))
     return cached_classifier(path, make_data, CLASSIFIER_EPOCHS[data])
 

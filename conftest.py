@@ -1,5 +1,6 @@
 """Makes the top-level scripts importable from tests/, registers the `slow` marker, and makes the suite hermetic:
-every test run gets its own empty evaluator cache (GENMODELS_CACHE), so no stale .cache/ can change a result."""
+every test run gets its own empty evaluator cache (GENMODELS_CACHE), so no stale .cache/ can change a result. The
+built-in digits' evaluators are not cached but shipped in evaluators/, versioned with the code that trains them."""
 import os, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -348,7 +348,8 @@ def grey(x):
 
 
 def y_classifier(cfg):
-    """The shared evaluator CNN trained (3 epochs) on the channel mean of the Y train images; cached in .cache/."""
+    """The shared evaluator CNN trained (3 epochs) on the channel mean of the Y train images; shipped in evaluators/
+    for digits, else cached in .cache/."""
     path = os.path.join(common.CACHE, f"classifier_{cfg.data}_cycleY_v2.pt")
 
     def y_train():

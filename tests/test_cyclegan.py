@@ -168,3 +168,27 @@ def test_paired_folder_and_run(tmp_path):
     assert set(rec) >= {"l1_to_true_y", "label_preservation_xy", "fd_y"}
     again = cyclegan.main(["--sample-only", "--n-eval", "100", "--out", str(tmp_path / "digits")])   # reads --paired
     assert again["l1_to_true_y"] == pytest.approx(rec["l1_to_true_y"], abs=1e-6)
+
+
+def test_the_y_evaluator_is_the_shipped_one_not_trained(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "CACHE", str(tmp_path))
+    monkeypatch.setattr(common, "train_classifier", lambda *a, **k: pytest.fail("the Y evaluator was trained"))
+    shipped = common.load_checkpoint(os.path.join(common.EVALUATORS, "classifier_digits_cycleY_v2.pt"))
+    net = cyclegan.y_classifier(cyclegan.Config(image_size=28))
+    assert all(torch.equal(net.state_dict()[k], shipped[k]) for k in shipped)
+
+
+@pytest.mark.slow
+def test_the_shipped_y_evaluator_is_what_its_recipe_trains(tmp_path, monkeypatch):
+    """Retrained from cyclegan's recipe (bit for bit where it was made; elsewhere an equally good net): the two
+    agree on the Y test images and both read their labels."""
+    cfg = cyclegan.Config(image_size=28)
+    monkeypatch.setattr(common, "EVALUATORS", str(tmp_path / "none"))
+    monkeypatch.setattr(common, "CACHE", str(tmp_path))
+    fresh = cyclegan.y_classifier(cfg)
+    monkeypatch.undo()
+    shipped = cyclegan.y_classifier(cfg)
+    _, y, _, labels = cyclegan.load_domains(cfg, "test")
+    called = [common.classify(net, cyclegan.grey(y))[1].argmax(1) for net in (fresh, shipped)]
+    assert (called[0] == called[1]).float().mean() >= 0.98
+    assert min((c == labels).float().mean() for c in called) >= 0.98

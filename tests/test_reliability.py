@@ -161,6 +161,7 @@ def test_foreign_checkpoint_with_sample_only(script, tmp_path):
 
 def test_corrupt_cached_evaluator_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "CACHE", str(tmp_path))
+    monkeypatch.setattr(common, "EVALUATORS", str(tmp_path / "none"))    # as beside a common.py copied alone
     (tmp_path / "classifier_digits_v2.pt").write_bytes(b"junk")
     with pytest.raises(common.UserError, match="classifier_digits_v2.pt is not a readable checkpoint.*delete it"):
         common.get_classifier("digits")

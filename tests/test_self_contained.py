@@ -1,5 +1,7 @@
 """Each script stands alone beside common.py: no script imports another, and a copy of one script with common.py
-in an empty folder runs (--help and a tiny main([...])) with nothing else importable."""
+in an empty folder runs (--help and a tiny main([...])) with nothing else importable. The shipped evaluator weights
+(evaluators/) are copied too: they are data, and without them the first image run trains its own evaluator
+(that path: test_common's cached_classifier tests)."""
 import ast, json, os, shutil, subprocess, sys
 
 import pytest
@@ -75,6 +77,7 @@ def test_each_script_copied_alone_beside_common_runs(tmp_path):
         os.makedirs(tmp_path / name)
         shutil.copy(os.path.join(ROOT, name + ".py"), tmp_path / name)
         shutil.copy(os.path.join(ROOT, "common.py"), tmp_path / name)
+        shutil.copytree(os.path.join(ROOT, "evaluators"), tmp_path / name / "evaluators")   # data, not code
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(SCRIPTS), json.dumps(TINY)], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=""), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
