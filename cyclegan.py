@@ -350,7 +350,7 @@ def grey(x):
 def y_classifier(cfg):
     """The shared evaluator CNN trained (3 epochs) on the channel mean of the Y train images; shipped in evaluators/
     for digits, else cached in .cache/."""
-    path = os.path.join(common.CACHE, f"classifier_{cfg.data}_cycleY_v2.pt")
+    path = os.path.join(common.CACHE, f"classifier_{cfg.data}_cycleY_v2.pt")   # v2: bump when the recipe changes
 
     def y_train():
         _, y, _, labels = load_domains(cfg, "train")
