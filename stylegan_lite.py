@@ -201,7 +201,6 @@ def g_loss(l_fake):
     return F.softplus(-l_fake).mean()
 
 
-
 def r1_penalty(D, x):
     r"""R1 = 1/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018), times gamma in train()."""
     x = x.detach().requires_grad_(True)
