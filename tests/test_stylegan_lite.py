@@ -115,6 +115,30 @@ def test_d_gets_a_gradient_only_in_its_own_step(tmp_path):
     assert len(calls) == 3                                              # once per step: in D's step only
 
 
+def test_channels_last_layout_is_kept_and_changes_no_output_or_gradient(tmp_path):
+    """main() trains G and D channels_last (the CPU's convolutions are faster so, README); the layout is the same
+    function: outputs and gradients agree with the default layout up to rounding (D's Flatten reads C, H, W in
+    the same order in both)."""
+    sg.main(["--steps", "1", "--batch-size", "4", "--channels", "8", "--ndf", "8", "--n-samples", "20",
+             "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pt")
+    for w in (state["G"]["layers.2.conv.weight"], state["G_ema"]["const"], state["D"]["2.weight"]):
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    G, D = small_generator(), sg.discriminator(8)
+    G_cl = copy.deepcopy(G).to(memory_format=torch.channels_last)
+    D_cl = copy.deepcopy(D).to(memory_format=torch.channels_last)
+    z = torch.randn(4, 16)
+    noise = [torch.randn(4, 1, 7 * 2 ** (i // 2), 7 * 2 ** (i // 2)) for i in range(6)]
+    outs = []
+    for g, d in ((G, D), (G_cl, D_cl)):
+        logits = d(g(z, noise=noise))
+        logits.sum().backward()
+        outs.append((logits, g.const.grad, g.layers[1].conv.weight.grad, d[0].weight.grad, d[-1].weight.grad))
+    assert outs[1][3].is_contiguous(memory_format=torch.channels_last)  # the layout really differed
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()                # float32 rounding, not another function
+
+
 def test_truncation_psi_zero_gives_one_image_for_all_z():
     G = small_generator()
     G.w_avg.normal_()
