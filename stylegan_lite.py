@@ -2,7 +2,7 @@ r"""stylegan_lite.py - a small style-based generator (Karras et al. 2019) with e
 
 Lectures: 002 "Style Gan": "Preliminary: Adaptive Instance Normalization (AdaIN)", "Architecture of Style Gan"
 (mapping network, affine transforms A, noise inputs B), "Global architecture of StyleGAN"; 000 section 6.3.
-Run: `python stylegan_lite.py` (digits at 28x28, 8 to 11 minutes on 2 CPU cores),
+Run: `python stylegan_lite.py` (digits at 28x28, 7.5 to 11 minutes on 2 CPU cores),
 `--data mnist10k --data-dir ../shared/data/mnist`.
 
     AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y)   per sample and channel; (sigma(y), mu(y)) = (gamma, beta)
@@ -322,7 +322,8 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    # channels_last: weights and images laid out (B, H, W, C) in memory; the CPU's convolutions run faster (README)
+    # channels_last: the channel index fastest in memory, images laid out (B, H, W, C), weights (C_out, k, k, C_in);
+    # the same function, and the CPU's convolutions run faster so (README)
     G = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device, memory_format=torch.channels_last)
     D = discriminator(cfg.ndf).to(device, memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G)

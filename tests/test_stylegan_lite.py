@@ -124,7 +124,8 @@ def test_channels_last_layout_is_kept_and_changes_no_output_or_gradient(tmp_path
     state = torch.load(tmp_path / "checkpoint.pt")
     for w in (state["G"]["layers.2.conv.weight"], state["G_ema"]["const"], state["D"]["2.weight"]):
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    G, D = small_generator(), sg.discriminator(8)
+    G = small_generator()
+    D = sg.discriminator(8)
     G_cl = copy.deepcopy(G).to(memory_format=torch.channels_last)
     D_cl = copy.deepcopy(D).to(memory_format=torch.channels_last)
     z = torch.randn(4, 16)
