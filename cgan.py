@@ -2,28 +2,24 @@ r"""cgan.py - the conditional GAN of Mirza & Osindero (2014): generator and disc
 
 Lectures: 002 "Conditional GANs (Mirza 2014)" (the loss below) and "Conditional GANs example - Pix2Pix" (the
 same loss with y ~ p(y) written out); 000 section 6.3; 003 "Conditional GAN".
-Run: `python cgan.py` (digits, 3-5 CPU minutes), `python cgan.py --data mnist10k --data-dir ../shared/data/mnist`.
+Run: `python cgan.py` (digits), `python cgan.py --data mnist10k --data-dir ../shared/data/mnist`.
 
     min_G max_D L(D, G) = E_{(x,y) ~ p_data} log D(x|y) + E_{z ~ p(z), y ~ p(y)} log(1 - D(G(z|y)|y))   (002)
-    D step   minimize -[log D(x|y) + log(1 - D(G(z|y)|y))]     (binary cross-entropy on D's logits)
+    D step   minimize -[log D(x|y) + log(1 - D(G(z|y)|y))]: real (x, y) -> 1, (G(z|y), y) -> 0 (BCE on D's logits)
     G step   non-saturating: minimize -E log D(G(z|y)|y)        (default; --g-loss saturating is the minimax)
+    LSGAN    --loss lsgan: D minimizes E (D(x|y) - 1)^2 + E D(G(z|y)|y)^2, G minimizes E (D(G(z|y)|y) - 1)^2
 How y enters: as in Mirza & Osindero, y is joined to the *input* of both networks. G gets [z, e_G(y)] with
 e_G a learned 16-d embedding of y, followed by a DCGAN generator. D gets the image plus a second input
 channel e_D(y), a learned 28x28 "label map" (an embedding of y with 784 entries), followed by a DCGAN
 discriminator, so its first convolution already compares pixels with the label. p(y) is uniform.
 `--d-cond every` also gives D the label at its later layers; `--d-cond projection` adds Miyato & Koyama's
-projection term (not in the lecture). Neither raised the class accuracy (README).
+projection term (not in the lecture).
 Differences from the paper: DCGAN convolutions instead of MLPs with maxout; learned embeddings instead of
 one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam at lr 8e-4 (the
-lecture names none; on seeds 0-2 with z of size 64, DCGAN's 2e-4 scored 0.06-0.10 lower class accuracy and
-4e-4 0.00-0.04 lower, README), decayed linearly to 0 over the second half of training; samples drawn from an
-exponential moving average of G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t
-(common.ema_update; --ema 0: from G itself). z has 16 entries (the lecture names none): over seeds 0-4, with
-DCGAN's D at 8000 steps, its class accuracy was 0.947-0.977, 32's 0.935-0.960 and 64's 0.910-0.969, with
-samples as varied within a class as real digits (class_spread about 1; README). D has half DCGAN's width
-(--ndf 32: 32 and 64 channels), which cuts the time of a step on a CPU by 40%, and part of the time saved buys
-9000 steps instead of 8000: over seeds 0-4, class accuracy 0.945-0.974 against 0.947-0.977 with --ndf 64
---steps 8000, in 71% of the time (298 s against 419 s on a slow 2-core CPU; README).
+lecture names none), decayed linearly to 0 over the second half of training; samples drawn from an
+exponential moving average of G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t (common.ema_update;
+--ema 0: from G itself); z of size 16 (the lecture names none); D at half DCGAN's width (--ndf 32). How these
+were chosen: docs/cgan.md.
 """
 import copy, dataclasses, os, time
 
@@ -32,17 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import metrics
 
 
 @dataclasses.dataclass
 class Config(common.Config):
     data: str = common.arg("digits", "image dataset", common.IMAGE_DATA)
     steps: int = common.arg(9000, "generator steps (one discriminator step each)")
-    batch_size: int = common.arg(16, "images per step (at lr 2e-4, 16 gave higher class accuracy than 32 or 64 in "
-                                     "the same time)")
-    lr: float = common.arg(8e-4, "Adam learning rate, betas (0.5, 0.999), both networks (DCGAN's 2e-4 gave lower "
-                                 "class accuracy here, README)")
-    z_dim: int = common.arg(16, "size of the noise z (32 and 64 gave lower class accuracy over seeds 0-4, README)")
+    batch_size: int = common.arg(16, "images per step")
+    lr: float = common.arg(8e-4, "Adam learning rate, betas (0.5, 0.999), both networks")
+    z_dim: int = common.arg(16, "size of the noise z")
     emb_dim: int = common.arg(16, "size of G's label embedding e_G(y)")
     g_loss: str = common.arg("nonsaturating", "generator loss", ["nonsaturating", "saturating"])
     loss: str = common.arg("gan", "gan: the conditional minimax value; lsgan: least squares", ["gan", "lsgan"])
@@ -52,8 +47,7 @@ class Config(common.Config):
     d_cond: str = common.arg("input", "how D sees y: input (a label map beside the image, the paper's way), every "
                                       "(label maps at every layer), projection (input + a projection term)",
                              ["input", "every", "projection"])
-    ndf: int = common.arg(32, "D's width: ndf channels at 14x14, 2 ndf at 7x7 (DCGAN's 64 takes 1.7 times as long "
-                              "per step; README)")
+    ndf: int = common.arg(32, "D's width: ndf channels at 14x14, 2 ndf at 7x7 (DCGAN's: 64)")
     MODEL_FLAGS = ("data", "z_dim", "emb_dim", "d_cond", "ndf")
 
 
@@ -178,24 +172,32 @@ def train(cfg, G, D, G_ema, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "cgan", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # real pairs (x, y) ~ p_data; fake pairs (G(z|y), y), z ~ N(0, I), y ~ p(y) uniform
             x, y = (t.to(device) for t in real())
             z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
-            y_fake = torch.randint(10, (cfg.batch_size,), device=device)    # y ~ p(y), uniform
+            y_fake = torch.randint(10, (cfg.batch_size,), device=device)
             x_fake = G(z, y_fake)
+
+            # one discriminator step: real -> 1, fake -> 0 (002, the conditional value)
             l_real = D(x, y)
             l_fake = D(x_fake.detach(), y_fake)
             loss_d = lsgan_d_loss(l_real, l_fake) if lsgan else d_loss(l_real, l_fake)
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
-            D.requires_grad_(False)                                      # G's step: grads pass through D, not into it
+
+            # one generator step; grads pass through D, not into it
+            D.requires_grad_(False)
             l_fake = D(x_fake, y_fake)
             loss_g = lsgan_g_loss(l_fake) if lsgan else g_loss(l_fake, cfg.g_loss == "saturating")
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
             D.requires_grad_(True)
-            common.ema_update(G_ema, G, step, cfg.ema)                   # with warm-up: forgets the random init
+
+            # the moving average of G (its warm-up forgets the random init), learning rates, record, checkpoint
+            common.ema_update(G_ema, G, step, cfg.ema)
             for s in scheds:
                 s.step()
             history["D loss"].append(loss_d.item())
@@ -213,12 +215,16 @@ def main(argv=None):
                  "--z-dim, --emb-dim and --ndf must be positive and --n-samples at least 10")
     common.check(0 <= cfg.ema < 1, f"--ema must be in [0, 1) (0: no averaging), got {cfg.ema}")
     state = common.load_run(cfg, "cgan") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
+
+    # G, D and the moving average of G
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     G = Generator(cfg.z_dim, cfg.emb_dim).to(device)
     D = Discriminator(cond=cfg.d_cond, ndf=cfg.ndf).to(device)
     G_ema = copy.deepcopy(G)
+
+    # train, or load the trained networks
     t0 = time.time()
     history = {}
     if state:
@@ -229,14 +235,16 @@ def main(argv=None):
         common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
         history = train(cfg, G, D, G_ema, device, state)
-    G = G_ema                                                            # sample from the average (= G if --ema 0)
-    y = torch.arange(cfg.n_samples) % 10                                 # balanced classes
+
+    # samples of balanced classes from the average (= G if --ema 0), their scores, the pictures
+    G = G_ema
+    y = torch.arange(cfg.n_samples) % 10
     x = sample(G, torch.randn(cfg.n_samples, cfg.z_dim), y)
-    metrics = common.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir, out=cfg.out)
+    scores = metrics.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir, out=cfg.out)
     common.save_images(class_grid(G, cfg.z_dim), os.path.join(cfg.out, "samples.png"))
     grid, n = interpolation_grid(G, cfg.z_dim)
     common.save_images(grid, os.path.join(cfg.out, "interpolation.png"), nrow=n)
-    return common.finish(cfg, metrics, t0, device, samples=x, history=history)   # sample i has class i % 10
+    return common.finish(cfg, scores, t0, device, samples=x, history=history)   # sample i has class i % 10
 
 
 if __name__ == "__main__":

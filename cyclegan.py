@@ -2,49 +2,29 @@ r"""cyclegan.py - unpaired image-to-image translation with cycle consistency (Zh
 translation with pix2pix (Isola et al. 2017, --paired).
 
 Lectures: 002 "Cycle GANs (Zhu 2017)" (the losses below) and "Conditional GANs example - Pix2Pix" (the L1 term);
-000 section 6.3. Run: `python cyclegan.py` (built-in digit domains, ~9 CPU minutes), `python cyclegan.py --paired`
-(pix2pix on the built-in pairs, ~5 CPU minutes), or
-`python cyclegan.py --data-dir PATH` where PATH/trainA and PATH/trainB hold images (the layout of the public
-CycleGAN datasets, e.g. horse2zebra), read with matplotlib and resized to --image-size.
+000 section 6.3. Run: `python cyclegan.py` (built-in digit domains), `python cyclegan.py --paired` (pix2pix on the
+built-in pairs), `python cyclegan.py --data-dir PATH` with PATH/trainA and PATH/trainB (e.g. horse2zebra).
 
-Two mappings G: X -> Y and F: Y -> X, two discriminators D_Y (y vs G(x)) and D_X (x vs F(y)), trained with
-  least-squares adversarial terms (002, "Note: they replaced ... by a mean square error term"):
-    D_Y minimizes 1/2 [E (D_Y(y) - 1)^2 + E D_Y(G(x))^2],   G minimizes E (D_Y(G(x)) - 1)^2     (same for F, D_X)
-  cycle consistency (002, "Training"):   L_cyc(G, F) = E |F(G(x)) - x|_1 + E |G(F(y)) - y|_1
-  identity (Zhu et al. section 5.2):     L_id(G, F)  = E |G(y) - y|_1 + E |F(x) - x|_1
-    L = L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc + lambda_id lambda L_id,  lambda = 10, lambda_id = 0.5
-  Where each piece comes from: the slide's total loss has no lambda (Zhu et al. eq. 3 has it) and writes the
-  GAN terms with logs; the squares are the least-squares variant the slide's note names; D's factor 1/2 is
-  Zhu et al.'s code (it halves D's learning speed). |.|_1 is averaged over pixels (the paper's code).
-  D sees fakes from a pool of the last 50 generated images
-  (half the time a stored one, Shrivastava et al.), --pool 0 turns it off. Adam(2e-4, (0.5, 0.999)), the
-  learning rate constant for the first half of the steps and then linearly decayed to 0, as in the paper.
-Built-in domains, made from the `digits` (or --data) images, both stored as 3 channels in [-1, 1]:
-  X = the images as rendered: white glyph on black, grey (the one channel copied three times);
-  Y = bold italic, dark blue ink (0.1, 0.15, 0.45) on a light orange background (1.0, 0.85, 0.55): the glyph m
-      is thickened by a 3x3 max filter (bold), sheared by x <- x + 0.3 y (italic), then y = bg + (ink - bg) m.
-  X uses train images 0..29999, Y images 30000..59999 (test: 0..4999 and 5000..9999), drawn independently:
-  no pair is ever seen. Their labels are used only to evaluate: the shared evaluator CNN (common.py) trained on
-  digits classifies F(y) (channel mean), and one trained the same way on Y (channel mean) classifies G(x).
-Networks (small versions of the paper's): G = c7s1-16, d32, d64, 3 residual blocks, u32, u16, c7s1-3 with
-instance norm and reflection padding; D = 3-layer PatchGAN (C32, C64, C128, then a 1-channel map of patch
-scores). At 28x28 each output's receptive field (34x34) covers the whole image, so D is not a patch critic
-here: it scores overlapping views of the whole digit (on 64x64 folder images the patches are real).
-Differences from the paper: 16 instead of 64 base channels, 3 instead of 9 residual blocks, 28x28.
-
-pix2pix (--paired; 002 "Conditional GANs example - Pix2Pix", Isola et al. 2017): when true pairs exist, one
-mapping G: X -> Y and a conditional discriminator D(x, y) that sees the input stacked with the output. In the
-slide's letters the condition is y and the output x; here the input is x and the output y:
-    D maximizes   E log D(x, y) + E log(1 - D(x, G(x)))                 (the conditional GAN value; BCE on logits)
-    G minimizes   -E log D(x, G(x)) + lambda_L1 E |y - G(x)|_1,  lambda_L1 = 100 (--lam-l1, as Isola et al.)
-The built-in pairs are one glyph rendered both ways (X train images 0..29999 with their own Y renderings; test
-pairs likewise). G is the CycleGAN generator above, not pix2pix's U-Net, and has no noise z (Isola et al.
-found it ignored); D is the same PatchGAN with 6 input channels. G's adversarial term is the non-saturating
--log D, which 002 recommends over log(1 - D) ("Equilibrium analysis", note) and Isola et al. use. Isola et al.
-halve D's objective; the slide does not, and neither does this code.
-A folder in the public pix2pix layout (--data-dir PATH with PATH/train, and PATH/test or PATH/val, of side-by-side
-A|B images) is read as pairs (A = x on the left, B = y on the right). Both modes report l1_to_true_y on the
-built-in test pairs: what cycle consistency has to stand in for when the pairs are missing.
+Two mappings G: X -> Y and F: Y -> X, two discriminators D_Y (y vs G(x)) and D_X (x vs F(y)):
+    least squares  D_Y minimizes 1/2 [E (D_Y(y) - 1)^2 + E D_Y(G(x))^2], G minimizes E (D_Y(G(x)) - 1)^2 (002, "Note:
+                   they replaced ... by a mean square error term"; the same for F and D_X)
+    cycle          L_cyc(G, F) = E |F(G(x)) - x|_1 + E |G(F(y)) - y|_1                          (002, "Training")
+    identity       L_id(G, F) = E |G(y) - y|_1 + E |F(x) - x|_1                    (Zhu et al. section 5.2)
+    total          L = L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc + lambda_id lambda L_id (lambda 10, lambda_id 0.5)
+    pix2pix        one G: X -> Y and D(x, y) seeing the input stacked with the output (002's letters swapped:
+                   its condition is y): D maximizes E log D(x, y) + E log(1 - D(x, G(x))), G minimizes
+                   -E log D(x, G(x)) + lambda_L1 E |y - G(x)|_1, lambda_L1 = 100 (Isola et al.)
+Where each piece comes from: the slide's total loss has no lambda (Zhu et al. eq. 3 has it) and writes the GAN
+terms with logs; the squares are the least-squares variant its note names, whose second term lacks its square
+(E[D_Y(G(x))] as printed, which D could push to -infinity; squared here). D's 1/2 is Zhu et al.'s code. |.|_1 is
+averaged over pixels. D sees fakes from a pool of the last 50 (Shrivastava et al.; --pool 0: off). Adam(2e-4,
+(0.5, 0.999)), constant for half the steps, then linearly to 0. pix2pix's G has no noise z and uses -log D (002,
+"GAN equilibrium analysis", note); its D's objective is not halved (Isola et al. halve it).
+Built-in domains, made from the `digits` (or --data) images, both as 3 channels in [-1, 1]: X = the rendered
+glyph, white on black; Y = bold italic, dark blue ink on light orange. X uses train images 0..29999, Y 30000..59999:
+no pair is ever seen; their labels only evaluate (the shared evaluator on F(y), one trained on Y on G(x)). The
+built-in pairs (--paired) are one glyph rendered both ways; with --data-dir, trainA/ and trainB/ are paired in the
+order of their file names. Networks: small versions of the paper's (docstrings of generator and discriminator).
 """
 import dataclasses, os, time
 
@@ -53,31 +33,30 @@ import torch.nn as nn
 import torch.nn.functional as nnf                                      # F is the mapping Y -> X here
 
 import common
+import metrics
 
 
 @dataclasses.dataclass
 class Config(common.Config):
     data: str = common.arg("digits", "image data the two built-in domains are made from", common.IMAGE_DATA)
-    data_dir: str = common.arg("", "a folder with trainA/ and trainB/ images (then no built-in domains), "
-                                   "or the IDX folder of --data mnist/fashion")
+    data_dir: str = common.arg("", "a folder with trainA/ and trainB/ (then no built-in domains), or mnist's IDX files")
     steps: int = common.arg(2400, "training steps (one G/F update and one D_X/D_Y update each)")
     batch_size: int = common.arg(16, "images per domain per step")
     lr: float = common.arg(2e-4, "Adam learning rate, linearly decayed to 0 over the second half")
-    lam: float = common.arg(10.0, "lambda, the weight of the cycle loss")
+    lambda_cyc: float = common.arg(10.0, "lambda, the weight of the cycle loss")
     lambda_id: float = common.arg(0.5, "identity loss weight, as a fraction of lambda (0: off)")
     pool: int = common.arg(50, "size of the image pool of fakes shown to D (0: off)")
-    ngf: int = common.arg(16, "base channels of the generators")
+    width: int = common.arg(16, "base channels of the generators")
     ndf: int = common.arg(32, "base channels of the discriminators")
     n_res: int = common.arg(3, "residual blocks in each generator")
     image_size: int = common.arg(0, "image side, a multiple of 4 (0: 28 for digits, 64 for folders)")
     n_eval: int = common.arg(2000, "test images per domain for the metrics")
     paired: bool = common.arg(False, "pix2pix: train G: X -> Y on true pairs with D(x, y) and the L1 term")
-    lam_l1: float = common.arg(100.0, "pix2pix: lambda_L1, the weight of |y - G(x)|_1")
-    MODEL_FLAGS = ("data", "ngf", "ndf", "n_res", "image_size", "paired")
+    lambda_l1: float = common.arg(100.0, "pix2pix: lambda_L1, the weight of |y - G(x)|_1")
+    MODEL_FLAGS = ("data", "width", "ndf", "n_res", "image_size", "paired")
 
     def defaults(self, given):
-        folder = is_folder_pair(self.data_dir) or is_paired_folder(self.data_dir)
-        self.image_size = self.image_size or (64 if folder else 28)
+        self.image_size = self.image_size or (64 if is_folder_pair(self.data_dir) else 28)
 
 
 # ----------------------------------------------------------------------------- data
@@ -86,10 +65,6 @@ INK, BACKGROUND = torch.tensor([0.1, 0.15, 0.45]), torch.tensor([1.0, 0.85, 0.55
 
 def is_folder_pair(path):
     return bool(path) and os.path.isdir(os.path.join(path, "trainA")) and os.path.isdir(os.path.join(path, "trainB"))
-
-
-def is_paired_folder(path):
-    return bool(path) and os.path.isdir(os.path.join(path, "train")) and not is_folder_pair(path)
 
 
 def domain_x(m):
@@ -107,35 +82,25 @@ def domain_y(m, shear=0.3):
 
 
 def load_folder(path, size):
-    """All .png/.jpg images in a folder as RGB (grey copied to 3 channels, alpha dropped), each resized to
-    size x size (so mixed sizes are fine), in [-1, 1]; size None: a list of the images as they are. A file that
-    is not a readable image is an error."""
+    """All .png/.jpg images in a folder, sorted by name, as RGB (grey copied to 3 channels, alpha dropped), each
+    resized to size x size (so mixed sizes are fine), in [-1, 1]. A file that is not a readable image is an error."""
     files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     common.check(files, f"no .png or .jpg images in {path}")
     out = []
     for name in files:
         im = common.read_rgb(os.path.join(path, name), grey_ok=True)[0].permute(2, 0, 1)[None]   # (1, 3, H, W)
-        if size is not None:
-            im = nnf.interpolate(im, size=(size, size), mode="bilinear", antialias=True)
+        im = nnf.interpolate(im, size=(size, size), mode="bilinear", antialias=True)
         out.append(im.clamp(0, 1) * 2 - 1)
-    return out if size is None else torch.cat(out)
-
-
-def load_side_by_side(path, size):
-    """A folder of side-by-side A|B images (the pix2pix datasets) -> (A, B), each half resized to size x size."""
-    ab = load_folder(path, None)                                         # a list of (1, 3, H, 2W)
-    resize = lambda t: nnf.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
-    a = [resize(im[..., :im.shape[-1] // 2]) for im in ab]
-    b = [resize(im[..., im.shape[-1] // 2:]) for im in ab]
-    return torch.cat(a), torch.cat(b)
+    return torch.cat(out)
 
 
 def load_pairs(cfg, split):
-    """pix2pix data: (x, y, labels or None), y[i] the Y rendering of the glyph of x[i], images in [-1, 1]."""
-    if is_paired_folder(cfg.data_dir):
-        found = [d for d in (("train",) if split == "train" else ("test", "val", "train"))
-                 if os.path.isdir(os.path.join(cfg.data_dir, d))]
-        return (*load_side_by_side(os.path.join(cfg.data_dir, found[0]), cfg.image_size), None)
+    """pix2pix data: (x, y, labels or None), y[i] the partner of x[i] (built-in: the Y rendering of the glyph of x[i];
+    folders: trainA/ and trainB/ paired in the order of their file names), images in [-1, 1]."""
+    if is_folder_pair(cfg.data_dir):
+        x, y, _, _ = load_domains(cfg, split)
+        common.check(len(x) == len(y), f"--paired: {len(x)} images in A but {len(y)} in B; pairs need as many")
+        return x, y, None
     m, labels = common.load_images(cfg.data, split, cfg.data_dir)
     m = m[:len(m) // 2]                                                  # the glyphs X is made of
     m = m if cfg.image_size == 28 else nnf.interpolate(m, size=cfg.image_size, mode="bilinear")
@@ -173,17 +138,21 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-def generator(c_in=3, c_out=3, ngf=16, n_res=3):
-    """Encoder (c7s1, two stride-2 convs), residual blocks at 1/4 size, decoder (two transposed convs, c7s1, tanh)."""
-    return nn.Sequential(*conv_norm_relu(c_in, ngf, 7), *conv_norm_relu(ngf, 2 * ngf, 3, 2),
-                         *conv_norm_relu(2 * ngf, 4 * ngf, 3, 2), *[ResidualBlock(4 * ngf) for _ in range(n_res)],
-                         *conv_norm_relu(4 * ngf, 2 * ngf, 3, 2, transpose=True),
-                         *conv_norm_relu(2 * ngf, ngf, 3, 2, transpose=True),
-                         nn.Conv2d(ngf, c_out, 7, 1, 3, padding_mode="reflect"), nn.Tanh())
+def generator(c_in=3, c_out=3, width=16, n_res=3):
+    """Encoder (c7s1, two stride-2 convs), residual blocks at 1/4 size, decoder (two transposed convs, c7s1, tanh),
+    instance norm, reflection padding: c7s1-16, d32, d64, 3 residual blocks, u32, u16, c7s1-3 (the paper: 64 base
+    channels, 9 blocks)."""
+    w = width
+    return nn.Sequential(*conv_norm_relu(c_in, w, 7), *conv_norm_relu(w, 2 * w, 3, 2),
+                         *conv_norm_relu(2 * w, 4 * w, 3, 2), *[ResidualBlock(4 * w) for _ in range(n_res)],
+                         *conv_norm_relu(4 * w, 2 * w, 3, 2, transpose=True),
+                         *conv_norm_relu(2 * w, w, 3, 2, transpose=True),
+                         nn.Conv2d(w, c_out, 7, 1, 3, padding_mode="reflect"), nn.Tanh())
 
 
 def discriminator(c_in=3, ndf=32):
-    """PatchGAN: each output pixel scores one overlapping patch of the input as real (1) or fake (0)."""
+    """PatchGAN (C32, C64, C128, then a map of patch scores): each output pixel scores one overlapping patch of the
+    input as real (1) or fake (0); at 28x28 a patch is 34x34 px, the whole digit."""
     return nn.Sequential(nn.Conv2d(c_in, ndf, 4, 2, 1), nn.LeakyReLU(0.2),
                          nn.Conv2d(ndf, 2 * ndf, 4, 2, 1), nn.InstanceNorm2d(2 * ndf, affine=True), nn.LeakyReLU(0.2),
                          nn.Conv2d(2 * ndf, 4 * ndf, 4, 1, 1), nn.InstanceNorm2d(4 * ndf, affine=True),
@@ -257,20 +226,28 @@ def train_paired(cfg, G, D, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "cyclegan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # a batch of true pairs (x, y), and G(x)
             idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
             x = x_all[idx].to(device)
-            y = y_all[idx].to(device)                                    # the true partner of each x
+            y = y_all[idx].to(device)
             fake_y = G(x)
-            loss_d = pix2pix_d_loss(D(torch.cat([x, y], 1)), D(torch.cat([x, fake_y.detach()], 1)))   # D(x, y): stacked
+
+            # one D step on the stacked pairs: (x, y) -> 1, (x, G(x)) -> 0
+            loss_d = pix2pix_d_loss(D(torch.cat([x, y], 1)), D(torch.cat([x, fake_y.detach()], 1)))
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
-            D.requires_grad_(False)                                      # G's step: grads pass through D, not into it
-            loss_g = pix2pix_g_loss(D(torch.cat([x, fake_y], 1)), fake_y, y, cfg.lam_l1)
+
+            # one G step: -log D(x, G(x)) + lambda_L1 |y - G(x)|_1; grads pass through D, not into it
+            D.requires_grad_(False)
+            loss_g = pix2pix_g_loss(D(torch.cat([x, fake_y], 1)), fake_y, y, cfg.lambda_l1)
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
             D.requires_grad_(True)
+
+            # learning rates, record, checkpoint
             for s in scheds:
                 s.step()
             history["G loss"].append(loss_g.item())
@@ -303,25 +280,34 @@ def train(cfg, nets, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "cyclegan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # independent batches of X and Y, and their translations
             x = batch(x_all)
             y = batch(y_all)
             fake_y = G(x)
             fake_x = F(y)
-            D_X.requires_grad_(False)                                    # G's and F's step: grads pass through
-            D_Y.requires_grad_(False)                                    # D_X and D_Y, not into them
+
+            # one step of G and F: grads pass through D_X and D_Y, not into them
+            D_X.requires_grad_(False)
+            D_Y.requires_grad_(False)
+            # L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc (+ lambda_id lambda L_id)
             loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
-            loss_g = loss_g + cfg.lam * cycle_loss(G, F, x, y, fake_y, fake_x)   # L_GAN(G) + L_GAN(F) + lambda L_cyc
+            loss_g = loss_g + cfg.lambda_cyc * cycle_loss(G, F, x, y, fake_y, fake_x)
             if cfg.lambda_id > 0:
-                loss_g = loss_g + cfg.lambda_id * cfg.lam * identity_loss(G, F, x, y)
+                loss_g = loss_g + cfg.lambda_id * cfg.lambda_cyc * identity_loss(G, F, x, y)
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
             D_X.requires_grad_(True)
             D_Y.requires_grad_(True)
+
+            # one step of D_X and D_Y, on real images and fakes from the pools
             loss_d = lsgan_d_loss(D_Y(y), D_Y(pool_y.query(fake_y))) + lsgan_d_loss(D_X(x), D_X(pool_x.query(fake_x)))
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
+
+            # learning rates, record, checkpoint
             for s in scheds:
                 s.step()
             history["G+F loss"].append(loss_g.item())
@@ -355,76 +341,64 @@ def y_classifier(cfg):
     def y_train():
         _, y, _, labels = load_domains(cfg, "train")
         return grey(y), labels
-    return common.cached_classifier(path, y_train, epochs=3)
+    return metrics.cached_classifier(path, y_train, epochs=3)
 
 
-def evaluate_paired(cfg, G):
-    """pix2pix: G(x) against the true y of held-out pairs; translation.png rows x, G(x), the true y."""
-    x, y, lx = load_pairs(cfg, "test")
-    x = x[:cfg.n_eval]
-    y = y[:cfg.n_eval]
+def evaluate(cfg, G, F=None):
+    """G(x) (and F(y), the cycles, without --paired) on held-out images: the cycles' L1; on the built-in domains the
+    labels kept by G (Y's evaluator) and F (X's), fd_y, and the L1 to the true partner y of each x.
+    translation.png rows: x, G(x), F(G(x)), y, F(y), G(F(y)); --paired: x, G(x), the true y."""
+    x, y, lx, ly = (load_pairs(cfg, "test") + (None,)) if cfg.paired else load_domains(cfg, "test")
+    x, y = x[:cfg.n_eval], y[:cfg.n_eval]
     fake_y = translate(G, x)
-    metrics = {"l1_to_true_y": float((fake_y - y).abs().mean() / 2)}    # mean |G(x) - y| in [0, 1] pixel units
+    rows = [x[:10], fake_y[:10], y[:10]]
+    scores = {"l1_to_true_y": float((fake_y - y).abs().mean() / 2)} if cfg.paired else {}   # in [0, 1] pixel units
+    if not cfg.paired:
+        fake_x = translate(F, y)
+        rec_x = translate(F, fake_y)
+        rec_y = translate(G, fake_x)
+        rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]
+        scores = {"cycle_l1_x": float((rec_x - x).abs().mean()), "cycle_l1_y": float((rec_y - y).abs().mean())}
     if lx is not None and cfg.image_size == 28:
         net_y = y_classifier(cfg)                                       # trained on Y
-        feats_fake, p_fake = common.classify(net_y, grey(fake_y))
-        feats_real = common.classify(net_y, grey(y))[0]
-        metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx[:cfg.n_eval]).float().mean()),
-                       fd_y=common.frechet_distance(feats_fake, feats_real))
-    common.save_images((torch.cat([x[:10], fake_y[:10], y[:10]]) + 1) / 2, os.path.join(cfg.out, "translation.png"))
-    common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
-    return metrics, (fake_y + 1) / 2
-
-
-def evaluate(cfg, G, F):
-    x, y, lx, ly = load_domains(cfg, "test")
-    x = x[:cfg.n_eval]
-    y = y[:cfg.n_eval]
-    fake_y = translate(G, x)
-    fake_x = translate(F, y)
-    rec_x = translate(F, fake_y)
-    rec_y = translate(G, fake_x)
-    metrics = {"cycle_l1_x": float((rec_x - x).abs().mean()), "cycle_l1_y": float((rec_y - y).abs().mean())}
-    if lx is not None and cfg.image_size == 28:
-        lx = lx[:cfg.n_eval]
-        ly = ly[:cfg.n_eval]
-        net_x = common.get_classifier(cfg.data, cfg.data_dir)           # trained on X
-        net_y = y_classifier(cfg)                                       # trained on Y
-        feats_fake, p_fake = common.classify(net_y, grey(fake_y))
-        feats_real, p_real = common.classify(net_y, grey(y))
-        p_back = common.classify(net_x, grey(fake_x))[1]
-        metrics.update(label_preservation_xy=float((p_fake.argmax(1) == lx).float().mean()),
-                       label_preservation_yx=float((p_back.argmax(1) == ly).float().mean()),
-                       fd_y=common.frechet_distance(feats_fake, feats_real),
-                       evaluator_y_accuracy=float((p_real.argmax(1) == ly).float().mean()),
-                       l1_to_true_y=float((fake_y - load_pairs(cfg, "test")[1][:cfg.n_eval]).abs().mean() / 2))
-    rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]  # x, G(x), F(G(x)); y, F(y), G(F(y))
+        feats_fake, p_fake = metrics.classify(net_y, grey(fake_y))
+        feats_real, p_real = metrics.classify(net_y, grey(y))
+        scores.update(label_preservation_xy=float((p_fake.argmax(1) == lx[:cfg.n_eval]).float().mean()),
+                      fd_y=metrics.frechet_distance(feats_fake, feats_real))
+    if lx is not None and cfg.image_size == 28 and not cfg.paired:
+        p_back = metrics.classify(metrics.get_classifier(cfg.data, cfg.data_dir), grey(fake_x))[1]   # X's evaluator
+        scores.update(label_preservation_yx=float((p_back.argmax(1) == ly[:cfg.n_eval]).float().mean()),
+                      evaluator_y_accuracy=float((p_real.argmax(1) == ly[:cfg.n_eval]).float().mean()),
+                      l1_to_true_y=float((fake_y - load_pairs(cfg, "test")[1][:cfg.n_eval]).abs().mean() / 2))
     common.save_images((torch.cat(rows) + 1) / 2, os.path.join(cfg.out, "translation.png"))
     common.save_images((fake_y[:100] + 1) / 2, os.path.join(cfg.out, "samples.png"))
-    return metrics, (fake_y + 1) / 2
+    return scores, (fake_y + 1) / 2
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "cyclegan", __doc__)
-    common.check(cfg.image_size % 4 == 0 and cfg.image_size >= 16,
-                 f"--image-size must be a multiple of 4 and at least 16 (two stride-2 steps), got {cfg.image_size}")
-    common.check(cfg.lam >= 0 and cfg.lambda_id >= 0 and cfg.pool >= 0 and min(cfg.ngf, cfg.ndf, cfg.n_eval) > 0
-                 and cfg.n_res >= 0, "--lam, --lambda-id, --pool, --n-res must be >= 0 and --ngf, --ndf, --n-eval > 0")
-    common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits" or cfg.paired,
+    common.check(cfg.image_size % 4 == 0 and cfg.image_size >= 16, f"--image-size must be a multiple of 4 and at "
+                 f"least 16 (two stride-2 steps), got {cfg.image_size}")
+    common.check(cfg.lambda_cyc >= 0 and cfg.lambda_id >= 0 and cfg.lambda_l1 >= 0 and cfg.pool >= 0 and cfg.n_res >= 0
+                 and min(cfg.width, cfg.ndf, cfg.n_eval) > 0, "--lambda-cyc, --lambda-id, --lambda-l1, --pool, --n-res "
+                 "must be >= 0 and --width, --ndf, --n-eval > 0")
+    common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits",
                  f"--data-dir {cfg.data_dir} has no trainA/ and trainB/ folders (digits need no --data-dir)")
-    common.check(not cfg.data_dir or not cfg.paired or is_paired_folder(cfg.data_dir) or cfg.data != "digits",
-                 f"--paired --data-dir {cfg.data_dir}: expected a train/ folder of side-by-side A|B images")
     state = common.load_run(cfg, "cyclegan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
+
+    # the networks: G, F, D_X, D_Y; pix2pix: G and D(x, y)
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.paired:                                                       # pix2pix: G and D(x, y)
-        nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device), discriminator(6, cfg.ndf).to(device)]
+    if cfg.paired:
+        nets = [generator(3, 3, cfg.width, cfg.n_res).to(device), discriminator(6, cfg.ndf).to(device)]
         keys = ("G", "D")
     else:
-        nets = [generator(3, 3, cfg.ngf, cfg.n_res).to(device) for _ in range(2)] + \
+        nets = [generator(3, 3, cfg.width, cfg.n_res).to(device) for _ in range(2)] + \
             [discriminator(3, cfg.ndf).to(device) for _ in range(2)]
         keys = ("G", "F", "D_X", "D_Y")
+
+    # train, or load the trained networks
     t0 = time.time()
     history = {}
     if state:
@@ -436,11 +410,10 @@ def main(argv=None):
         history = train_paired(cfg, nets[0], nets[1], device, state)
     else:
         history = train(cfg, nets, device, state)
-    if cfg.paired:
-        metrics, samples = evaluate_paired(cfg, nets[0])
-    else:
-        metrics, samples = evaluate(cfg, nets[0], nets[1])
-    return common.finish(cfg, metrics, t0, device, samples=samples, history=history)
+
+    # translations of the test images and their scores
+    scores, samples = evaluate(cfg, *nets[:1 if cfg.paired else 2])
+    return common.finish(cfg, scores, t0, device, samples=samples, history=history)
 
 
 if __name__ == "__main__":

@@ -4,50 +4,35 @@ classifier-free guidance (Ho & Salimans 2021), with a small U-Net.
 Lectures: 002 "Denoising Diffusion Probabilistic Models" (forward kernel, diffusion kernel, reverse process,
 "Training and sampling algorithms", "Implementation", "Comments"); 000 Part B section 1 (closed form,
 eps-prediction and the score, DDPM and DDIM samplers, classifier-free guidance); 000 section 5 (U-Net).
-Run: `python ddpm.py` (digits, ~9 CPU minutes), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
-`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50 in one run), `--param eps` (the slide's
-Algorithm 1), `--param v`.
+Run: `python ddpm.py` (digits), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
+`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50), `--param eps` (Algorithm 1).
 
-Time convention: t in {1, ..., T}; arrays are indexed by t with index 0 meaning "no noise" (alpha_bar_0 = 1).
-    schedule   beta_t linear from 1e-4 to 0.02 (002; --schedule linear), or cosine (default; 000 1.1: "better for
-               images"): beta_t = 1 - f(t)/f(t-1) clipped at 0.999, f(t) = cos^2((t/T + s)/(1 + s) pi/2),
-               s = 0.008, so alpha_bar_t = f(t)/f(0) until the clip (Nichol & Dhariwal 2021); T = 1000;
+Time: t in {1, ..., T}; arrays are indexed by t, index 0 meaning "no noise" (alpha_bar_0 = 1). ab = alpha_bar.
+    schedule   beta_t linear from 1e-4 to 0.02 (002, --schedule linear), or cosine (default; 000 1.1):
+               beta_t = 1 - f(t)/f(t-1) clipped at 0.999, f(t) = cos^2((t/T + 0.008)/1.008 pi/2); T = 1000;
                alpha_t = 1 - beta_t; alpha_bar_t = prod_{s<=t} alpha_s
     forward    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)                 (002, forward process)
-    kernel     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                 (002, diffusion kernel)
+    kernel     q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)                               (002, diffusion kernel)
     training   t ~ U{1..T}, eps ~ N(0, I): minimize |eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t)|^2
-    sampling   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps_theta) + sigma_t z
-               (002, "Training and sampling algorithms"); sigma_t^2 = beta_t (default) or
-               beta~_t = (1 - ab_{t-1})/(1 - ab_t) beta_t (--sigma beta-tilde). The slide draws z at every t; the
-               last step adds no noise (z = 0 at t = 1), as Ho et al.'s Algorithm 2 and 000 (0-based) do.
-    DDIM       x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_theta + sigma z on a sub-sequence of S steps,
-               x0_hat = (x_t - sqrt(1 - ab_t) eps_theta)/sqrt(ab_t),
-               sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)   (000 1.4 for DDIM; eta: Song et al. eq. 16)
-    targets    --param (000 1.2, "Network Parameterization Options"): the U-Net predicts eps, x_0 (default), or
-               v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, each by an unweighted MSE, and its output is turned into
-               eps_hat for the samplers: x0: eps_hat = (x_t - sqrt(ab_t) x0_hat)/sqrt(1 - ab_t); v: eps_hat =
-               sqrt(1 - ab_t) x_t + sqrt(ab_t) v_hat. (000 writes v = alpha eps - sigma x: alpha = sqrt(ab), sigma =
-               sqrt(1 - ab); the score is -eps / sqrt(1 - ab_t), 000 1.3.)
-    guidance   eps~ = (1 + w) eps_theta(x, t, y) - w eps_theta(x, t, null)  (000 1.5); with w' = 1 + w this is
-               w' eps(y) + (1 - w') eps(null), the (1 - w)/w form that flow_matching.py uses (002); w = 0: plain
-               conditional. Training replaces the label by the null token with probability 0.1, per sample.
-Notation: x_0 is the data here and x_T the noise (flow_matching.py writes x_0 for the noise and x_1 for the data),
-and ddpm's --guidance w is flow_matching's --guidance w + 1: ddpm --guidance 1 = flow_matching --guidance 2.
-The ancestral update is computed as the posterior mean of q(x_{t-1} | x_t, x0_hat); without clipping this is the
-slide's formula exactly (tested); --clip-x0 (default on) clips x0_hat to [-1, 1] first (Ho et al.'s code does).
-With --sampler ddpm and --sample-steps S < T the update jumps t -> s with alpha_t replaced by ab_t/ab_s and
-sigma^2 = 1 - ab_t/ab_s ("naive" ancestral sampling on skipped steps: the DDIM paper shows it is poor).
-The default sampler of samples.png and the metrics is Algorithm 2's ancestral step on 100 of the T steps (--sampler
-ddpm --sample-steps 100): all 1000 steps (--sample-steps 1000, also in --compare and denoising.png) would cost more
-than the training on a CPU, and 100 skipped steps score within noise of 50 and above DDIM-50 (README, ablation).
-Differences from the slides: the default U-Net predicts x_0 (--param x0, one of 000 1.2's options), not the slide's
-eps (--param eps): at this size and budget it draws far more legible digits (README: with DDIM-50 for both,
-digit_confidence 0.57 vs 0.35, fd 56 vs 249). The default beta schedule is 000 1.1's cosine, not 002's linear
-(--schedule linear): with the same training and sampler, fd 40.6 vs 51.9 (README, ablation).
-The slide writes sigma_t = 1 - alpha_t; Ho et al. use sigma_t^2 = beta_t = 1 - alpha_t.
-002's "Implementation" slide takes T = 2000 and its alpha_T, while its "Comments" slide says T = 1000 (used here).
-The loss is the mean over pixels of the squared error (the slide's squared norm divided by the pixel count).
-Pixels are mapped to [-1, 1] (002, "Comments"). Sampling uses an exponential moving average of the weights.
+    sampling   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps_theta) + sigma_t z  (Algorithm 2),
+               sigma_t^2 = beta_t (default) or beta~_t = (1 - ab_{t-1})/(1 - ab_t) beta_t (--sigma beta-tilde)
+    DDIM       x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_theta + sigma z on S of the T steps (000 1.4),
+               x0_hat = (x_t - sqrt(1 - ab_t) eps_theta)/sqrt(ab_t), sigma from eta (Song et al. eq. 16)
+    targets    --param (000 1.2): the U-Net predicts eps, x_0 (default) or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
+               (000's v = alpha eps - sigma x) by an unweighted MSE; the samplers convert its output to eps_hat
+    guidance   eps~ = (1 + w) eps_theta(x, t, y) - w eps_theta(x, t, null)  (000 1.5; w = 0: plain conditional);
+               labels dropped to the null token with probability 0.1 per sample. flow_matching.py's w is this w + 1
+Notation: x_0 is the data and x_T the noise (flow_matching.py writes x_0 for the noise, x_1 for the data).
+The ancestral update is the posterior mean of q(x_{t-1} | x_t, x0_hat): without clipping exactly the slide's
+formula (tested); --clip-x0 (default) clips x0_hat to [-1, 1] first, as Ho et al.'s code does. samples.png and
+the metrics use Algorithm 2 on 100 of the T steps, jumping t -> s with alpha_t replaced by ab_t/ab_s ("naive"
+skipping; all T with --sample-steps 1000); the last step adds no noise (z = 0 at t = 1, as Ho et al.).
+Differences from the slides: the default U-Net predicts x_0 (one of 000 1.2's options), not eps (--param eps);
+the default schedule is 000 1.1's cosine, not 002's linear (--schedule linear); both ablations: docs/ddpm.md.
+Slips: the slide writes sigma_t = 1 - alpha_t (Ho et al.: sigma_t^2 = beta_t = 1 - alpha_t). 002's forward-process
+slide takes T = 2000 and beta_T = 0.01 (alpha_T = 1 - 1e-2); its "Comments" slide T = 1000 and beta_T = 0.02 (used).
+The loss is the mean over pixels of the squared error (the slide's norm / the pixel count); pixels in [-1, 1]
+(002, "Comments"); sampling uses an exponential moving average of the weights.
 """
 import copy, dataclasses, math, os, time
 
@@ -57,6 +42,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import common
+import metrics
 
 
 @dataclasses.dataclass
@@ -65,12 +51,10 @@ class Config(common.Config):
     steps: int = common.arg(5000, "training steps")
     batch_size: int = common.arg(64, "images per training step")
     lr: float = common.arg(1e-3, "Adam learning rate")
-    lr_schedule: str = common.arg("constant", "constant, or a 200-step linear warm-up then cosine decay to 0 over "
-                                  "--steps", ["constant", "cosine"])
     T: int = common.arg(1000, "number of diffusion steps")
     schedule: str = common.arg("cosine", "beta schedule: cosine (000 1.1) or linear (002's slide)",
                                ["linear", "cosine"])
-    ch: int = common.arg(16, "U-Net base channels, a multiple of 8 for GroupNorm (32 or 64 on a GPU)")
+    width: int = common.arg(16, "U-Net base channels, a multiple of 8 for GroupNorm")
     attn: bool = common.arg(False, "self-attention at the lowest resolution (7x7)")
     sampler: str = common.arg("ddpm", "sampler for samples.png and the metrics: ddpm (Algorithm 2's ancestral step) or "
                               "ddim", ["ddpm", "ddim"])
@@ -91,7 +75,7 @@ class Config(common.Config):
     compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
     bf16: bool = common.arg(False, "bf16 autocast for training (CUDA)")
     compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
-    MODEL_FLAGS = ("data", "T", "schedule", "ch", "attn", "param", "cond")
+    MODEL_FLAGS = ("data", "T", "schedule", "width", "attn", "param", "cond")
 
     def defaults(self, given):
         if "--sample-steps" not in given:
@@ -100,9 +84,8 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- schedule and forward process
 class Schedule:
-    """beta, alpha, alpha_bar as float64 tensors indexed by t = 0..T (index 0: alpha_bar = 1, beta = 0); float64
-    because 1 - alpha_bar_t / alpha_bar_s cancels badly in float32 at small t. sqrt_ab, sqrt_1m_ab: float32, on
-    the device. kind defaults to 002's linear slide; the CLI's --schedule defaults to 000 1.1's cosine."""
+    """beta, alpha, alpha_bar in float64 (1 - ab_t / ab_s cancels badly in float32 at small t), indexed by t = 0..T
+    (index 0: alpha_bar = 1, beta = 0); sqrt_ab, sqrt_1m_ab in float32 on the device. kind: linear (002) or cosine."""
     def __init__(self, T=1000, kind="linear", device="cpu"):
         if kind == "linear":
             beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -160,11 +143,11 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """28x28 -> 14 -> 7 and back, skip connections by concatenation (000 section 5), ResBlocks with GroupNorm,
     a sinusoidal time embedding (plus a class embedding with n_classes; index n_classes = the null token)."""
-    def __init__(self, ch=16, attn=False, n_classes=0, in_ch=1):
+    def __init__(self, width=16, attn=False, n_classes=0, in_ch=1):
         super().__init__()
-        c1, c2, e = ch, 2 * ch, 4 * ch
-        self.ch, self.n_classes = ch, n_classes
-        self.t_mlp = nn.Sequential(nn.Linear(ch, e), nn.SiLU(), nn.Linear(e, e))
+        c1, c2, e = width, 2 * width, 4 * width
+        self.width, self.n_classes = width, n_classes
+        self.t_mlp = nn.Sequential(nn.Linear(width, e), nn.SiLU(), nn.Linear(e, e))
         self.label = nn.Embedding(n_classes + 1, e) if n_classes else None
         self.inp = nn.Conv2d(in_ch, c1, 3, padding=1)
         self.down1, self.pool1 = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)       # 28 -> 14
@@ -177,7 +160,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, in_ch, 3, padding=1))
 
     def forward(self, x, t, y=None):
-        emb = self.t_mlp(time_embedding(t, self.ch))
+        emb = self.t_mlp(time_embedding(t, self.width))
         if self.label is not None:
             emb = emb + self.label(y if y is not None else torch.full_like(t, self.n_classes, dtype=torch.long))
         h0 = self.down1(self.inp(x), emb)                                 # (B, c1, 28, 28)
@@ -217,8 +200,7 @@ def diffusion_loss(model, sch, x0, y=None, p_uncond=0.1, param="eps"):
 def eps_from_prediction(sch, x, t, out, param="eps"):
     r"""eps_hat for the samplers from the network's output at time t, by x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps:
         x0:  eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab)
-        v:   eps_hat = sqrt(1 - ab) x_t + sqrt(ab) v_hat        (as ab + (1 - ab) = 1; also x0_hat = sqrt(ab) x_t
-             - sqrt(1 - ab) v_hat)."""
+        v:   eps_hat = sqrt(1 - ab) x_t + sqrt(ab) v_hat        (as ab + (1 - ab) = 1)."""
     if param == "eps":
         return out
     ab = float(sch.alpha_bar[t])
@@ -297,22 +279,7 @@ def save_forward(sch, x0, path):
     common.save_images((torch.stack(rows, 1).flatten(0, 1) + 1) / 2, path, nrow=len(ts))   # (n * 5, 1, 28, 28)
 
 
-def save_denoising(trajectory, path, T):
-    keep = [x for t, x in trajectory if t in {0, T // 50, T // 20, T // 10, T // 4, T // 2, 3 * T // 4}]
-    common.save_images((torch.cat(keep) + 1) / 2, path, nrow=len(keep))
-
-
 # ----------------------------------------------------------------------------- training
-def lr_factor(step, cfg, warmup=200):
-    """The learning rate at optimizer step `step` (0-based) over --lr: 1 (constant), or a linear warm-up over the
-    first `warmup` steps then a cosine to 0 at --steps (planned over --steps: a --resume to more steps re-plans it)."""
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, cfg.steps - warmup))))
-
-
 def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
     """Algorithm 1 for cfg.steps steps; state: a saved run to continue (--resume)."""
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
@@ -325,18 +292,22 @@ def train(model, ema, sch, cfg, x_train, y_train, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "ddpm", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # x_0 ~ data, pixels in [-1, 1] (and labels, with --cond)
             idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
-            x0 = (x_train[idx] * 2 - 1).to(device)                        # pixels to [-1, 1]
+            x0 = (x_train[idx] * 2 - 1).to(device)
             y = y_train[idx].to(device) if cfg.cond else None
+
+            # Algorithm 1's loss, one Adam step on the clipped gradient
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 loss = diffusion_loss(net, sch, x0, y, cfg.p_uncond, cfg.param)
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for group in opt.param_groups:                               # --lr-schedule (stateless: resumes as is)
-                group["lr"] = cfg.lr * lr_factor(step - 1, cfg)
             opt.step()
-            common.ema_update(ema, model, step, cfg.ema)                   # EMA, warmed up over the first steps
+
+            # the moving average of the weights (warmed up over the first steps), record, checkpoint
+            common.ema_update(ema, model, step, cfg.ema)
             history["loss"].append(loss.item())
             progress(step, loss.item())
             save(step, lambda: dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -353,7 +324,7 @@ def evaluate(ema, sch, cfg, device, sampler, steps):
     x = torch.cat([sample(ema, sch, len(b), cfg, device, b if y is not None else None, sampler, steps)
                    for b in (y if y is not None else torch.zeros(cfg.n_samples)).split(500)]).cpu()
     x = (x.clamp(-1, 1) + 1) / 2
-    m = common.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir,
+    m = metrics.image_metrics(x, cfg.data, labels=y.cpu() if y is not None else None, data_dir=cfg.data_dir,
                              out=cfg.out)
     calls = steps * (2 if cfg.cond and cfg.guidance else 1)
     return x, dict(m, network_calls=calls, sampling_seconds=round(time.time() - t0, 2)), y
@@ -362,22 +333,25 @@ def evaluate(ema, sch, cfg, device, sampler, steps):
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "ddpm", __doc__)
     state = common.load_run(cfg, "ddpm") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
-    common.check(cfg.T > 1 and cfg.n_samples > 1, "--T must be > 1 and --n-samples >= 2")
-    common.check(cfg.ch >= 8 and cfg.ch % 8 == 0,
-                 f"--ch must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.ch}")
-    common.check(cfg.grad_clip > 0, f"--grad-clip must be positive (a norm threshold), got {cfg.grad_clip}")
+    common.check(cfg.T > 1 and cfg.n_samples > 1 and cfg.grad_clip > 0, "--T must be > 1, --n-samples >= 2 and "
+                 "--grad-clip must be positive (a norm threshold)")
+    common.check(cfg.width >= 8 and cfg.width % 8 == 0,
+                 f"--width must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.width}")
     common.check(not cfg.compare or cfg.T >= 50, f"--compare runs 50-step samplers: it needs --T >= 50, got {cfg.T}")
     common.check(0 < cfg.sample_steps <= cfg.T, f"--sample-steps must be in 1..T={cfg.T}, got {cfg.sample_steps}")
     common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1,
                  "need --eta >= 0, 0 <= --p-uncond < 1, 0 <= --ema < 1")
     common.check(cfg.guidance == 0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
+    # the schedule, the data, the U-Net and its moving average
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     sch = Schedule(cfg.T, cfg.schedule, device)
     x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
-    model = UNet(cfg.ch, cfg.attn, 10 if cfg.cond else 0).to(device)
+    model = UNet(cfg.width, cfg.attn, 10 if cfg.cond else 0).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # train, or load the trained weights
     t0 = time.time()
     history = {}
     if state:
@@ -388,29 +362,37 @@ def main(argv=None):
     else:
         history = train(model, ema, sch, cfg, x_train, y_train, device, state)
     train_seconds = time.time() - t0
+
+    # samples by --sampler and their scores
     print(f"trained in {train_seconds:.0f}s; sampling {cfg.n_samples} with {cfg.sampler}-{cfg.sample_steps}")
-    x, metrics, y = evaluate(ema, sch, cfg, device, cfg.sampler, cfg.sample_steps)
+    x, scores, y = evaluate(ema, sch, cfg, device, cfg.sampler, cfg.sample_steps)
     common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=y[:100].cpu() if y is not None else None)
+
+    # pictures: the forward process, one chain of Algorithm 2 with all T steps, a row per guidance weight
     save_forward(sch, x_train[:4].to(device) * 2 - 1, os.path.join(cfg.out, "forward.png"))
     trajectory = []
-    y3 = torch.tensor([3], device=device) if cfg.cond else None         # one chain, Algorithm 2 with all T steps
+    y3 = torch.tensor([3], device=device) if cfg.cond else None
     sample(ema, sch, 1, cfg, device, y3, "ddpm", cfg.T, trajectory)
-    save_denoising(trajectory, os.path.join(cfg.out, "denoising.png"), cfg.T)
-    if cfg.cond:                                                         # one row per guidance weight
+    T = cfg.T
+    keep = [x for t, x in trajectory if t in {0, T // 50, T // 20, T // 10, T // 4, T // 2, 3 * T // 4}]
+    common.save_images((torch.cat(keep) + 1) / 2, os.path.join(cfg.out, "denoising.png"), nrow=len(keep))
+    if cfg.cond:
         rows = []
         for w in (0.0, 1.0, 2.0, 4.0):
             g = dataclasses.replace(cfg, guidance=w)
             rows.append(sample(ema, sch, 10, g, device, torch.arange(10, device=device)).cpu())
         common.save_images((torch.cat(rows).clamp(-1, 1) + 1) / 2, os.path.join(cfg.out, "guidance.png"))
+
+    # --compare: the other samplers on the same weights
     if cfg.compare:
         table = {}
         for name, sampler, steps in (("ddpm-1000", "ddpm", cfg.T), ("ddim-50", "ddim", 50), ("ddim-10", "ddim", 10),
                                      ("ancestral-50-skipped", "ddpm", 50)):
             table[name] = evaluate(ema, sch, cfg, device, sampler, steps)[1]
             print(name, table[name])
-        metrics["compare"] = table
-    metrics["train_seconds"] = round(train_seconds, 2)
-    return common.finish(cfg, metrics, t0, device, samples=x, history=history)
+        scores["compare"] = table
+    scores["train_seconds"] = round(train_seconds, 2)
+    return common.finish(cfg, scores, t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,16 @@ r"""gan.py - the adversarial game of Goodfellow et al. (2014), its optimal discr
 Lectures: 002 "GANs - Adversarial training as binary classification", "GAN equilibrium analysis" (D*, JSD),
 "Objective functions - Least Square GANS"; 004 "How to build the discriminator and generator" (DCGAN rules),
 "Downside of traditional GAN's" (vanishing gradients); 000 section 6.1 (the k-step loop).
-Run: `python gan.py` (ring8, ~1 CPU minute), `python gan.py --data grid25`, `python gan.py --data digits`,
-`python gan.py --demo divergences` (no GAN: which Gaussian each divergence prefers, seconds),
-`python gan.py --g-steps 10 --steps 1000` (mode collapse on purpose, below).
+Run: `python gan.py` (ring8), `python gan.py --data grid25`, `python gan.py --data digits`, `python gan.py --loss
+lsgan`, `python gan.py --g-steps 10 --steps 1000` (mode collapse on purpose, below). Which Gaussian each divergence
+prefers (003): divergences.py.
 
     value       V(D, G) = E_x log D(x) + E_z log(1 - D(G(z)))                  (002, "Loss function")
     D step      maximize V: k steps of binary cross-entropy, real -> 1, fake -> 0   (000 6.1, k = --k)
     G step      saturating:     minimize E_z log(1 - D(G(z)))                    (the minimax as written)
                 nonsaturating:  minimize -E_z log D(G(z))    (002, "Equilibrium analysis ... Note"; default)
-    LSGAN       L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2,  L(G) = E (D(G(z)) - c)^2,  a=0, b=c=1 (Mao et al.)
+    LSGAN       L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2,  L(G) = E (D(G(z)) - c)^2,  a = 0, b = c = 1
+                (002 "Least Square GANS", after Mao et al. without their factors 1/2: the same minimizers)
     optimum     D*(x) = p_data / (p_data + p_g),  V(D*, G) = -log 4 + 2 JSD(p_data, p_g)      (002, proof)
 Mode collapse on purpose: 004 ("Mode collapse or mode dropping") says that G trained in the inner loop places all
 its mass on the points D finds most likely. --g-steps 10 gives G ten steps per round (against one D step at k = 1):
@@ -19,12 +20,6 @@ the whole cloud shrinks to a short streak that chases D's maximum around the pla
 D works on logits l (D = sigmoid(l)) for stability: log D = -softplus(-l), log(1 - D) = -softplus(l).
 Slip in 004's Algorithm 1 (line 9): it says G is updated by "ascending" the gradient of log(1 - D(G(z))). G
 *minimizes* that term (it is the player who lowers V), so the code descends it; ascending would help D.
---demo divergences (003 "The Problem: Asymmetry" to "Summary of the Terror", 004 "KL", 002 "D_KL is asymmetric"):
-fit q = N(mu, sigma^2) to a two-mode mixture p by minimizing KL(p || q), KL(q || p) or JSD(p, q), computed by
-quadrature on a grid, with Adam on (mu, log sigma). KL(p || q) covers both modes (its optimum matches p's mean
-and variance); KL(q || p) sits on one. Beware: 003's first lines on asymmetry (l.78-97) label KL(P || Q) "mode
-seeking" and KL(Q || P) "mode collapsing"; its own sections 2 and 3 then say it right: KL(P || Q) is covering
-(mean-seeking), KL(Q || P) picking (mode-seeking).
 2-D data use MLPs; images use DCGAN nets (strided convolutions, BatchNorm except the G output and the D input,
 ReLU in G, LeakyReLU(0.2) in D, tanh output; pixels mapped to [-1, 1]). Adam(2e-4, betas (0.5, 0.999)).
 """
@@ -36,6 +31,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import common
+import metrics
 
 
 @dataclasses.dataclass
@@ -50,11 +46,9 @@ class Config(common.Config):
     g_loss: str = common.arg("nonsaturating", "generator loss of the GAN value", ["nonsaturating", "saturating"])
     loss: str = common.arg("gan", "gan: the minimax value; lsgan: least squares (a=0, b=c=1)", ["gan", "lsgan"])
     z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
-    hidden: int = common.arg(256, "hidden units of the 2-D MLPs")
+    width: int = common.arg(256, "hidden units of the 2-D MLPs")
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
-    demo: str = common.arg("none", "divergences: fit one Gaussian to two modes by KL(p||q), KL(q||p), JSD (no GAN)",
-                           ["none", "divergences"])
-    MODEL_FLAGS = ("data", "z_dim", "hidden", "loss")
+    MODEL_FLAGS = ("data", "z_dim", "width", "loss")
 
     def defaults(self, given):                                           # image data: DCGAN steps fit the CPU
         if self.data in common.IMAGE_DATA:
@@ -73,9 +67,9 @@ def batch_sampler(cfg, gen):
 
 
 # ----------------------------------------------------------------------------- models
-def mlp(d_in, hidden, d_out):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+def mlp(d_in, width, d_out):
+    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d_out))
 
 
 def dcgan_generator(z_dim):
@@ -96,7 +90,7 @@ def make_nets(cfg, batchnorm=True):
     """(generator, discriminator or critic, z_dim) for the dataset: MLPs for 2-D, DCGAN nets for images."""
     if cfg.data in common.POINT_DATA:
         z_dim = cfg.z_dim or 8
-        return mlp(z_dim, cfg.hidden, 2), mlp(2, cfg.hidden, 1), z_dim
+        return mlp(z_dim, cfg.width, 2), mlp(2, cfg.width, 1), z_dim
     z_dim = cfg.z_dim or 64
     return dcgan_generator(z_dim), dcgan_discriminator(batchnorm), z_dim
 
@@ -177,20 +171,26 @@ def train(cfg, G, D, z_dim, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "gan", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):
-            for _ in range(cfg.k):                                       # k discriminator steps (Algorithm 1)
+
+            # k discriminator steps: maximize V, i.e. minimize D's loss (Algorithm 1, 000 6.1)
+            for _ in range(cfg.k):
                 x = real().to(device)
                 z = torch.randn(cfg.batch_size, z_dim, device=device)
                 loss_d = loss_of_d(D(x), D(G(z).detach()))
                 opt_d.zero_grad()
                 loss_d.backward()
                 opt_d.step()
-            D.requires_grad_(False)                                      # G's steps: grads pass through D, not into it
-            for _ in range(cfg.g_steps):                                 # generator steps (Algorithm 1: one)
+
+            # generator steps (Algorithm 1: one), descending G's loss; grads pass through D, not into it
+            D.requires_grad_(False)
+            for _ in range(cfg.g_steps):
                 loss_g = loss_of_g(D(G(torch.randn(cfg.batch_size, z_dim, device=device))))
                 opt_g.zero_grad()
                 loss_g.backward()                                        # descends: see the docstring's note
                 opt_g.step()
             D.requires_grad_(True)
+
+            # record; for the pictures (2-D data): D's surface and G's samples at a few steps; checkpoint
             history["D loss"].append(loss_d.item())
             history["G loss"].append(loss_g.item())
             progress(step, loss_d.item() + loss_g.item())
@@ -207,91 +207,21 @@ def train(cfg, G, D, z_dim, device, state=None):
     return history
 
 
-# ----------------------------------------------------------------------------- --demo divergences
-def mixture_log_density(x, means, std, weights):
-    """log p(x) of the 1-D mixture p = sum_k w_k N(mu_k, std^2), by log-sum-exp."""
-    log_n = -0.5 * ((x[:, None] - means) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))   # (N, K)
-    return torch.logsumexp(log_n + weights.log(), 1)
-
-
-def divergence(name, log_p, log_q, dx):
-    r"""A divergence between densities given by their logs on a grid of spacing dx (a Riemann sum):
-        kl_pq:  KL(p || q) = int p log(p / q)          (004, eq. 1)
-        kl_qp:  KL(q || p) = int q log(q / p)
-        jsd:    JSD = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2   (004, eq. 2)"""
-    p = log_p.exp()
-    q = log_q.exp()
-    if name == "kl_pq":
-        return (p * (log_p - log_q)).sum() * dx
-    if name == "kl_qp":
-        return (q * (log_q - log_p)).sum() * dx
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
-    return 0.5 * ((p * (log_p - log_m)).sum() + (q * (log_q - log_m)).sum()) * dx
-
-
-def fit_gaussian(name, x, log_p, mu0, steps=1500, lr=0.05):
-    """(mu, sigma, divergence) of q = N(mu, sigma^2) minimizing the divergence to p, by Adam on (mu, log sigma)
-    from (mu0, 1): a local optimum."""
-    mu = torch.tensor(mu0, dtype=x.dtype, requires_grad=True)
-    log_sigma = torch.tensor(0.0, dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.Adam([mu, log_sigma], lr)
-    dx = float(x[1] - x[0])
-    log_q = lambda: -0.5 * ((x - mu) / log_sigma.exp()) ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)   # log N
-    for _ in range(steps):
-        loss = divergence(name, log_p, log_q(), dx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():                                                # the divergence at the returned (mu, sigma)
-        return mu.item(), log_sigma.exp().item(), divergence(name, log_p, log_q(), dx).item()
-
-
-def divergences_demo(cfg):
-    """p = 0.4 N(-2.5, 0.6^2) + 0.6 N(2.5, 0.6^2); one Gaussian fitted by each divergence from three starts
-    (mu0 = -2, 0.5, 2); the best of the three is drawn in divergences.png, all three are in metrics.json."""
-    t0 = time.time()
-    os.makedirs(cfg.out, exist_ok=True)
-    x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
-    means = torch.tensor([-2.5, 2.5], dtype=torch.float64)
-    weights = torch.tensor([0.4, 0.6], dtype=torch.float64)
-    log_p = mixture_log_density(x, means, 0.6, weights)
-    mean = float((weights * means).sum())                                # p's moments: what KL(p || q) matches
-    var = 0.6 ** 2 + float((weights * (means - mean) ** 2).sum())
-    metrics = {"p_mean": mean, "p_std": math.sqrt(var)}
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    ax.fill_between(x.numpy(), log_p.exp().numpy(), color="0.85", label="p (two modes)")
-    density = lambda mu, sigma: torch.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    for name, label, style in (("kl_pq", "KL(p||q): covers", "-"), ("kl_qp", "KL(q||p): picks a mode", "-"),
-                               ("jsd", "JSD(p, q), best of 3 starts", "--")):
-        fits = [fit_gaussian(name, x, log_p, mu0) for mu0 in (-2.0, 0.5, 2.0)]
-        mu, sigma, value = min(fits, key=lambda f: f[2])
-        metrics[name] = {"mu": mu, "sigma": sigma, "divergence": value, "from_mu0_-2_0.5_2": fits}
-        ax.plot(x.numpy(), density(mu, sigma).numpy(), style, lw=1.5, label=f"{label}: mu {mu:.2f}, sigma {sigma:.2f}")
-    mu, sigma, value = metrics["jsd"]["from_mu0_-2_0.5_2"][1]            # JSD's other local optimum
-    ax.plot(x.numpy(), density(mu, sigma).numpy(), ":", lw=1.5, label=f"JSD from mu0 = 0.5: mu {mu:.2f}, sigma "
-            f"{sigma:.2f} (JSD {value:.3f} vs {metrics['jsd']['divergence']:.3f})")
-    ax.set(xlim=(-7, 7), xlabel="x", title="one Gaussian q fitted to p by three divergences")
-    ax.legend(fontsize=8)
-    fig.savefig(os.path.join(cfg.out, "divergences.png"), dpi=100, bbox_inches="tight")
-    return common.finish(dataclasses.replace(cfg, steps=0), metrics, t0, "cpu")   # nothing trained
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "gan", __doc__)
-    common.check(cfg.k > 0 and cfg.g_steps > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
-                 "--k, --g-steps and --hidden must be positive, --z-dim non-negative, --n-samples at least 2")
-    common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume),
-                 "--demo writes no checkpoint: drop --sample-only and --resume")
-    if cfg.demo == "divergences":
-        return divergences_demo(cfg)
+    common.check(cfg.k > 0 and cfg.g_steps > 0 and cfg.width > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
+                 "--k, --g-steps and --width must be positive, --z-dim non-negative, --n-samples at least 2")
     state = common.load_run(cfg, "gan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
+
+    # the two networks
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     G, D, z_dim = make_nets(cfg)
     G = G.to(device)
     D = D.to(device)
+
+    # train, or load the trained networks
     t0 = time.time()
     history = {}
     if state:
@@ -301,23 +231,27 @@ def main(argv=None):
         common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
         history = train(cfg, G, D, z_dim, device, state)
+
+    # D on real and generated data: the equilibrium says D = 1/2 on both
     D.eval()
-    with torch.no_grad():                                                # the equilibrium says D = 1/2 on both
+    with torch.no_grad():
         x = batch_sampler(cfg, torch.Generator().manual_seed(cfg.seed))().to(device)
         l_real = D(x)
         l_fake = D(G.eval()(torch.randn(len(x), z_dim, device=device)))
     squash = torch.sigmoid if cfg.loss == "gan" else (lambda l: l)
+
+    # samples and their scores
     x = sample(G, cfg.n_samples, z_dim, device)
     if cfg.data in common.POINT_DATA:
-        metrics = common.point_metrics(x, cfg.data)
+        scores = metrics.point_metrics(x, cfg.data)
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
-                           title=", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+                           title=", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
     else:
         x = (x + 1) / 2                                                  # back to [0, 1]
-        metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
+        scores = metrics.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
-    metrics.update(D_real=float(squash(l_real).mean()), D_fake=float(squash(l_fake).mean()))
-    return common.finish(cfg, metrics, t0, device, samples=x, history=history)
+    scores.update(D_real=float(squash(l_real).mean()), D_fake=float(squash(l_fake).mean()))
+    return common.finish(cfg, scores, t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

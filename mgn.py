@@ -2,7 +2,7 @@ r"""mgn.py - monotone gradient networks (Chaudhari, Pranav & Moura 2023, 2025): 
 convex by construction, used to learn gradients of convex functions and optimal transport (Brenier) maps.
 
 Lecture: 001 "Final project - Learning Gradients of Convex Functions with Monotone Gradient Networks": its
-experiments 1, 2, 3 and 5 are the --task values (its numbers are in the README next to ours); experiment 4,
+experiments 1, 2, 3 and 5 are the --task values (docs/mgn.md sets its numbers beside ours); experiment 4,
 colorization of CIFAR-10 (grey -> RGB), is not implemented. 000 Part B section 2 (optimal transport).
 Run: `python mgn.py --task gradient|ot-gaussian|ot-banana|generate|recolor [--net cmgn|mmgn]`.
 
@@ -23,11 +23,9 @@ T#mu = nu, so T = scale * g((x - m_x) / s_x) + m_y is trained to minimise the de
 S_eps(T#mu_n, nu_n) between minibatches (written below, log-domain; sinkhorn.py has the full solver). The fixed
 scalars s_x, scale > 0 (the pooled per-coordinate stds sqrt(mean_j Var x_j) of source and target) and shifts
 (their per-coordinate means) keep the Jacobian (scale / s_x) J_g symmetric PSD: T stays monotone.
-Protocol differences from 001: every metric is on held-out samples (001's table does not say), W_2 is exact
-(assignment on 1000 points), and 001's "Wasserstein" is taken as the mean over coordinates of the 1-D W_1
-(`coord_w1`); each metric's value for two independent samples of the target itself (`*_floor`) is reported too.
-coord_w1 <= W_1 <= W_2 (projecting onto a coordinate cannot increase W_1), so beside 001's numbers it flatters
-us: the 2-D `w2` is the honest comparison, and it leads the README's table.
+Protocol differences from 001: every metric is on held-out samples, W_2 is exact (assignment on 1000 points),
+001's "Wasserstein" is read as the mean over coordinates of the 1-D W_1 (`coord_w1` <= W_1 <= W_2: it flatters;
+`w2` is the honest comparison); `*_floor`: each metric between two samples of the target itself.
 """
 import dataclasses, math, os, time
 
@@ -37,12 +35,15 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 
 import common
+import metrics
 
 TASKS = ("gradient", "ot-gaussian", "ot-banana", "generate", "recolor")
-# task -> steps, batch, lr, hidden h, layers L / modules K, eps (in standardised units)
-TASK_DEFAULTS = {"gradient": (20000, 1024, 1e-2, 32, 3, 0.01), "ot-gaussian": (2000, 512, 3e-3, 16, 3, 0.05),
-                 "ot-banana": (1000, 512, 3e-3, 32, 4, 0.1), "generate": (1500, 128, 1e-3, 256, 10, 100.0),
-                 "recolor": (600, 512, 3e-3, 16, 3, 0.1)}
+TASK_DEFAULTS = {  # width h, layers L (C-MGN) or modules K (M-MGN), eps in standardised units
+    "gradient": dict(steps=20000, batch_size=1024, lr=1e-2, width=32, depth=3, eps=0.01),
+    "ot-gaussian": dict(steps=2000, batch_size=512, lr=3e-3, width=16, depth=3, eps=0.05),
+    "ot-banana": dict(steps=1000, batch_size=512, lr=3e-3, width=32, depth=4, eps=0.1),
+    "generate": dict(steps=1500, batch_size=128, lr=1e-3, width=256, depth=10, eps=100.0),
+    "recolor": dict(steps=600, batch_size=512, lr=3e-3, width=16, depth=3, eps=0.1)}
 
 
 @dataclasses.dataclass
@@ -53,22 +54,17 @@ class Config(common.Config):
     steps: int = common.arg(0, "Adam steps (0: the task's default, see TASK_DEFAULTS)")
     batch_size: int = common.arg(0, "points per step and per side (0: the task's default)")
     lr: float = common.arg(0.0, "Adam learning rate, cosine-decayed to 0 (0: the task's default)")
-    hidden: int = common.arg(0, "width h of W (C-MGN) or of each W_k (M-MGN) (0: the task's default)")
+    width: int = common.arg(0, "width h of W (C-MGN) or of each W_k (M-MGN) (0: the task's default)")
     depth: int = common.arg(0, "layers L (C-MGN) or modules K (M-MGN) (0: the task's default)")
     eps: float = common.arg(0.0, "Sinkhorn epsilon in standardised units, cost |x - y|^2 (0: the task's default)")
-    n_test: int = common.arg(10000, "held-out points for the metrics (recolor: n_test / 5 pixels for each S_eps)")
-    MODEL_FLAGS = ("task", "net", "hidden", "depth")
+    n_eval: int = common.arg(10000, "held-out points for the metrics (recolor: n_eval / 5 pixels for each S_eps)")
+    MODEL_FLAGS = ("task", "net", "width", "depth")
     source: str = common.arg("", "recolor: source image (default matplotlib's grace_hopper.jpg)")
     target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
 
     def defaults(self, given):
-        steps, batch, lr, hidden, depth, eps = TASK_DEFAULTS[self.task]
-        self.steps = self.steps or steps
-        self.batch_size = self.batch_size or batch
-        self.lr = self.lr or lr
-        self.hidden = self.hidden or hidden
-        self.depth = self.depth or depth
-        self.eps = self.eps or eps
+        for name, value in TASK_DEFAULTS[self.task].items():            # 0: the task's default
+            setattr(self, name, getattr(self, name) or value)
         self.net = self.net if "--net" in given or self.task != "generate" else "cmgn"
 
 
@@ -173,21 +169,14 @@ class Transport(nn.Module):
         return self.scale * self.g((x - self.m_x) / self.s_x) + self.m_y
 
 
-def make_net(cfg, d):
-    return (CMGN if cfg.net == "cmgn" else MMGN)(d, cfg.hidden, cfg.depth)
-
-
 # ----------------------------------------------------------------------------- losses
 def sinkhorn_potentials(C, eps, tol=1e-3, max_iter=2000, tau=30.0):
     r"""Log-domain Sinkhorn between uniform weights a = 1/n, b = 1/m and cost C (n, m) (000, "Sinkhorn Algorithm"):
         f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps),   g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps),
-        P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps).
-    Each log-sum is a matrix-vector product with the kernel at reference potentials f0, g0,
-        sum_j b_j exp((g_j - C_ij)/eps) = exp(-f0_i/eps) sum_j K_ij b_j exp((g_j - g0_j)/eps),
-        K_ij = exp((f0_i + g0_j - C_ij)/eps),
-    and K is rebuilt when f or g drift by more than tau eps (no overflow). eps-scaling: eps_k = max C / 2^k down
-    to eps, each warm-started; a level stops when the L1 error of P's column sums, b_j exp((g_j - g_new_j)/eps) - b_j,
-    is below tol. Returns f, g and P at eps."""
+        P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps),
+    each log-sum a product with the kernel K_ij = exp((f0_i + g0_j - C_ij)/eps) at reference potentials, rebuilt
+    when f or g drift by tau eps; eps-scaling from max C down to eps, each level stopped when the L1 error of P's
+    column sums is below tol. Returns f, g and P at eps."""
     a = torch.full((C.shape[0],), 1.0 / C.shape[0], dtype=C.dtype, device=C.device)
     b = torch.full((C.shape[1],), 1.0 / C.shape[1], dtype=C.dtype, device=C.device)
     f = torch.zeros_like(a)
@@ -236,7 +225,7 @@ def sinkhorn_loss(Tx, y, T, eps):
 # ----------------------------------------------------------------------------- training
 def task_data(cfg):
     """(x sampler, y sampler or None, held-out x, held-out y) for the task; samplers: gen -> a batch."""
-    gen_test, n, b = torch.Generator().manual_seed(cfg.seed + 1000), cfg.n_test, cfg.batch_size
+    gen_test, n, b = torch.Generator().manual_seed(cfg.seed + 1000), cfg.n_eval, cfg.batch_size
     if cfg.task == "gradient":                                           # regression on [0,1]^2
         return (lambda gen: torch.rand(b, 2, generator=gen)), None, torch.rand(n, 2, generator=gen_test), None
     if cfg.task in ("ot-gaussian", "ot-banana"):
@@ -265,11 +254,15 @@ def train(cfg, T, sample_x, sample_y, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "mgn", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # the loss: MSE to grad f (gradient), or S_eps(T#mu_n, nu_n) between minibatches (transport)
             x = sample_x(gen).to(device)
             if sample_y is None:
-                loss = (T(x) - grad_f(x)).pow(2).mean()                  # MSE to grad f
+                loss = (T(x) - grad_f(x)).pow(2).mean()
             else:
-                loss = sinkhorn_loss(T(x), sample_y(gen).to(device), T, cfg.eps)   # S_eps(T#mu_n, nu_n)
+                loss = sinkhorn_loss(T(x), sample_y(gen).to(device), T, cfg.eps)
+
+            # one Adam step, the cosine schedule, record, checkpoint
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -296,8 +289,8 @@ def ot_metrics(cfg, T, x, y):
     with torch.no_grad():
         Tx = T(x)
     y2 = ot_samplers(cfg.task)[1](len(x), torch.Generator().manual_seed(cfg.seed + 2000))   # fresh target
-    out = {"w2": common.w_exact(Tx[:1000], y[:1000]), "w2_floor": common.w_exact(y2[:1000], y[:1000]),
-           "coord_w1": float(common.w1_sorted(Tx, y).mean()), "coord_w1_floor": float(common.w1_sorted(y2, y).mean())}
+    out = {"w2": metrics.w_exact(Tx[:1000], y[:1000]), "w2_floor": metrics.w_exact(y2[:1000], y[:1000]),
+           "coord_w1": float(metrics.w1_sorted(Tx, y).mean()), "coord_w1_floor": float(metrics.w1_sorted(y2, y).mean())}
     if cfg.task == "ot-gaussian":
         A, c = gaussian_map(*GAUSS)
         out["map_error"] = float((Tx - (x @ A.T + c)).norm(dim=1).mean())   # mean |T_theta(x) - T(x)|
@@ -321,11 +314,10 @@ def ot_metrics(cfg, T, x, y):
 
 
 def gradient_metrics(cfg, T, x):
-    with torch.no_grad():
-        err = T(x) - grad_f(x)
     g = torch.linspace(0, 1, 100)
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)   # (100*100, 2)
     with torch.no_grad():
+        err = T(x) - grad_f(x)
         e = (T(grid) - grad_f(grid)).norm(dim=1).view(100, 100)
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
@@ -340,38 +332,41 @@ def recolor_metrics(cfg, T, x, target):
     with torch.no_grad():
         out = torch.cat([T(c) for c in xs.split(65536)]).clamp(0, 1)
     gen = torch.Generator().manual_seed(cfg.seed + 3000)
-    pick = lambda z: z[torch.randint(len(z), (cfg.n_test // 5,), generator=gen)]   # 2000 pixels by default
+    pick = lambda z: z[torch.randint(len(z), (cfg.n_eval // 5,), generator=gen)]   # 2000 pixels by default
     xt, yt, ot = pick(xs), pick(y), pick(out)
-    metrics = {"monotone_violations": monotone_violations(T, xs[::7]),
-               "S_eps_before": float(sinkhorn_divergence(xt.double(), yt.double(), 0.01, tol=1e-4)),
-               "S_eps_after": float(sinkhorn_divergence(ot.double(), yt.double(), 0.01, tol=1e-4))}
+    scores = {"monotone_violations": monotone_violations(T, xs[::7]),
+              "S_eps_before": float(sinkhorn_divergence(xt.double(), yt.double(), 0.01, tol=1e-4)),
+              "S_eps_after": float(sinkhorn_divergence(ot.double(), yt.double(), 0.01, tol=1e-4))}
     fig = Figure(figsize=(16, 8))
-    for i, (im, title) in enumerate(((x, "source"), (y_image, "target"), (out.view(x.shape), "result"))):
+    for i, (c, title) in enumerate(((xt, "source"), (yt, "target"), (ot, "result"))):
         ax = fig.add_subplot(2, 3, i + 1)
-        ax.imshow(im.numpy())
-        ax.axis("off")
-        ax.set_title(title)
-    for i, (c, title) in enumerate(((xt, "source colours"), (yt, "target colours"), (ot, "result colours"))):
+        ax.imshow((x, y_image, out.view(x.shape))[i].numpy())
+        ax.set(title=title, xticks=[], yticks=[])
         ax = fig.add_subplot(2, 3, 4 + i, projection="3d")
-        ax.scatter(*c.numpy().T, c=c.numpy(), s=2)
-        ax.set(title=title, xlabel="R", ylabel="G", zlabel="B", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1))
+        ax.scatter(*c.numpy().T, c=c.numpy(), s=2)                       # its colours as points in RGB
+        ax.set(xlabel="R", ylabel="G", zlabel="B", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1))
     fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=80, bbox_inches="tight")
-    return out.view(x.shape), metrics
+    return out.view(x.shape), scores
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "mgn", __doc__)
-    common.check(cfg.hidden > 0 and cfg.depth > 0 and cfg.eps > 0 and cfg.n_test >= 200,
-                 "--hidden, --depth and --eps must be positive and --n-test at least 200")
+    common.check(cfg.width > 0 and cfg.depth > 0 and cfg.eps > 0 and cfg.n_eval >= 200,
+                 "--width, --depth and --eps must be positive and --n-eval at least 200")
     state = common.load_run(cfg, "mgn") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
+
+    # the task's data and the map T (its fixed scalings from 8 batches)
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     sample_x, sample_y, x_test, y_test = task_data(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
-    x0 = torch.cat([sample_x(gen) for _ in range(8)])                   # for the fixed scalings of T
+    x0 = torch.cat([sample_x(gen) for _ in range(8)])
     y0 = torch.cat([sample_y(gen) for _ in range(8)]) if sample_y else None
-    T = Transport(make_net(cfg, x0.shape[1]), *((x0, y0) if sample_y else ()))   # gradient: plain regression
+    g = (CMGN if cfg.net == "cmgn" else MMGN)(x0.shape[1], cfg.width, cfg.depth)
+    T = Transport(g, *((x0, y0) if sample_y else ()))                   # gradient: plain regression
+
+    # train, or load the trained map
     t0 = time.time()
     history = []
     if state:
@@ -380,23 +375,24 @@ def main(argv=None):
         common.restore_rng(cfg, state)                                   # the training run's own evaluation
     else:
         history = train(cfg, T.to(device), sample_x, sample_y, device, state)
-    T = T.cpu().eval()                                                  # evaluation on the CPU
+
+    # the task's metrics and picture, on the CPU
+    T = T.cpu().eval()
     if cfg.task == "gradient":
-        result, metrics = gradient_metrics(cfg, T, x_test)
+        result, scores = gradient_metrics(cfg, T, x_test)
     elif cfg.task == "generate":
         with torch.no_grad():
             result = torch.cat([T(z) for z in x_test.split(1000)]).clamp(0, 1).view(-1, 1, 28, 28)
-        metrics = common.image_metrics(result, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
+        scores = metrics.image_metrics(result, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
         common.save_images(result[:100], os.path.join(cfg.out, "samples.png"))
     elif cfg.task == "recolor":
-        result, metrics = recolor_metrics(cfg, T, x_test, y_test)
+        result, scores = recolor_metrics(cfg, T, x_test, y_test)
     else:
-        result, metrics = ot_metrics(cfg, T, x_test, y_test)
+        result, scores = ot_metrics(cfg, T, x_test, y_test)
     if cfg.task != "recolor":
-        metrics["monotone_violations"] = monotone_violations(T, x_test)
-    metrics["parameters"] = sum(p.numel() for p in T.parameters())
-    print(cfg.task, cfg.net)
-    return common.finish(cfg, metrics, t0, device, samples=result,
+        scores["monotone_violations"] = monotone_violations(T, x_test)
+    scores["parameters"] = sum(p.numel() for p in T.parameters())
+    return common.finish(cfg, scores, t0, device, samples=result,
                          history={"loss": history} if history else None, logy=True)
 
 

@@ -16,9 +16,9 @@ moved when the potentials drift by tau*eps: logsumexp's numbers at a matrix-vect
 eps-scaling solves eps_0 > eps_0/2 > ... > eps, each warm-started from the last.
 
 Also here: the debiased Sinkhorn divergence S_eps, 1-D W_p by sorting and sliced Wasserstein (004, 000); the
-exact assignment solver (auction) that serves as ground truth is common.assignment. Three demos:
+exact assignment solver (auction) that serves as ground truth is metrics.assignment. W against KL and JSD
+(000 2.3): divergences.py. Two demos:
     python sinkhorn.py                    # --demo plan: plan, convergence, OT_eps -> exact as eps -> 0
-    python sinkhorn.py --demo kl-vs-w     # KL blows up, JSD saturates, W tracks the distance
     python sinkhorn.py --demo color       # colour transfer of a photograph (matplotlib's grace_hopper.jpg)
 """
 import dataclasses, math, os, time, warnings
@@ -28,11 +28,12 @@ import torch
 from matplotlib.figure import Figure
 
 import common
+import metrics
 
 @dataclasses.dataclass
 class Config(common.Config):
-    NOT_FLAGS = ("device", "data_dir", "lr", "sample_only")              # nothing is trained or loaded here
-    demo: str = common.arg("plan", "which demo to run", ["plan", "kl-vs-w", "color"])
+    NOT_FLAGS = ("device", "data_dir", "lr", "sample_only", "resume")    # nothing is trained or loaded here
+    demo: str = common.arg("plan", "which demo to run", ["plan", "color"])
     data: str = common.arg("moons", "target cloud of the plan demo (the source is N(0, I))", common.POINT_DATA)
     steps: int = common.arg(10000, "maximum Sinkhorn iterations")
     batch_size: int = common.arg(300, "points per cloud (plan demo) or sampled pixels per image (color demo)")
@@ -204,7 +205,7 @@ def demo_plan(cfg, out):
     C = torch.cdist(x, y) ** 2
     w = torch.full((n,), 1.0 / n, dtype=torch.float64)
     t0 = time.time()
-    exact = float(C[torch.arange(n), common.assignment(C)].mean())     # W_2^2, exact (ground truth)
+    exact = float(C[torch.arange(n), metrics.assignment(C)].mean())     # W_2^2, exact (ground truth)
     t_exact = time.time() - t0
     epsilons = parse_eps(cfg.eps)
     runs = {}
@@ -237,30 +238,6 @@ def demo_plan(cfg, out):
     entropic = {f"{e:g}": as_json(r) for e, r in runs.items()}
     return {"exact_cost": exact, "exact_seconds": t_exact, "entropic": entropic,
             "relative_gap_smallest_eps": float(small["cost"]) / exact - 1}
-
-def demo_kl_vs_w(cfg, out):
-    r"""000 section 2.3: mu = N(0, 0.01) vs nu = N(d, 0.01). KL = d^2 / (2 sigma^2) (closed form) blows up,
-    JSD (numerical integration) saturates at log 2, W_1 = W_2 = d (closed form; also W_1 from samples by sorting)."""
-    s, ds = 0.1, torch.linspace(0, 10, 41, dtype=torch.float64)
-    grid = torch.linspace(-1, 11, 120001, dtype=torch.float64)
-    pdf = lambda m: torch.exp(-(grid - m) ** 2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
-    p, q = pdf(0.0).expand(len(ds), -1), pdf(ds[:, None])                # (41, G): mu, and nu for each d
-    m = (p + q) / 2                                                      # the mixture of the JSD
-    term = lambda r: torch.where(r > 0, r * torch.log(r / m), torch.zeros_like(r))       # 0 log 0 = 0
-    jsd = (0.5 * torch.trapezoid(term(p), grid) + 0.5 * torch.trapezoid(term(q), grid)).tolist()
-    z = s * torch.randn(2, 20000, 1, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
-    w_samples = w1d(z[0].expand(-1, len(ds)), z[1] + ds).tolist()      # one column per d
-    fig = Figure(figsize=(12, 3.5))
-    names = ("KL(mu | nu)", "JSD(mu, nu)", "W_1(mu, nu)")
-    for ax, vals, name in zip(fig.subplots(1, 3), (ds ** 2 / (2 * s * s), jsd, w_samples), names):
-        ax.plot(ds, vals, lw=2)
-        ax.set(xlabel="distance d between the means", title=name)
-    fig.axes[1].axhline(math.log(2), c="k", ls="--", label="log 2")
-    fig.axes[1].legend()
-    fig.axes[2].plot(ds, ds, "k--", label="d (exact)")
-    fig.axes[2].legend()
-    fig.savefig(os.path.join(out, "samples.png"), dpi=100, bbox_inches="tight")
-    return {"d": ds.tolist(), "kl": (ds ** 2 / (2 * s * s)).tolist(), "jsd": jsd, "w1_sorting": w_samples}
 
 def demo_color(cfg, out):
     r"""Colour transfer: OT between n sampled source and target pixel colours (cost |x - y|^2 in RGB [0,1]^3,
@@ -298,8 +275,8 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
-    metrics = {"plan": demo_plan, "kl-vs-w": demo_kl_vs_w, "color": demo_color}[cfg.demo](cfg, cfg.out)
-    return common.finish(cfg, dict(metrics, demo=cfg.demo), t0, "cpu")
+    scores = {"plan": demo_plan, "color": demo_color}[cfg.demo](cfg, cfg.out)
+    return common.finish(cfg, dict(scores, demo=cfg.demo), t0, "cpu")
 
 if __name__ == "__main__":
     common.run(main)

@@ -2,8 +2,7 @@ r"""stylegan_lite.py - a small style-based generator (Karras et al. 2019) with e
 
 Lectures: 002 "Style Gan": "Preliminary: Adaptive Instance Normalization (AdaIN)", "Architecture of Style Gan"
 (mapping network, affine transforms A, noise inputs B), "Global architecture of StyleGAN"; 000 section 6.3.
-Run: `python stylegan_lite.py` (digits at 28x28, 7.5 to 11 minutes on 2 CPU cores),
-`--data mnist10k --data-dir ../shared/data/mnist`.
+Run: `python stylegan_lite.py` (digits at 28x28), `--data mnist10k --data-dir ../shared/data/mnist`.
 
     AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y)   per sample and channel; (sigma(y), mu(y)) = (gamma, beta)
                   = A(w), a learned affine map of w per layer                       (002, "AdaIN", "Architecture")
@@ -13,28 +12,23 @@ Run: `python stylegan_lite.py` (digits at 28x28, 7.5 to 11 minutes on 2 CPU core
                   + noise B, LeakyReLU(0.2), AdaIN with its own style; two layers per block; toRGB (1x1 conv)
     noise B       x <- x + b * n, n ~ N(0, 1) one single-channel image per layer broadcast to all channels
                   (002, "Noise input are single channel images"), b a per-channel scale initialised to 0
-    mixing        with probability --mix-prob two latents: layers before a random crossover use w_1, the others
-                  w_2 (the paper trains with 0.9; the default here is 0, see below)
+    mixing        with probability --mix-prob two latents: layers before a random crossover use w_1, the others w_2
     truncation    w' = w_bar + psi (w - w_bar), w_bar the running mean of w during training (--psi)
     equalized lr  weights drawn N(0, 1) and scaled at run time by the He constant sqrt(2 / fan_in) (folded
                   into the following LeakyReLU's gain, as in the paper's code: scale 1 / sqrt(fan_in))
     loss          non-saturating logistic: D minimizes softplus(D(G(z))) + softplus(-D(x)), G minimizes
                   softplus(-D(G(z))); R1 = gamma/2 E |grad_x D(x)|^2 on real data (Mescheder et al. 2018)
-    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, ndf = 64 (--ndf) and 2 ndf = 128
-                  channels, BatchNorm on the second, one logit) with its own Adam(--d-lr, betas (0.5, 0.999));
-                  EMA of G for sampling.
-Data: the 28x28 digits as they are (pixels in [-1, 1]). Differences from the paper: 28x28 and 6 layers (not
-1024x1024 and 18), 128-d z and w (not 512), at most 64 channels in G, no progressive growing, nearest-neighbour
-upsampling without blur, G trained with Adam(4e-3, betas (0, 0.99); 1e-3 to 3e-3 scored lower here, 6e-3 no higher
-and with a worse fd, README), batch 16. Also departures: the first layer convolves the constant (the paper starts
-with noise and AdaIN on it); truncation acts on all layers (the paper: the coarse ones); R1 is applied lazily, every
-16 steps and scaled x16 (a StyleGAN2 technique), with gamma 1 (the paper: 10); no mixing regularisation by default
-(with the paper's 0.9, fd was about twice as large here; the style mixing figure is drawn all the same); the sqrt(2)
-gain after LeakyReLU is placed as in StyleGAN2's code. The slide's AdaIN names the style (sigma(y), mu(y)); here it
-is (gamma, beta) = A(w). The discriminator is not the paper's (ProGAN's, with equalized lr and a minibatch-std
-feature): with that one, trained with G's optimizer, the generator drew round blobs in 10 CPU minutes, and the DCGAN
-discriminator gave the best digits of the variants measured (README, StyleGAN ablation). R1 takes grad_x D(x) with D
-in training mode, so BatchNorm's batch statistics are part of it.
+    D             gan.py's DCGAN discriminator (4x4 stride-2 convolutions, ndf and 2 ndf channels, BatchNorm on the
+                  second, one logit), its own Adam(--d-lr, betas (0.5, 0.999)); samples from an EMA of G.
+Differences from the paper: 28x28 and 6 layers (not 1024x1024 and 18), 128-d z and w (not 512), at most 64
+channels in G, no progressive growing, nearest-neighbour upsampling without blur, Adam(4e-3, betas (0, 0.99)) for
+G, batch 16; the first layer convolves the constant (the paper starts with noise and AdaIN on it); truncation acts
+on all layers (the paper: the coarse ones); R1 is lazy, every 16 steps and scaled x16 (StyleGAN2), gamma 1 (the
+paper: 10); no mixing regularisation by default (the paper: 0.9; the style-mixing figure is drawn all the same);
+the sqrt(2) gain after LeakyReLU is placed as in StyleGAN2's code; D is DCGAN's, not the paper's (ProGAN's, with a
+minibatch-std feature). How these were chosen: docs/stylegan_lite.md. The slide's AdaIN names the style
+(sigma(y), mu(y)); here it is (gamma, beta) = A(w). R1 takes grad_x D(x) with D in training mode, so BatchNorm's
+batch statistics are part of it.
 """
 import copy, dataclasses, math, os, time
 
@@ -44,30 +38,28 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import common
+import metrics
 
 
 @dataclasses.dataclass
 class Config(common.Config):
     data: str = common.arg("digits", "image dataset (28x28)", common.IMAGE_DATA)
     steps: int = common.arg(9000, "training steps (one D and one G update each)")
-    batch_size: int = common.arg(16, "images per step (16 for 9000 steps scored above 32 for 4000, README)")
-    lr: float = common.arg(4e-3, "G's Adam learning rate (mapping network: 0.01 x this; 2e-3 scored lower, 6e-3 "
-                                          "no higher with a worse fd, README)")
+    batch_size: int = common.arg(16, "images per step")
+    lr: float = common.arg(4e-3, "G's Adam learning rate (the mapping network's: 0.01 x this)")
     d_lr: float = common.arg(4e-4, "D's Adam learning rate")
     z_dim: int = common.arg(128, "size of z and w")
     map_layers: int = common.arg(4, "layers of the mapping network f")
-    channels: int = common.arg(64, "G's feature channels at 7x7 (half at 14x14, a quarter at 28x28)")
-    ndf: int = common.arg(64, "D's width: ndf channels at 14x14, 2 ndf at 7x7 (DCGAN's 64; 32 is 1.25 times as "
-                                  "fast and scored lower, README)")
-    mix_prob: float = common.arg(0.0, "probability of style mixing regularisation per batch (the paper: 0.9; "
-                                      "here 0.9 about doubled fd, README)")
+    width: int = common.arg(64, "G's feature channels at 7x7 (half at 14x14, a quarter at 28x28)")
+    ndf: int = common.arg(64, "D's width: ndf channels at 14x14, 2 ndf at 7x7 (DCGAN's 64)")
+    mix_prob: float = common.arg(0.0, "probability of style mixing regularisation per batch (the paper: 0.9)")
     r1_gamma: float = common.arg(1.0, "R1 penalty weight gamma (0: off; the paper: 10)")
     r1_every: int = common.arg(16, "apply R1 every this many steps (lazy regularisation)")
     ema: float = common.arg(0.999, "largest decay of the moving average of G used for sampling; the decay at "
-                                   "step t is min(ema, (1 + t) / (10 + t)), so 0.999 binds only after ~9000 steps")
+                                   "step t is min(ema, (1 + t) / (10 + t))")
     psi: float = common.arg(1.0, "truncation psi for samples.png and the metrics (1: none)")
     n_samples: int = common.arg(5000, "samples for the final metrics")
-    MODEL_FLAGS = ("data", "z_dim", "map_layers", "channels", "ndf")
+    MODEL_FLAGS = ("data", "z_dim", "map_layers", "width", "ndf")
 
 
 # ----------------------------------------------------------------------------- data
@@ -283,25 +275,31 @@ def train(cfg, G, D, G_ema, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "stylegan_lite", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # one D step: the logistic loss on real x and G(z), + lazy R1 every r1_every steps, scaled up
             x = real().to(device)
             with torch.no_grad():
                 fake = G(*sample_latents(G, cfg.batch_size, device, cfg.mix_prob))
             loss_d = d_loss(D(x), D(fake))                               # -log D(x) - log(1 - D(G(z)))
-            if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:           # lazy R1: every r1_every steps, scaled up
+            if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:
                 loss_d = loss_d + cfg.r1_gamma * cfg.r1_every * r1_penalty(D, x)
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
+
+            # one G step, non-saturating: -log D(G(z)); grads pass through D, not into it
             z, z2, crossover = sample_latents(G, cfg.batch_size, device, cfg.mix_prob)
-            D.requires_grad_(False)                                      # G's step: grads pass through D, not into it
-            loss_g = g_loss(D(G(z, z2, crossover)))                      # non-saturating: -log D(G(z))
+            D.requires_grad_(False)
+            loss_g = g_loss(D(G(z, z2, crossover)))
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
             D.requires_grad_(True)
+
+            # w_bar, the running mean of w (for truncation); the EMA of G (w_avg copied); record; checkpoint
             with torch.no_grad():
-                G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)               # w_bar: running mean of w
-            common.ema_update(G_ema, G, step, cfg.ema)                   # EMA of G with warm-up; w_avg copied
+                G.w_avg.lerp_(G.mapping(z).mean(0), 0.005)
+            common.ema_update(G_ema, G, step, cfg.ema)
             history["D loss"].append(loss_d.item())
             history["G loss"].append(loss_g.item())
             progress(step, loss_d.item() + loss_g.item())
@@ -314,19 +312,23 @@ def train(cfg, G, D, G_ema, device, state=None):
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "stylegan_lite", __doc__)
     positive = min(cfg.z_dim, cfg.map_layers, cfg.r1_every, cfg.ndf) > 0
-    common.check(positive and cfg.channels >= 4 and cfg.n_samples >= 10,
-                 "--z-dim, --map-layers, --r1-every and --ndf must be positive, --channels >= 4, --n-samples >= 10")
+    common.check(positive and cfg.width >= 4 and cfg.n_samples >= 10,
+                 "--z-dim, --map-layers, --r1-every and --ndf must be positive, --width >= 4, --n-samples >= 10")
     common.check(0 <= cfg.mix_prob <= 1 and 0 <= cfg.ema < 1 and cfg.r1_gamma >= 0 and cfg.d_lr > 0,
                  "--mix-prob must be in [0, 1], --ema in [0, 1), --r1-gamma >= 0, --d-lr > 0")
     state = common.load_run(cfg, "stylegan_lite") if cfg.sample_only or cfg.resume else None   # flags from it
+
+    # G, D and the moving average of G
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     # channels_last: the channel index fastest in memory, images laid out (B, H, W, C), weights (C_out, k, k, C_in);
-    # the same function, and the CPU's convolutions run faster so (README)
-    G = Generator(cfg.z_dim, cfg.map_layers, cfg.channels).to(device, memory_format=torch.channels_last)
+    # the same function, and the CPU's convolutions run faster so
+    G = Generator(cfg.z_dim, cfg.map_layers, cfg.width).to(device, memory_format=torch.channels_last)
     D = discriminator(cfg.ndf).to(device, memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G)
+
+    # train, or load the trained networks
     t0 = time.time()
     history = {}
     if state:
@@ -337,16 +339,18 @@ def main(argv=None):
         common.restore_rng(cfg, state)                                   # the training run's own samples
     else:
         history = train(cfg, G, D, G_ema, device, state)
+
+    # samples from the EMA of G, their scores, and the pictures
     G_ema.eval()
     x = generate(G_ema, cfg.n_samples, cfg.psi)
-    metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
+    scores = metrics.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
     common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
     grid, n = style_mixing_grid(G_ema)
     common.save_images(grid, os.path.join(cfg.out, "style_mixing.png"), nrow=n)
     grid, n = truncation_grid(G_ema)
     common.save_images(grid, os.path.join(cfg.out, "truncation.png"), nrow=n)
     save_noise_figure(G_ema, os.path.join(cfg.out, "noise.png"))
-    return common.finish(cfg, metrics, t0, device, samples=x, history=history)
+    return common.finish(cfg, scores, t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

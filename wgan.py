@@ -2,9 +2,9 @@ r"""wgan.py - Wasserstein GAN: the Earth Mover's distance through a 1-Lipschitz 
 with weight clipping (Algorithm 1) or the gradient penalty of Gulrajani et al. 2017.
 
 Lectures: 002 "Objective functions - Wasserstein GANs", "Wasserstein GANs" (Kantorovich-Rubinstein duality,
-Algorithm 1); 003 Part II (the "Zero Gradient" wall of JSD) and Part III (clipping vs gradient penalty, n_critic);
-004 "Problem Setting [Arjovsky et al., 2017]", "Improved WGAN".
-Run: `python wgan.py` (gradient penalty, ring8), `python wgan.py --lipschitz clip`, `python wgan.py --data grid25`.
+Algorithm 1); 003 Part III (clipping vs gradient penalty, n_critic); 004 "Problem Setting [Arjovsky et al., 2017]",
+"Improved WGAN". Why W at all (003 Part II, the JSD's "Zero Gradient" wall): divergences.py.
+Run: `python wgan.py` (gradient penalty, ring8), `python wgan.py --lipschitz clip`, `python wgan.py --data digits`.
 
     duality     W(p_x, p_g) = sup_{|f|_L <= 1} E_x f(x) - E_z f(g(z))                  (002, Kantorovich-Rubinstein)
     critic      minimize E_z f_w(g(z)) - E_x f_w(x)  (+ lambda GP), --n-critic steps per generator step
@@ -18,15 +18,14 @@ et al. and penalises it at the interpolates x_hat. Slip in 003 ("Step 2: The Cri
 already written as E f(G(z)) - E f(x), to be minimized; its note "minimize the negative of this loss" would
 make the critic minimize the distance. The code minimizes E f(G(z)) - E f(x).
 The critic's estimate E f(x) - E f(g(z)) on a fresh batch is logged every step (wasserstein.png); on 2-D data
-it is drawn against the exact W_1 of 500 generated and 500 data points (common.w_exact, exact assignment).
+it is drawn against the exact W_1 of 500 generated and 500 data points (metrics.w_exact, exact assignment).
 With clipping the critic is K-Lipschitz for some unknown K, so a trained critic's estimate is at most K * W_1 (004),
 and a clipped, finitely trained network usually gives less.
 Difference from Algorithm 1: the loop index runs n_critic times (the pseudo-code's 0..n_critic is n_critic + 1).
 The critic has no BatchNorm: the gradient penalty is per sample, and BatchNorm would mix the samples.
-Differences from the GP paper's practice (lambda = 10, Adam lr 1e-4, constant), which a 2-CPU-minute run needs:
-lr 2e-3 on 2-D data and 1e-3 on images, decayed linearly to 0; lambda = 1 on 2-D data (10 on images). On ring8,
-lambda = 10 left each cluster wider than the data's (README). The paper's setting: `--gp-lambda 10 --lr 1e-4
---no-decay`. Clipping keeps Algorithm 1's constant 5e-5.
+Differences from the GP paper's practice (lambda = 10, Adam lr 1e-4, constant), for short CPU runs: lr 2e-3 on
+2-D data and 1e-3 on images, decayed linearly to 0; lambda = 1 on 2-D data (10 on images). The paper's setting:
+`--lambda-gp 10 --lr 1e-4 --no-decay`. Clipping keeps Algorithm 1's constant 5e-5.
 """
 import dataclasses, math, os, time
 
@@ -35,6 +34,7 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 
 import common
+import metrics
 
 
 @dataclasses.dataclass
@@ -46,13 +46,13 @@ class Config(common.Config):
     lipschitz: str = common.arg("gp", "how the critic is kept Lipschitz", ["gp", "clip"])
     n_critic: int = common.arg(5, "critic steps per generator step")
     clip: float = common.arg(0.01, "c, the weight clipping bound")
-    gp_lambda: float = common.arg(1.0, "lambda, the gradient penalty weight (images: 10 unless given, the GP paper's)")
+    lambda_gp: float = common.arg(1.0, "lambda, the gradient penalty weight (images: 10 unless given, the GP paper's)")
     z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
-    hidden: int = common.arg(128, "hidden units of the 2-D MLPs")
+    width: int = common.arg(128, "hidden units of the 2-D MLPs")
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
     decay: bool = common.arg(True, "decay both learning rates linearly to 0 over the run")
     exact_every: int = common.arg(500, "2-D: compute the exact W_1 every this many steps (0: never)")
-    MODEL_FLAGS = ("data", "z_dim", "hidden")
+    MODEL_FLAGS = ("data", "z_dim", "width")
 
     def defaults(self, given):
         if self.lipschitz == "clip":                                     # Algorithm 1: alpha = 5e-5, constant
@@ -61,7 +61,7 @@ class Config(common.Config):
         if self.data in common.IMAGE_DATA:                               # DCGAN steps that fit the CPU
             self.steps = self.steps if "--steps" in given else 600
             self.batch_size = self.batch_size if "--batch-size" in given else 64
-            self.gp_lambda = self.gp_lambda if "--gp-lambda" in given else 10.0
+            self.lambda_gp = self.lambda_gp if "--lambda-gp" in given else 10.0
             self.lr = self.lr if "--lr" in given or self.lipschitz == "clip" else 1e-3
 
 
@@ -76,9 +76,9 @@ def batch_sampler(cfg, gen):
 
 
 # ----------------------------------------------------------------------------- generator and critic
-def mlp(d_in, hidden, d_out):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+def mlp(d_in, width, d_out):
+    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d_out))
 
 
 def make_nets(cfg):
@@ -86,7 +86,7 @@ def make_nets(cfg):
     -> 1x28x28, tanh) and a DCGAN-like critic with no BatchNorm and no sigmoid: f(x) is any real number."""
     if cfg.data in common.POINT_DATA:
         z_dim = cfg.z_dim or 8
-        return mlp(z_dim, cfg.hidden, 2), mlp(2, cfg.hidden, 1), z_dim
+        return mlp(z_dim, cfg.width, 2), mlp(2, cfg.width, 1), z_dim
     z_dim = cfg.z_dim or 64
     G = nn.Sequential(nn.Linear(z_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)), nn.BatchNorm2d(128), nn.ReLU(),
                       nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
@@ -111,43 +111,7 @@ def clip_weights(critic, c):
             p.clamp_(-c, c)                                              # w <- clip(w, -c, c)  (002, Algorithm 1)
 
 
-# ----------------------------------------------------------------------------- the zero-gradient wall
-def jsd(p, q):
-    """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats (003)."""
-    kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a|m)
-    return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
-
-
-def jsd_vs_w(ds, s=0.05, n=20000, seed=0):
-    """JSD and W_1 between N(0, s^2) and N(d, s^2) for each d: JSD from the two densities on a fine grid,
-    W_1 from samples by sorting (common.w1_sorted). JSD saturates at log 2 (zero gradient); W_1 = d."""
-    grid = torch.arange(-1.0, float(max(ds)) + 1.0, 0.002, dtype=torch.float64)
-    density = lambda m: torch.exp(-(grid - m) ** 2 / (2 * s * s))
-    p = density(0.0)
-    jsds = [jsd(p / p.sum(), density(d) / density(d).sum()) for d in ds]
-    z = s * torch.randn(2, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return jsds, [float(common.w1_sorted(z[0], z[1] + d)) for d in ds]
-
-
-def save_jsd_vs_w(path):
-    ds = [i * 0.05 for i in range(61)]
-    jsds, ws = jsd_vs_w(ds)
-    fig = Figure(figsize=(10, 3.5))
-    ax, ax2 = fig.subplots(1, 2)
-    ax.plot(ds, jsds, label="JSD")
-    ax.plot(ds, ws, label="W_1")
-    ax.axhline(math.log(2), c="k", ls=":", label="log 2")
-    ax.set_xlabel("distance d between two narrow Gaussians (std 0.05)")
-    ax.legend()
-    grad = lambda v: [(b - a) / (ds[1] - ds[0]) for a, b in zip(v, v[1:])]
-    ax2.plot(ds[1:], grad(jsds), label="d JSD / dd")
-    ax2.plot(ds[1:], grad(ws), label="d W_1 / dd")
-    ax2.set(xlabel="d", title="the generator's learning signal")
-    ax2.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return {"jsd_at_d3": jsds[-1], "w1_at_d3": ws[-1]}
-
-
+# ----------------------------------------------------------------------------- pictures
 def save_w_estimate(history, exact, path):
     """The critic's running W estimate against the exact W_1 (2-D data)."""
     fig = Figure(figsize=(6, 4))
@@ -189,18 +153,22 @@ def train(cfg, G, critic, z_dim, device, state=None):
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "wgan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
+
+            # n_critic critic steps: minimize E f(g(z)) - E f(x) (+ lambda GP), or clip after each (Algorithm 1)
             for _ in range(cfg.n_critic):
                 x = real().to(device)
                 x_fake = G(noise(len(x))).detach()
                 loss_c = critic(x_fake).mean() - critic(x).mean()       # E f(g(z)) - E f(x)
                 if cfg.lipschitz == "gp":
-                    loss_c = loss_c + cfg.gp_lambda * gradient_penalty(critic, x, x_fake)
+                    loss_c = loss_c + cfg.lambda_gp * gradient_penalty(critic, x, x_fake)
                 opt_c.zero_grad()
                 loss_c.backward()
                 opt_c.step()
                 if cfg.lipschitz == "clip":
                     clip_weights(critic, cfg.clip)
-            critic.requires_grad_(False)                                # G's step: grads pass through f, not into it
+
+            # one generator step: minimize -E f(g(z)); grads pass through f, not into it
+            critic.requires_grad_(False)
             loss_g = -critic(G(noise(cfg.batch_size))).mean()           # -E f(g(z))
             opt_g.zero_grad()
             loss_g.backward()
@@ -208,17 +176,21 @@ def train(cfg, G, critic, z_dim, device, state=None):
             critic.requires_grad_(True)
             for sched in scheds:
                 sched.step()
-            with torch.no_grad():                                       # W estimate on a fresh batch
+
+            # record: the critic's W estimate on a fresh batch
+            with torch.no_grad():
                 x = real().to(device)
                 w_est = float(critic(x).mean() - critic(G(noise(len(x)))).mean())
             history["critic loss"].append(loss_c.item())
             history["G loss"].append(loss_g.item())
             history["critic's W estimate"].append(w_est)
             progress(step, loss_c.item() + loss_g.item())               # guards both losses against NaN
+
+            # for the pictures, not the algorithm (2-D data): the exact W_1 and the critic's surface; checkpoint
             if points and cfg.exact_every and (step % cfg.exact_every == 0 or step == 1):
                 with torch.no_grad():
                     fake = G(z_look[:500].to(device)).cpu()                 # fixed z and x: --exact-every
-                exact.append((step, common.w_exact(fake, x_look[:500], p=1)))  # leaves the training stream alone
+                exact.append((step, metrics.w_exact(fake, x_look[:500], p=1)))  # leaves the training stream alone
             if points and step in snap_at:
                 with torch.no_grad():
                     fake = G(z_look.to(device)).cpu()
@@ -236,47 +208,52 @@ def train(cfg, G, critic, z_dim, device, state=None):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "wgan", __doc__)
-    common.check(cfg.n_critic > 0 and cfg.hidden > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1 and cfg.exact_every >= 0,
-                 "--n-critic and --hidden must be positive, --z-dim and --exact-every non-negative, --n-samples >= 2")
-    common.check(cfg.clip > 0 and cfg.gp_lambda >= 0, "--clip must be positive and --gp-lambda non-negative")
+    common.check(cfg.n_critic > 0 and cfg.width > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1 and cfg.exact_every >= 0,
+                 "--n-critic and --width must be positive, --z-dim and --exact-every non-negative, --n-samples >= 2")
+    common.check(cfg.clip > 0 and cfg.lambda_gp >= 0, "--clip must be positive and --lambda-gp non-negative")
     state = common.load_run(cfg, "wgan") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
+
+    # the generator and the critic
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     G, critic, z_dim = make_nets(cfg)
     G = G.to(device)
     critic = critic.to(device)
+
+    # train, or load the trained networks (and their record of W during training)
     t0 = time.time()
-    history = {}
-    extra = save_jsd_vs_w(os.path.join(cfg.out, "jsd_vs_w.png"))
     if state:
         G.load_state_dict(state["G"])
         critic.load_state_dict(state["critic"])
     if cfg.sample_only:
         common.restore_rng(cfg, state)                                   # the training run's own samples
-        history = state.get("history", {})                               # and its record of W during training
+        history = state.get("history", {})
         exact = state.get("exact", [])
     else:
         history, exact = train(cfg, G, critic, z_dim, device, state)
+    extra = {}
     if history:
         last = history["critic's W estimate"][-50:]
         extra["w_estimate_final"] = sum(last) / len(last)
     if exact:
         extra["w1_exact_final"] = exact[-1][1]
+
+    # samples x = g(z), z ~ N(0, I), in batches, and their scores
     G.eval()
-    with torch.no_grad():                                               # x = g(z), z ~ N(0, I), in batches
+    with torch.no_grad():
         batches = math.ceil(cfg.n_samples / 1000)
         x = torch.cat([G(torch.randn(1000, z_dim, device=device)).cpu() for _ in range(batches)])
     x = x[:cfg.n_samples]
     if cfg.data in common.POINT_DATA:
-        metrics = common.point_metrics(x, cfg.data)
+        scores = metrics.point_metrics(x, cfg.data)
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
-                           title=", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+                           title=", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
     else:
         x = (x + 1) / 2                                                  # back to [0, 1]
-        metrics = common.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
+        scores = metrics.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"))
-    return common.finish(cfg, dict(metrics, **extra), t0, device, samples=x, history=history)
+    return common.finish(cfg, dict(scores, **extra), t0, device, samples=x, history=history)
 
 
 if __name__ == "__main__":

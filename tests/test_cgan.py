@@ -6,6 +6,7 @@ import torch
 
 import cgan
 import common
+import metrics
 
 
 def test_generator_and_discriminator_use_the_label():
@@ -78,7 +79,7 @@ def test_short_run_learns_the_labels_with_the_default_ema(tmp_path):
     """The default sampling path (the EMA of G, warmed up). Its --sample-only and --resume: tests/test_resume.py."""
     rec = cgan.main(["--steps", "120", "--batch-size", "64", "--n-samples", "500", "--out", str(tmp_path)])
     x = torch.load(tmp_path / "samples.pt")
-    p = common.classify(common.get_classifier("digits"), x)[1][:, :10]  # the ten classes: rough shapes at 120 steps
+    p = metrics.classify(metrics.get_classifier("digits"), x)[1][:, :10]  # the ten classes: rough shapes at 120 steps
     assert (p.argmax(1) == torch.arange(500) % 10).float().mean() > 0.2    # chance 0.1; measured 0.566 (ndf 32)
     assert 0 <= rec["class_accuracy"] <= 1 and rec["not_digit"] > 0     # honest: 22% "not a digit" yet (measured)
     for name in ("samples.png", "samples.pt", "interpolation.png", "loss.png", "checkpoint.pt", "metrics.json"):

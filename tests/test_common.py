@@ -1,4 +1,4 @@
-"""Tests of common.py: CLI, device, seeding, the 2-D distributions, digits, the IDX loader, outputs, metrics."""
+"""Tests of common.py: CLI, device, seeding, the 2-D distributions, digits, the IDX loader, outputs, checkpoints."""
 import dataclasses, gzip, json, math, os, shutil, time
 
 import pytest
@@ -173,43 +173,6 @@ def test_digits_shapes_range_balance_determinism():
     assert not torch.equal(common.render_digits(10000, 2)[0], x2)
     edge = torch.cat([x[:, 0, :2], x[:, 0, -2:], x[:, 0, :, :2].mT, x[:, 0, :, -2:].mT], 1).amax((1, 2))
     assert (edge > 0.3).float().mean() < 0.02                # like MNIST, digits keep a margin to the frame
-
-
-def test_classifier_accuracy_on_digits():
-    net = common.get_classifier("digits")
-    x, y = common.load_images("digits", "test")
-    _, p = common.classify(net, x)
-    assert (p.argmax(1) == y).float().mean() >= 0.98
-
-
-def test_the_digits_evaluator_is_the_shipped_one_not_trained_nor_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "CACHE", str(tmp_path))
-    monkeypatch.setattr(common, "train_classifier", lambda *a, **k: pytest.fail("the digits evaluator was trained"))
-    shipped = common.load_checkpoint(os.path.join(common.EVALUATORS, "classifier_digits_v2.pt"))
-    same = lambda net: all(torch.equal(net.state_dict()[k], shipped[k]) for k in shipped)
-    assert same(common.get_classifier("digits"))                     # an empty cache: the shipped file, no training
-    common.save_checkpoint(str(tmp_path / "classifier_digits_v2.pt"), **common.make_classifier().state_dict())
-    assert same(common.get_classifier("digits"))                     # another net in the cache: still the shipped one
-
-
-@pytest.mark.slow
-def test_the_shipped_digits_evaluator_is_what_its_recipe_trains(tmp_path, monkeypatch):
-    """Retrained from common's recipe: bit for bit the shipped net on the CPU and thread count that made it; on
-    others an equally good net (training is chaotic). Trained with 1 thread instead of 2, it agreed with the shipped
-    one on 99.9% of the test digits and on 98.2% of the non-digits' confident-or-not."""
-    monkeypatch.setattr(common, "EVALUATORS", str(tmp_path / "none"))
-    monkeypatch.setattr(common, "CACHE", str(tmp_path))
-    fresh = common.get_classifier("digits")
-    monkeypatch.undo()
-    shipped = common.get_classifier("digits")
-    x, y = common.load_images("digits", "test")
-    called = [common.classify(net, x)[1].argmax(1) for net in (fresh, shipped)]
-    assert (called[0] == called[1]).float().mean() >= 0.99
-    assert min((c == y).float().mean() for c in called) >= 0.98
-    negatives = common.not_digits(x, y, 2000, seed=7)
-    confident = [common.classify(net, negatives)[1][:, :10].max(1).values >= 0.9 for net in (fresh, shipped)]
-    assert (confident[0] == confident[1]).float().mean() >= 0.95
-    assert max(c.float().mean() for c in confident) < 0.1
 
 
 # ----------------------------------------------------------------------------- the IDX loader
@@ -396,207 +359,12 @@ def test_progress_guards_nan(capsys):
 
 
 # ----------------------------------------------------------------------------- metrics
-def test_mode_metrics_all_one_and_off_modes():
-    full = common.sample_2d("ring8", 2500, gen())
-    assert common.mode_metrics(full, "ring8")["modes_covered"] == 8
-    assert common.mode_metrics(full, "ring8")["high_quality_frac"] > 0.98
-    one = common.MODES["grid25"][0][3] + 0.05 * torch.randn(2500, 2, generator=gen())
-    m = common.mode_metrics(one, "grid25")
-    assert m["modes_covered"] == 1 and m["high_quality_frac"] > 0.98
-    off = torch.full((2500, 2), 1.0)                      # half-way between grid modes: far from all of them
-    assert common.mode_metrics(off, "grid25") == {"modes_covered": 0, "high_quality_frac": 0.0}
-
-
-def test_mmd_small_for_same_large_for_different():
-    a, b = common.sample_2d("moons", 1000, gen(1)), common.sample_2d("moons", 1000, gen(2))
-    c = common.sample_2d("gaussian", 1000, gen(3))
-    assert abs(common.mmd(a, b)) < 0.01 and common.mmd(a, c) > 0.1
-
-
-def test_mmd_equals_the_unbiased_double_sum():
-    x = torch.randn(7, 2, generator=gen(4), dtype=torch.float64)
-    y = torch.randn(9, 2, generator=gen(5), dtype=torch.float64) + 0.5
-    hs = (0.1, 0.3, 1.0, 3.0)
-    k = lambda a, b: sum(math.exp(-float(((a - b) ** 2).sum()) / (2 * h * h)) for h in hs)
-    pairs = lambda s: [(a, b) for i, a in enumerate(s) for j, b in enumerate(s) if i != j]
-    within = lambda s: sum(k(a, b) for a, b in pairs(s)) / (len(s) * (len(s) - 1))
-    across = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
-    assert common.mmd(x, y) == pytest.approx(within(x) + within(y) - 2 * across, abs=1e-12)
-
-
-def test_frechet_distance_closed_form_and_zero():
-    torch.manual_seed(0)
-    f = torch.randn(20000, 3)
-    assert common.frechet_distance(f[:10000], f[10000:]) < 0.01
-    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
-    g = 2 * torch.randn(20000, 3) + torch.tensor([1.0, 0, 0])
-    assert abs(common.frechet_distance(f, g) - 4.0) < 0.15
-
-
-def test_fd_zero_for_halves_of_data_large_for_noise():
-    x, _ = common.load_images("digits", "test")
-    net = common.get_classifier("digits")
-    fa, _ = common.classify(net, x[:5000])
-    fb, _ = common.classify(net, x[5000:])
-    fn, _ = common.classify(net, torch.rand(5000, 1, 28, 28))
-    same, noise = common.frechet_distance(fa, fb), common.frechet_distance(fa, fn)
-    assert same < 0.02 * noise and noise > 10
-
-
-def test_image_metrics_on_real_images_and_labels(tmp_path):
-    x, y = common.load_images("digits", "test")
-    m = common.image_metrics(x[:1000], "digits", labels=y[:1000], out=str(tmp_path))
-    assert m["digit_confidence"] > 0.92 and m["class_entropy"] > 2.29 and m["class_accuracy"] > 0.98
-    assert m["not_digit"] < 0.01 and (tmp_path / "scored.png").exists()
-    blank = common.image_metrics(torch.zeros(500, 1, 28, 28), "digits")
-    assert blank["class_entropy"] < 0.01                  # every blank image gets the same class
-    assert blank["digit_confidence"] == 0 and blank["not_digit"] == 1
-    scribbled = common.not_digits(x, y, 500, seed=7)
-    asked = common.classify(common.get_classifier("digits"), scribbled)[1][:, :10].argmax(1)   # its best digit
-    junk = common.image_metrics(scribbled, "digits", labels=asked)
-    assert junk["digit_confidence"] < 0.1 and junk["not_digit"] > 0.8  # counted under all eleven classes
-    assert junk["class_accuracy"] == pytest.approx(1 - junk["not_digit"])   # "not a digit" counts as wrong
-
-
-def test_class_spread_one_for_real_digits_zero_for_one_image_per_class():
-    x, y = common.load_images("digits", "test")
-    varied = common.image_metrics(x[5000:6000], "digits", labels=y[5000:6000])   # not the real images it is compared to
-    assert 0.9 < varied["class_spread"] < 1.1
-    real = common.real_features("digits", "", 10000, common.CACHE)             # what image_metrics compares with
-    spread = lambda images, labels: common.class_spread(common.classify(common.get_classifier("digits"), images)[0],
-                                                        labels, real, y)
-    first = torch.stack([x[5000:][y[5000:] == c][0] for c in range(10)])        # (10, 1, 28, 28): one image a class
-    assert (common.classify(common.get_classifier("digits"), first)[1].argmax(1) == torch.arange(10)).all()
-    assert spread(first.repeat(100, 1, 1, 1), torch.arange(10).repeat(100)) < 0.01   # right classes, no variety
-    mixed = y[5000:6000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]   # labels shuffled
-    assert spread(x[5000:6000], mixed) > 1.2              # a "class" holding every digit varies more than a class
 
 
 # Two kinds of "not a digit" that not_digits() never makes: held out from the evaluator's training.
-def warped(x, gen, strength=0.25):
-    """A smooth random displacement field (4x4 control points, std strength in normalised coords): tangled strokes."""
-    d = torch.randn(len(x), 2, 4, 4, generator=gen) * strength
-    d = torch.nn.functional.interpolate(d, size=x.shape[-1], mode="bicubic", align_corners=False)
-    grid = torch.nn.functional.affine_grid(torch.eye(2, 3).expand(len(x), 2, 3), x.shape, align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid + d.permute(0, 2, 3, 1), align_corners=False)
-
-
-def cut_up(x, gen):
-    """Each 14x14 quadrant from a different random image: pieces of four digits."""
-    out = torch.zeros_like(x)
-    for top in (0, 14):
-        for left in (0, 14):
-            k = torch.randint(len(x), (len(x),), generator=gen)
-            out[:, :, top:top + 14, left:left + 14] = x[k, :, top:top + 14, left:left + 14]
-    return out
-
-
-def test_evaluator_rejects_held_out_non_digits_and_keeps_real_ones():
-    x, y = common.load_images("digits", "test")
-    net = common.get_classifier("digits")
-    confident = lambda z: float((common.classify(net, z)[1][:, :10].max(1).values >= 0.9).float().mean())
-    assert confident(x[:2000]) > 0.92
-    assert confident(warped(x[:2000], gen(1))) < 0.15          # the ten-class evaluator (v1) counted 0.585 of these
-    assert confident(cut_up(x[:2000], gen(2))) < 0.25          # and 0.652 of these
-    assert confident(common.not_digits(x, y, 2000, seed=7)) < 0.1   # the trained kinds, fresh draws
-
-
-def test_not_digits_are_deterministic_in_range_and_not_the_inputs():
-    x, y = common.load_images("digits", "test")
-    a = common.not_digits(x, y, 500, seed=3)
-    assert a.shape == (500, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, common.not_digits(x, y, 500, seed=3)) and not torch.equal(a, common.not_digits(x, y, 500, 4))
-    assert torch.cdist(a.flatten(1), x.flatten(1)).amin(1).min() > 1    # none is a copy of a test digit
-    xn, yn = common.with_negatives(x[:1000], y[:1000], fraction=0.2)
-    assert len(xn) == 1700 and (yn == common.NOT_DIGIT).sum() == 200 and torch.equal(yn[:1000], y[:1000])
-
-
-def test_legible_variants_stay_close_to_their_digit():
-    x, y = common.load_images("digits", "test")
-    v = common.legible_variants(x[:500], seed=0)
-    assert v.shape == (500, 1, 28, 28) and torch.equal(v, common.legible_variants(x[:500], seed=0))
-    changed = (v - x[:500]).abs().flatten(1).mean(1)
-    assert changed.min() > 0.01 and changed.mean() < 0.08          # changed, yet closer to it than to other digits
-    d_other = (x[:500] - x[1:501]).abs().flatten(1).mean(1)
-    assert (changed < d_other).float().mean() > 0.95
-
-
-def test_blur_matches_a_dense_gaussian_convolution():
-    x = torch.rand(3, 1, 28, 28, generator=gen(0))
-    sigma = torch.tensor([0.7, 1.5, 2.5])
-    r = torch.arange(-8, 9.0)
-    for i in range(3):
-        k1 = torch.exp(-r ** 2 / (2 * sigma[i] ** 2))
-        k2 = torch.outer(k1, k1) / k1.sum() ** 2
-        dense = torch.nn.functional.conv2d(x[i:i + 1], k2[None, None], padding=8)
-        assert torch.allclose(common.gaussian_blur(x, sigma)[i:i + 1], dense, atol=1e-5)
-
-
-def test_scribbles_draw_strokes_of_the_stated_width():
-    ink = common.scribbles(200, gen(0))
-    assert ink.shape == (200, 1, 28, 28) and ink.max() == 1
-    area = (ink > 0.5).float().sum((1, 2, 3))
-    assert area.min() > 15 and area.max() < 400                        # 4-6 strokes 1-2.5 px wide, a few px long
-    assert ink[:, :, :2].max() < 0.5 and ink[:, :, :, :2].max() < 0.5   # inside the central box, 3..25 px + width
-
-
-@needs_mnist
-@pytest.mark.slow
-def test_mnist_evaluator_keeps_real_digits_and_rejects_held_out_kinds():
-    net = common.get_classifier("mnist10k", SHARED_MNIST)
-    x, y = common.load_images("mnist10k", "test", SHARED_MNIST)
-    p = common.classify(net, x)[1]
-    assert (p.argmax(1) == y).float().mean() >= 0.98
-    confident = lambda z: float((common.classify(net, z)[1][:, :10].max(1).values >= 0.9).float().mean())
-    assert confident(warped(x, gen(1))) < 0.2 and confident(cut_up(x, gen(2))) < 0.35
-
-
-@needs_mnist
-@pytest.mark.slow
-def test_classifier_accuracy_on_real_mnist_halves():
-    x, y = common.load_images("mnist", "test", SHARED_MNIST)
-    perm = torch.randperm(10000, generator=gen(0))
-    net = common.train_classifier(x[perm[:5000]], y[perm[:5000]], epochs=20)
-    _, p = common.classify(net, x[perm[5000:]])
-    assert (p.argmax(1) == y[perm[5000:]]).float().mean() >= 0.98
 
 
 # ----------------------------------------------------------------------------- exact OT metrics
-def brute_force_assignment(C):
-    import itertools
-    n = len(C)
-    return min(sum(float(C[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n))) / n
-
-
-@pytest.mark.parametrize("n", [2, 5, 7])
-def test_assignment_matches_brute_force(n):
-    C = torch.rand(n, n, generator=gen(n), dtype=torch.float64)
-    perm = common.assignment(C)
-    assert sorted(perm.tolist()) == list(range(n))
-    assert abs(float(C[torch.arange(n), perm].mean()) - brute_force_assignment(C)) < 1e-9
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_assignment_refuses_nan_and_inf(bad):
-    C = torch.rand(4, 4, generator=gen(1))
-    C[1, 2] = bad
-    with pytest.raises(common.UserError, match="finite cost matrix"):     # it used to loop forever
-        common.assignment(C)
-
-
-def test_w1_sorted_equals_exact_assignment_in_1d():
-    x = torch.randn(40, generator=gen(3), dtype=torch.float64)
-    y = torch.randn(40, generator=gen(4), dtype=torch.float64) * 2 + 1
-    assert abs(float(common.w1_sorted(x, y)) - common.w_exact(x[:, None], y[:, None], p=1)) < 1e-9
-
-
-def test_cached_classifier_leaves_the_callers_random_stream_unchanged(tmp_path):
-    x, y = common.load_images("digits", "test")
-    torch.manual_seed(5)
-    expected = torch.rand(3)
-    torch.manual_seed(5)
-    common.cached_classifier(str(tmp_path / "c.pt"), lambda: (x[:256], y[:256]), epochs=1)   # trains: uses RNG
-    assert torch.equal(torch.rand(3), expected)
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -615,21 +383,3 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
 
 
-def test_inception_score_on_constructed_probabilities():
-    """IS = exp(E KL(p(y|x) || p(y))): 1 when every p(y|x) is uniform, 10 for confident predictions spread
-    evenly over the 10 classes, and 1 again for confident predictions that all name one class."""
-    assert common.inception_score(torch.full((100, 10), 0.1)) == pytest.approx(1.0)
-    assert common.inception_score(torch.eye(10).repeat(10, 1)) == pytest.approx(10.0, rel=1e-6)
-    assert common.inception_score(torch.eye(10)[[3] * 50]) == pytest.approx(1.0)
-    half = torch.eye(10)[[0, 1] * 50]                                    # two classes, confident: IS = 2
-    assert common.inception_score(half) == pytest.approx(2.0, rel=1e-6)
-
-
-def test_nn_ratio_flags_copies():
-    g = torch.Generator().manual_seed(0)
-    train = torch.rand(300, 1, 4, 4, generator=g)
-    test = torch.rand(100, 1, 4, 4, generator=g)
-    assert common.nn_ratio(train[:50], train, test) == pytest.approx(0.0, abs=1e-3)   # copies of training images
-    assert common.nn_ratio(test[:50], train, test) == pytest.approx(1.0)             # held-out data: 1 by definition
-    fresh = torch.rand(50, 1, 4, 4, generator=g)                         # new draws of the same law: about 1
-    assert 0.85 < common.nn_ratio(fresh, train, test) < 1.15

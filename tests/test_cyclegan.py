@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import metrics
 import cyclegan
 
 
@@ -15,7 +16,7 @@ import cyclegan
 @pytest.mark.parametrize("size", [28, 32])
 def test_generator_keeps_the_size_and_patchgan_gives_a_map(channels, size):
     torch.manual_seed(0)
-    G, D = cyclegan.generator(channels, channels, ngf=8, n_res=2), cyclegan.discriminator(channels, ndf=8)
+    G, D = cyclegan.generator(channels, channels, width=8, n_res=2), cyclegan.discriminator(channels, ndf=8)
     x = torch.randn(2, channels, size, size)
     assert G(x).shape == x.shape                                        # 28 -> 14 -> 7 -> 14 -> 28
     assert G(x).abs().max() <= 1
@@ -83,7 +84,7 @@ def test_folder_loader_and_run(tmp_path):
     assert x.shape == (3, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2])   # the grey image, in all 3 channels
     rec = cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--steps", "2",
-                         "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
+                         "--batch-size", "2", "--width", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
     assert "cycle_l1_x" in rec and "label_preservation_xy" not in rec   # no labels in folders
     with pytest.raises(common.UserError, match="--image-size must be a multiple of 4"):
         cyclegan.main(["--data-dir", str(tmp_path / "data"), "--image-size", "18", "--out", str(tmp_path / "run")])
@@ -94,7 +95,8 @@ def test_folder_loader_and_run(tmp_path):
 # the quick suite runs cyclegan through test_resume (main, --resume, --sample-only) and self_contained
 @pytest.mark.slow
 def test_smoke_run_on_digits_and_sample_only(tmp_path):
-    args = ["--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "200", "--out", str(tmp_path)]
+    args = ["--steps", "3", "--batch-size", "4", "--width", "4", "--ndf", "4", "--n-eval", "200",
+            "--out", str(tmp_path)]
     rec = cyclegan.main(args)
     for key in ("label_preservation_xy", "label_preservation_yx", "cycle_l1_x", "cycle_l1_y", "fd_y", "l1_to_true_y"):
         assert key in rec
@@ -122,16 +124,16 @@ def test_pix2pix_losses_by_hand():
 def test_d_gets_a_gradient_only_in_its_own_step(paired, tmp_path):
     """The generators' step freezes the discriminators (their weights' gradients would be thrown away), and they
     train again after it."""
-    argv = ["--steps", "2", "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path)]
+    argv = ["--steps", "2", "--batch-size", "2", "--width", "4", "--ndf", "4", "--out", str(tmp_path)]
     cfg = common.parse_config(cyclegan.Config, argv + (["--paired"] if paired else []), "cyclegan")
-    G = cyclegan.generator(3, 3, cfg.ngf, cfg.n_res)
+    G = cyclegan.generator(3, 3, cfg.width, cfg.n_res)
     calls = []
     if paired:
         D = cyclegan.discriminator(6, cfg.ndf)
         next(D.parameters()).register_hook(lambda g: calls.append(1))
         cyclegan.train_paired(cfg, G, D, "cpu")
     else:
-        F = cyclegan.generator(3, 3, cfg.ngf, cfg.n_res)
+        F = cyclegan.generator(3, 3, cfg.width, cfg.n_res)
         D_X = cyclegan.discriminator(3, cfg.ndf)
         D_Y = cyclegan.discriminator(3, cfg.ndf)
         for D in (D_X, D_Y):
@@ -149,21 +151,27 @@ def test_pairs_are_one_glyph_rendered_both_ways():
 
 
 def test_paired_folder_and_run(tmp_path):
-    """The public pix2pix layout: train/ (and val/) of side-by-side A|B images; A is read as x, B as y."""
-    for d in ("train", "val"):
+    """--paired --data-dir: trainA/ and trainB/ paired by sorted file name; x[i] is A's i-th image, y[i] B's."""
+    for d in ("trainA", "trainB"):
         os.makedirs(tmp_path / "p" / d)
         for i in range(3):
-            img = np.zeros((12, 24, 3))
-            img[:, :12, 0] = 1.0                                         # A: red
-            img[:, 12:, 2] = i / 3                                       # B: some blue
+            img = np.zeros((12, 12, 3))
+            img[..., 0 if d == "trainA" else 2] = (i + 1) / 3                 # A: red of brightness i, B: blue
             matplotlib.image.imsave(tmp_path / "p" / d / f"{i}.png", img)
-    a, b = cyclegan.load_side_by_side(str(tmp_path / "p" / "train"), 8)
-    assert a.shape == b.shape == (3, 3, 8, 8)
-    assert torch.allclose(a[:, 0], torch.ones(3, 8, 8)) and torch.allclose(b[:, 0], -torch.ones(3, 8, 8))
+    cfg = common.parse_config(cyclegan.Config, ["--paired", "--data-dir", str(tmp_path / "p"), "--image-size", "8"],
+                              "cyclegan")
+    x, y, labels = cyclegan.load_pairs(cfg, "train")
+    assert x.shape == y.shape == (3, 3, 8, 8) and labels is None
+    brightness = lambda t, c: ((t[:, c] + 1) / 2).mean((1, 2))
+    assert torch.allclose(brightness(x, 0), brightness(y, 2), atol=1e-4)   # each x with its own partner
     rec = cyclegan.main(["--paired", "--data-dir", str(tmp_path / "p"), "--image-size", "16", "--steps", "2",
-                         "--batch-size", "2", "--ngf", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
+                         "--batch-size", "2", "--width", "4", "--ndf", "4", "--out", str(tmp_path / "run")])
     assert "l1_to_true_y" in rec and (tmp_path / "run" / "translation.png").exists()
-    rec = cyclegan.main(["--paired", "--steps", "3", "--batch-size", "4", "--ngf", "4", "--ndf", "4", "--n-eval", "100",
+    os.remove(tmp_path / "p" / "trainB" / "2.png")
+    with pytest.raises(common.UserError, match="3 images in A but 2 in B"):
+        cyclegan.main(["--paired", "--data-dir", str(tmp_path / "p"), "--out", str(tmp_path / "bad")])
+    rec = cyclegan.main(["--paired", "--steps", "3", "--batch-size", "4", "--width", "4", "--ndf", "4",
+                         "--n-eval", "100",
                          "--out", str(tmp_path / "digits")])
     assert set(rec) >= {"l1_to_true_y", "label_preservation_xy", "fd_y"}
     again = cyclegan.main(["--sample-only", "--n-eval", "100", "--out", str(tmp_path / "digits")])   # reads --paired
@@ -172,7 +180,7 @@ def test_paired_folder_and_run(tmp_path):
 
 def test_the_y_evaluator_is_the_shipped_one_not_trained(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "CACHE", str(tmp_path))
-    monkeypatch.setattr(common, "train_classifier", lambda *a, **k: pytest.fail("the Y evaluator was trained"))
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("the Y evaluator was trained"))
     shipped = common.load_checkpoint(os.path.join(common.EVALUATORS, "classifier_digits_cycleY_v2.pt"))
     net = cyclegan.y_classifier(cyclegan.Config(image_size=28))
     assert all(torch.equal(net.state_dict()[k], shipped[k]) for k in shipped)
@@ -189,6 +197,6 @@ def test_the_shipped_y_evaluator_is_what_its_recipe_trains(tmp_path, monkeypatch
     monkeypatch.undo()
     shipped = cyclegan.y_classifier(cfg)
     _, y, _, labels = cyclegan.load_domains(cfg, "test")
-    called = [common.classify(net, cyclegan.grey(y))[1].argmax(1) for net in (fresh, shipped)]
+    called = [metrics.classify(net, cyclegan.grey(y))[1].argmax(1) for net in (fresh, shipped)]
     assert (called[0] == called[1]).float().mean() >= 0.98
     assert min((c == labels).float().mean() for c in called) >= 0.98

@@ -124,17 +124,17 @@ def test_label_dropout_rate_is_per_sample():
 
 def test_unet_shapes_and_time_conditioning():
     torch.manual_seed(3)
-    net = ddpm.UNet(ch=8, attn=True, n_classes=10)
+    net = ddpm.UNet(width=8, attn=True, n_classes=10)
     x = torch.randn(2, 1, 28, 28)
     out = net(x, torch.tensor([10, 10]), torch.tensor([1, 10]))
     assert out.shape == x.shape
     assert not torch.allclose(out, net(x, torch.tensor([500, 500]), torch.tensor([1, 10])))      # t is used
     assert not torch.allclose(out, net(x, torch.tensor([10, 10]), torch.tensor([2, 10])))        # y is used
-    assert ddpm.UNet(ch=8)(x, torch.tensor([0.25, 0.5])).shape == x.shape                       # fractional t
+    assert ddpm.UNet(width=8)(x, torch.tensor([0.25, 0.5])).shape == x.shape                       # fractional t
 
 
 def test_train_sample_only_and_cond_runs(tmp_path):
-    args = ["--out", str(tmp_path), "--steps", "30", "--n-samples", "40", "--sample-steps", "5", "--ch", "8",
+    args = ["--out", str(tmp_path), "--steps", "30", "--n-samples", "40", "--sample-steps", "5", "--width", "8",
             "--T", "100"]
     rec = ddpm.main(args)
     for key in ("fd", "digit_confidence", "class_entropy", "network_calls"):
@@ -143,7 +143,7 @@ def test_train_sample_only_and_cond_runs(tmp_path):
         assert (tmp_path / f).exists(), f
     assert ddpm.main(args + ["--sample-only"])["steps"] == 0
     rec = ddpm.main(["--out", str(tmp_path / "c"), "--steps", "20", "--n-samples", "40", "--sample-steps", "5",
-                     "--ch", "8", "--cond", "--guidance", "2", "--T", "100"])
+                     "--width", "8", "--cond", "--guidance", "2", "--T", "100"])
     assert "class_accuracy" in rec and rec["network_calls"] == 10 and (tmp_path / "c" / "guidance.png").exists()
 
 
@@ -221,7 +221,7 @@ def test_bf16_autocast_path_runs_on_the_cpu(tmp_path, monkeypatch):
     """The --bf16 path a GPU run takes (torch.autocast with bfloat16), exercised on the CPU: the U-Net's
     convolutions really run in bfloat16 during training, and the run ends with finite numbers."""
     dtypes = training_dtypes(monkeypatch)
-    rec = ddpm.main(["--bf16", "--ch", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10",
+    rec = ddpm.main(["--bf16", "--width", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10",
                      "--sample-steps", "5", "--steps", "3", "--out", str(tmp_path)])
     assert dtypes == {torch.bfloat16} and math.isfinite(rec["fd"])
 
@@ -229,7 +229,8 @@ def test_bf16_autocast_path_runs_on_the_cpu(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compile_path_matches_eager_on_the_cpu(tmp_path):
     """--compile on the CPU (about a minute of compilation): the same training run, to float tolerance."""
-    args = ["--ch", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10", "--sample-steps", "5", "--steps", "3"]
+    args = ["--width", "8", "--T", "20", "--batch-size", "8", "--n-samples", "10", "--sample-steps", "5",
+            "--steps", "3"]
     eager = ddpm.main(args + ["--out", str(tmp_path / "eager")])
     compiled = ddpm.main(args + ["--compile", "--out", str(tmp_path / "compiled")])
     h_e = torch.load(tmp_path / "eager" / "checkpoint.pt")["history"]["loss"]
@@ -258,7 +259,7 @@ def test_prediction_targets_convert_back_to_eps_exactly(param):
 
 def test_param_runs(tmp_path):
     for param in ("eps", "v"):                                           # x0, the default, runs in every other test
-        rec = ddpm.main(["--param", param, "--steps", "3", "--ch", "8", "--n-samples", "20", "--sample-steps", "5",
+        rec = ddpm.main(["--param", param, "--steps", "3", "--width", "8", "--n-samples", "20", "--sample-steps", "5",
                          "--T", "100", "--out", str(tmp_path / param)])
         assert rec["config"]["param"] == param and math.isfinite(rec["fd"])
 
@@ -278,20 +279,3 @@ def test_diffusion_loss_regresses_the_chosen_target():
     v2 = (sch.alpha_bar[t] + 9 * (1 - sch.alpha_bar[t])).mean()          # E v^2 = ab + 9 (1 - ab): eps, x0 independent
     torch.manual_seed(0)
     assert ddpm.diffusion_loss(Zero(), sch, x0, param="v").item() == pytest.approx(float(v2), rel=0.05)
-
-
-def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
-    cosine = ddpm.Config(steps=1200, lr_schedule="cosine")
-    f = [ddpm.lr_factor(s, cosine) for s in range(1200)]
-    assert f[0] == pytest.approx(1 / 200) and f[99] == pytest.approx(0.5) and f[199] == pytest.approx(1.0)
-    assert f[200] == pytest.approx(1.0) and f[700] == pytest.approx(0.5)      # half way through the cosine
-    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 999 / 1000))) and f[-1] < 1e-5
-    assert all(a >= b for a, b in zip(f[200:], f[201:]))
-    assert {ddpm.lr_factor(s, ddpm.Config(steps=1200, lr_schedule="constant")) for s in range(1200)} == {1.0}
-
-
-def test_lr_schedule_reaches_the_optimizer(tmp_path):
-    ddpm.main(["--lr-schedule", "cosine", "--steps", "4", "--ch", "8", "--T", "20", "--batch-size", "8",
-               "--n-samples", "10", "--sample-steps", "5", "--out", str(tmp_path)])
-    lr = torch.load(tmp_path / "checkpoint.pt")["opt"]["param_groups"][0]["lr"]
-    assert lr == pytest.approx(1e-3 * 4 / 200)                           # the 4th step of the 200-step warm-up

@@ -1,11 +1,12 @@
 """Tests of gan.py and wgan.py: D*, V(D*, G) = -log 4 + 2 JSD, the losses' gradients, the Lipschitz tools, runs."""
-import functools, json, math
+import json, math
 
 import pytest
 import torch
 
 import common
 import gan
+import metrics
 import wgan
 
 SLOW = pytest.mark.slow  # the lsgan and clipping variants of the 2-D smoke runs; the defaults stay quick
@@ -88,36 +89,28 @@ def test_clipping_keeps_weights_in_range():
     assert all(p.abs().max() <= 0.01 for p in critic.parameters())
 
 
-def test_jsd_flat_and_w_linear_for_two_far_diracs():
-    ds = [0.0, 0.5, 1.0, 2.0, 3.0]
-    jsds, ws = wgan.jsd_vs_w(ds, s=0.05)
-    assert jsds[0] == pytest.approx(0, abs=1e-9)
-    assert all(j == pytest.approx(math.log(2), abs=1e-6) for j in jsds[1:])   # flat: zero gradient in d
-    assert all(abs(w - d) < 0.01 for w, d in zip(ws, ds))                     # W_1 = d: slope 1
-
-
 def test_mode_metrics_on_collapsed_and_full_samplers():
     full = common.sample_2d("ring8", 2500)
     collapsed = common.MODES["ring8"][0][0] + 0.02 * torch.randn(2500, 2)
-    assert common.mode_metrics(full, "ring8")["modes_covered"] == 8
-    assert common.mode_metrics(collapsed, "ring8")["modes_covered"] == 1
+    assert metrics.mode_metrics(full, "ring8")["modes_covered"] == 8
+    assert metrics.mode_metrics(collapsed, "ring8")["modes_covered"] == 1
 
 
 @pytest.mark.parametrize("script, extra", [(gan, []), pytest.param(gan, ["--loss", "lsgan", "--k", "2"], marks=SLOW),
                                            (wgan, []), pytest.param(wgan, ["--lipschitz", "clip"], marks=SLOW)])
 def test_2d_runs_write_outputs(script, extra, tmp_path):
-    rec = script.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "500", "--hidden", "32"] + extra)
+    rec = script.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "500", "--width", "32"] + extra)
     for key in ("modes_covered", "high_quality_frac", "mmd", "steps", "seconds"):
         assert key in rec
     for f in ("samples.png", "samples.pt", "loss.png", "progress.png", "checkpoint.pt", "metrics.json"):
         assert (tmp_path / f).exists(), f
     if script is wgan:
-        assert (tmp_path / "wasserstein.png").exists() and (tmp_path / "jsd_vs_w.png").exists()
+        assert (tmp_path / "wasserstein.png").exists()
         assert "w1_exact_final" in rec and json.load(open(tmp_path / "metrics.json"))["config"]["lr"] == \
             (5e-5 if "clip" in extra else wgan.Config.lr)
         if not extra:                                                    # the critic learned f(real) > f(fake):
             assert rec["w_estimate_final"] > 0.1                         # 0.42 here; -1.1 with the loss's sign flipped
-    again = script.main(["--sample-only", "--out", str(tmp_path), "--n-samples", "500", "--hidden", "32"] + extra)
+    again = script.main(["--sample-only", "--out", str(tmp_path), "--n-samples", "500", "--width", "32"] + extra)
     assert again["steps"] == 0
 
 
@@ -130,7 +123,7 @@ def test_digits_runs(script, tmp_path):
 
 
 def test_g_steps_puts_the_generator_in_the_inner_loop(tmp_path):
-    gan.main(["--steps", "3", "--k", "2", "--g-steps", "4", "--hidden", "8", "--n-samples", "100",
+    gan.main(["--steps", "3", "--k", "2", "--g-steps", "4", "--width", "8", "--n-samples", "100",
               "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     step_count = lambda opt: int(opt["state"][0]["step"])
@@ -140,7 +133,7 @@ def test_g_steps_puts_the_generator_in_the_inner_loop(tmp_path):
 @pytest.mark.parametrize("script, extra", [(gan, ["--g-steps", "3"]), (wgan, ["--exact-every", "0"])])
 def test_d_gets_a_gradient_only_in_its_own_steps(script, extra, tmp_path):
     """G's steps freeze D (its weights' gradients would be thrown away), and D trains again after them."""
-    argv = ["--steps", "2", "--hidden", "8", "--out", str(tmp_path)] + extra
+    argv = ["--steps", "2", "--width", "8", "--out", str(tmp_path)] + extra
     cfg = common.parse_config(script.Config, argv, script.__name__)
     G, D, z_dim = script.make_nets(cfg)
     calls = []
@@ -151,16 +144,16 @@ def test_d_gets_a_gradient_only_in_its_own_steps(script, extra, tmp_path):
 
 def test_wgan_gp_defaults_differ_by_data(tmp_path):
     cfg = lambda *argv: common.parse_config(wgan.Config, [*argv, "--out", str(tmp_path)], "wgan")
-    assert (cfg().gp_lambda, cfg().lr) == (1.0, 2e-3)                   # 2-D: lambda 1, lr 2e-3 (README)
-    assert (cfg("--data", "digits").gp_lambda, cfg("--data", "digits").lr) == (10.0, 1e-3)   # images: the GP paper's
-    assert cfg("--data", "digits", "--gp-lambda", "3").gp_lambda == 3.0  # a given flag wins
+    assert (cfg().lambda_gp, cfg().lr) == (1.0, 2e-3)                   # 2-D: lambda 1, lr 2e-3
+    assert (cfg("--data", "digits").lambda_gp, cfg("--data", "digits").lr) == (10.0, 1e-3)   # images: the GP paper's
+    assert cfg("--data", "digits", "--lambda-gp", "3").lambda_gp == 3.0  # a given flag wins
     assert cfg("--data", "digits", "--lipschitz", "clip").lr == 5e-5    # Algorithm 1's alpha
 
 
 def test_wgan_exact_w1_does_not_change_training(tmp_path):
     """--exact-every 6 of 6 steps: after step 1 (mid-training) and step 6; a W_1 that drew from the training
     stream would change steps 2-6 and the samples."""
-    run = lambda every: wgan.main(["--steps", "6", "--hidden", "16", "--n-samples", "300", "--exact-every", every,
+    run = lambda every: wgan.main(["--steps", "6", "--width", "16", "--n-samples", "300", "--exact-every", every,
                                    "--out", str(tmp_path / every)])
     assert "w1_exact_final" in run("6") and "w1_exact_final" not in run("0")
     assert torch.equal(torch.load(tmp_path / "6" / "samples.pt"), torch.load(tmp_path / "0" / "samples.pt"))
@@ -173,36 +166,3 @@ def test_bad_input(tmp_path):
         gan.main(["--g-steps", "0", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--n-critic"):
         wgan.main(["--n-critic", "0", "--out", str(tmp_path)])
-
-
-# ----------------------------------------------------------------------------- --demo divergences (issue 20, part 2)
-def test_quadrature_divergences_match_closed_forms():
-    """KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2, both ways; JSD is
-    symmetric and tends to log 2 for distributions that do not overlap."""
-    x = torch.linspace(-15, 15, 6001, dtype=torch.float64)
-    dx = float(x[1] - x[0])
-    log_n = lambda m, s: -0.5 * ((x - m) / s) ** 2 - math.log(s * math.sqrt(2 * math.pi))
-    kl = lambda m1, s1, m2, s2: math.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
-    p, q = log_n(0.3, 0.8), log_n(-1.0, 1.7)
-    assert float(gan.divergence("kl_pq", p, q, dx)) == pytest.approx(kl(0.3, 0.8, -1.0, 1.7), rel=1e-6)
-    assert float(gan.divergence("kl_qp", p, q, dx)) == pytest.approx(kl(-1.0, 1.7, 0.3, 0.8), rel=1e-6)
-    assert float(gan.divergence("jsd", p, q, dx)) == pytest.approx(float(gan.divergence("jsd", q, p, dx)), rel=1e-9)
-    assert float(gan.divergence("jsd", log_n(-8, 0.3), log_n(8, 0.3), dx)) == pytest.approx(math.log(2), rel=1e-6)
-
-
-def test_forward_kl_fit_matches_the_moments_and_reverse_kl_picks_a_mode():
-    x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
-    means, w = torch.tensor([-2.5, 2.5], dtype=torch.float64), torch.tensor([0.4, 0.6], dtype=torch.float64)
-    log_p = gan.mixture_log_density(x, means, 0.6, w)
-    mu, sigma, _ = gan.fit_gaussian("kl_pq", x, log_p, 0.5)
-    assert mu == pytest.approx(0.5, abs=1e-3)                            # E_p x = 0.6 * 2.5 - 0.4 * 2.5
-    assert sigma == pytest.approx(math.sqrt(0.36 + 0.4 * 9 + 0.6 * 4), abs=1e-3)   # 0.6^2 + Var of the means
-    mu, sigma, _ = gan.fit_gaussian("kl_qp", x, log_p, 2.0)
-    assert mu == pytest.approx(2.5, abs=0.01) and sigma == pytest.approx(0.6, abs=0.01)
-
-
-def test_divergences_demo_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(gan, "fit_gaussian", functools.partial(gan.fit_gaussian, steps=30))
-    rec = gan.main(["--demo", "divergences", "--out", str(tmp_path)])
-    assert set(rec) >= {"kl_pq", "kl_qp", "jsd", "p_mean"} and (tmp_path / "divergences.png").exists()
-    assert rec["steps"] == 0                                             # a demo trains nothing

@@ -52,14 +52,14 @@ def _tensors(obj):
 def test_ddpm_bf16_trains_in_bfloat16_on_cuda(tmp_path, monkeypatch):
     """--bf16 on cuda: the U-Net's training passes really run in bfloat16, and the run ends with finite numbers."""
     dtypes = training_dtypes(monkeypatch)
-    rec = ddpm.main(CUDA + ["--bf16", "--ch", "16", "--batch-size", "32", "--n-samples", "50", "--sample-steps", "10",
-                            "--steps", "20", "--out", str(tmp_path)])
+    rec = ddpm.main(CUDA + ["--bf16", "--width", "16", "--batch-size", "32", "--n-samples", "50",
+                            "--sample-steps", "10", "--steps", "20", "--out", str(tmp_path)])
     assert dtypes == {torch.bfloat16} and math.isfinite(rec["fd"])
 
 
 def test_ddpm_compile_matches_eager_on_cuda(tmp_path):
     """--compile on cuda (Triton kernels): the same training run as the eager model, to float tolerance."""
-    args = CUDA + ["--ch", "16", "--T", "50", "--batch-size", "16", "--n-samples", "20", "--sample-steps", "5",
+    args = CUDA + ["--width", "16", "--T", "50", "--batch-size", "16", "--n-samples", "20", "--sample-steps", "5",
                    "--steps", "5"]
     ddpm.main(args + ["--out", str(tmp_path / "eager")])
     ddpm.main(args + ["--compile", "--out", str(tmp_path / "compiled")])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import metrics
 import mgn
 
 
@@ -39,10 +40,10 @@ def test_an_unconstrained_cascade_is_caught():
 
 @pytest.mark.parametrize("net", ["cmgn", "mmgn"])
 def test_monotone_on_random_pairs_and_after_training(net, tmp_path):
-    rec = mgn.main(["--task", "ot-banana", "--net", net, "--steps", "30", "--batch-size", "128", "--n-test", "200",
+    rec = mgn.main(["--task", "ot-banana", "--net", net, "--steps", "30", "--batch-size", "128", "--n-eval", "200",
                     "--out", str(tmp_path)])
     assert rec["monotone_violations"] == 0
-    T = mgn.Transport(mgn.make_net(mgn.Config(net=net, hidden=32, depth=4), 2), torch.zeros(2, 2), torch.ones(2, 2))
+    T = mgn.Transport((mgn.CMGN if net == "cmgn" else mgn.MMGN)(2, 32, 4), torch.zeros(2, 2), torch.ones(2, 2))
     T.load_state_dict(common.load_checkpoint(os.path.join(tmp_path, "checkpoint.pt"))["T"])
     x = mgn.ot_samplers("ot-banana")[0](256, torch.Generator().manual_seed(3))
     assert_monotone_jacobians(T, x)
@@ -86,8 +87,8 @@ def test_short_gradient_run_lowers_the_error_tenfold(tmp_path):
 
 @pytest.mark.parametrize("task", ["ot-gaussian", "generate", "recolor"])
 def test_smoke_runs(task, tmp_path):
-    args = ["--task", task, "--steps", "3", "--n-test", "200", "--out", str(tmp_path)]
-    rec = mgn.main(args + (["--batch-size", "32", "--hidden", "16", "--depth", "2"] if task == "generate" else []))
+    args = ["--task", task, "--steps", "3", "--n-eval", "200", "--out", str(tmp_path)]
+    rec = mgn.main(args + (["--batch-size", "32", "--width", "16", "--depth", "2"] if task == "generate" else []))
     keys = {"ot-gaussian": ("map_error", "w2", "coord_w1"), "generate": ("fd", "digit_confidence", "class_entropy"),
             "recolor": ("monotone_violations", "S_eps_after")}[task]
     assert all(k in rec for k in keys) and rec["monotone_violations"] == 0
@@ -99,7 +100,7 @@ def test_smoke_runs(task, tmp_path):
 def test_bad_input_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="image not found: .*missing.png"):
         mgn.main(["--task", "recolor", "--source", str(tmp_path / "missing.png"), "--out", str(tmp_path)])
-    with pytest.raises(common.UserError, match="--hidden, --depth and --eps must be positive"):
+    with pytest.raises(common.UserError, match="--width, --depth and --eps must be positive"):
         mgn.main(["--eps", "-1", "--out", str(tmp_path)])
 
 

@@ -1,5 +1,5 @@
-"""No silent wrong result: a regression test for each bug of the reliability issue, and the README's bad-input
-table row by row (each bad input gets one `error:` line before any training starts)."""
+"""No silent wrong result: a test for each way a run could go wrong quietly, and the bad-input table of
+docs/reliability.md row by row (each bad input gets one `error:` line before any training starts)."""
 import math, os, re, subprocess, sys
 
 import matplotlib.image
@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import cgan, common, cyclegan, ddpm, flow_matching, gan, mgn, sinkhorn, stylegan_lite, vae, wgan
+import autoencoders, cgan, common, cyclegan, ddpm, flow_matching, gan, metrics, mgn, score_matching, sinkhorn
+import stylegan_lite, vae, vqvae, wgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINING = [vae, gan, wgan, cgan, cyclegan, stylegan_lite, ddpm, flow_matching, mgn]
+TRAINING = [vae, autoencoders, vqvae, gan, wgan, cgan, cyclegan, stylegan_lite, ddpm, flow_matching, score_matching,
+            mgn]
 
 
 # ----------------------------------------------------------------------------- silent wrong results
@@ -50,11 +52,6 @@ def test_mgn_standardises_with_the_pooled_per_coordinate_std():
     assert float(T.scale) == pytest.approx(2.0, abs=0.1)
 
 
-def test_ot_coupling_with_the_sde_sampler_is_refused(tmp_path):
-    with pytest.raises(common.UserError, match="--sampler sde needs --coupling independent"):
-        flow_matching.main(["--coupling", "ot", "--sampler", "sde", "--out", str(tmp_path)])
-
-
 def test_cgan_ema_forgets_the_random_init(tmp_path):
     cgan.main(["--steps", "20", "--n-samples", "20", "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -68,16 +65,16 @@ def test_cgan_ema_forgets_the_random_init(tmp_path):
 
 
 def test_cyclegan_without_pool_runs(tmp_path):
-    rec = cyclegan.main(["--pool", "0", "--steps", "2", "--batch-size", "2", "--ngf", "4", "--ndf", "4",
+    rec = cyclegan.main(["--pool", "0", "--steps", "2", "--batch-size", "2", "--width", "4", "--ndf", "4",
                          "--n-eval", "20", "--out", str(tmp_path)])
     assert math.isfinite(rec["cycle_l1_x"])
 
 
 def test_sample_only_reads_the_schedule_from_the_checkpoint(tmp_path):
     args = ["--steps", "2", "--n-samples", "10", "--sample-steps", "5", "--out", str(tmp_path)]
-    ddpm.main(args + ["--T", "20", "--schedule", "cosine", "--ch", "8"])
+    ddpm.main(args + ["--T", "20", "--schedule", "cosine", "--width", "8"])
     rec = ddpm.main(["--sample-only", "--n-samples", "10", "--sample-steps", "5", "--out", str(tmp_path)])
-    assert (rec["config"]["T"], rec["config"]["schedule"], rec["config"]["ch"]) == (20, "cosine", 8)
+    assert (rec["config"]["T"], rec["config"]["schedule"], rec["config"]["width"]) == (20, "cosine", 8)
     with pytest.raises(common.UserError, match="--T 30 contradicts the checkpoint"):
         ddpm.main(["--sample-only", "--T", "30", "--out", str(tmp_path)])
 
@@ -93,21 +90,24 @@ def test_wgan_guards_the_generator_loss_too(tmp_path, monkeypatch):
     real = wgan.make_nets
     monkeypatch.setattr(wgan, "make_nets", lambda cfg: (real(cfg)[0], NanOnGeneratorStep(), real(cfg)[2]))
     with pytest.raises(common.UserError, match="loss became nan"):
-        wgan.main(["--lipschitz", "clip", "--steps", "3", "--hidden", "8", "--out", str(tmp_path)])
+        wgan.main(["--lipschitz", "clip", "--steps", "3", "--width", "8", "--out", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------- the bad-input table
-BAD_INPUT = [  # (script, flags, the words of its error line): the README's table, row by row
+BAD_INPUT = [  # (script, flags, the words of its error line): docs/reliability.md's table, row by row
     (ddpm, ["--grad-clip", "0"], "--grad-clip must be positive"),
     (ddpm, ["--grad-clip", "-1"], "--grad-clip must be positive"),
-    (ddpm, ["--ch", "12"], "--ch must be a multiple of 8"),
+    (ddpm, ["--width", "12"], "--width must be a multiple of 8"),
     (ddpm, ["--T", "20", "--compare"], "--compare runs 50-step samplers: it needs --T >= 50"),
     (gan, ["--seed", "-1"], "--seed must be a non-negative integer"),
     (vae, ["--seed", "-1"], "--seed must be a non-negative integer"),
     (cgan, ["--ema", "1"], "--ema must be in [0, 1)"),
     (cgan, ["--ema", "1.5"], "--ema must be in [0, 1)"),
     (sinkhorn, ["--demo", "color", "--target", "no_such.png"], "image not found: no_such.png"),
-    (flow_matching, ["--coupling", "ot", "--sampler", "sde"], "--sampler sde needs --coupling independent"),
+    (flow_matching, ["--coupling", "corrupt"], "--coupling corrupt restores images"),
+    (score_matching, ["--t0", "1"], "--t0 in (0, 1)"),
+    (autoencoders, ["--kind", "cae", "--linear"], "--linear is for --kind ae"),
+    (vqvae, ["--prior-steps", "0"], "--prior-steps must be in 1..--steps - 1"),
 ]
 
 
@@ -125,8 +125,8 @@ def cli(script, *args):
 
 
 def test_from_the_shell_a_bad_input_is_one_error_line(tmp_path):
-    status, err = cli("ddpm", "--ch", "12", "--out", str(tmp_path))
-    assert status == 1 and err == "error: --ch must be a multiple of 8 (GroupNorm uses 8 groups), got 12"
+    status, err = cli("ddpm", "--width", "12", "--out", str(tmp_path))
+    assert status == 1 and err == "error: --width must be a multiple of 8 (GroupNorm uses 8 groups), got 12"
 
 
 @pytest.mark.parametrize("flag", [["--lr", "0.1"], ["--sample-only"], ["--device", "cpu"], ["--step", "3"]])
@@ -164,7 +164,7 @@ def test_corrupt_cached_evaluator_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "EVALUATORS", str(tmp_path / "none"))    # as beside a common.py copied alone
     (tmp_path / "classifier_digits_v2.pt").write_bytes(b"junk")
     with pytest.raises(common.UserError, match="classifier_digits_v2.pt is not a readable checkpoint.*delete it"):
-        common.get_classifier("digits")
+        metrics.get_classifier("digits")
     with pytest.raises(common.UserError, match="classifier_digits_v2.pt is not a readable checkpoint"):
         vae.main(["--out", str(tmp_path / "run")])                        # at once, before any training
     assert not (tmp_path / "run").exists()

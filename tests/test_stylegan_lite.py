@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import metrics
 import stylegan_lite as sg
 
 
@@ -81,7 +82,7 @@ def test_lazy_r1_every_r1_every_steps_scaled_by_r1_every(tmp_path, monkeypatch):
     """With the GAN loss patched to 0 and R1 patched to 1, D's loss is gamma * r1_every exactly on the R1 steps."""
     monkeypatch.setattr(sg, "d_loss", lambda l_real, l_fake: 0 * (l_real.sum() + l_fake.sum()))
     monkeypatch.setattr(sg, "r1_penalty", lambda D, x: 1 + 0 * D(x).sum())
-    sg.main(["--steps", "6", "--batch-size", "4", "--channels", "4", "--n-samples", "20", "--r1-every", "3",
+    sg.main(["--steps", "6", "--batch-size", "4", "--width", "4", "--n-samples", "20", "--r1-every", "3",
              "--r1-gamma", "2", "--out", str(tmp_path)])
     history = torch.load(tmp_path / "checkpoint.pt")["history"]["D loss"]
     assert history == [0.0, 0.0, 6.0, 0.0, 0.0, 6.0]
@@ -91,7 +92,7 @@ def test_w_avg_is_the_running_mean_of_w(tmp_path, monkeypatch):
     """One step from w_bar = 0 with a fixed z: w_bar = 0.005 mean f(z), f the mapping after the step."""
     z = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(sg, "sample_latents", lambda G, n, device, p: (z.to(device), None, None))
-    sg.main(["--steps", "1", "--batch-size", "4", "--channels", "8", "--z-dim", "16", "--n-samples", "20",
+    sg.main(["--steps", "1", "--batch-size", "4", "--width", "8", "--z-dim", "16", "--n-samples", "20",
              "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt")
     G = sg.Generator(16, 4, 8)
@@ -104,10 +105,10 @@ def test_w_avg_is_the_running_mean_of_w(tmp_path, monkeypatch):
 def test_d_gets_a_gradient_only_in_its_own_step(tmp_path):
     """G's step freezes D (its weights' gradients would be thrown away), and D trains again after it; R1's
     steps included."""
-    argv = ["--steps", "3", "--batch-size", "4", "--channels", "8", "--ndf", "8", "--r1-every", "2", "--out",
+    argv = ["--steps", "3", "--batch-size", "4", "--width", "8", "--ndf", "8", "--r1-every", "2", "--out",
             str(tmp_path)]
     cfg = common.parse_config(sg.Config, argv, "stylegan_lite")
-    G = sg.Generator(cfg.z_dim, cfg.map_layers, cfg.channels)
+    G = sg.Generator(cfg.z_dim, cfg.map_layers, cfg.width)
     D = sg.discriminator(cfg.ndf)
     calls = []
     D[0].weight.register_hook(lambda g: calls.append(1))
@@ -119,7 +120,7 @@ def test_channels_last_layout_is_kept_and_changes_no_output_or_gradient(tmp_path
     """main() trains G and D channels_last (the CPU's convolutions are faster so, README); the layout is the same
     function: outputs and gradients agree with the default layout up to rounding (D's Flatten reads C, H, W in
     the same order in both)."""
-    sg.main(["--steps", "1", "--batch-size", "4", "--channels", "8", "--ndf", "8", "--n-samples", "20",
+    sg.main(["--steps", "1", "--batch-size", "4", "--width", "8", "--ndf", "8", "--n-samples", "20",
              "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt")
     for w in (state["G"]["layers.2.conv.weight"], state["G_ema"]["const"], state["D"]["2.weight"]):
@@ -175,7 +176,7 @@ def test_r1_penalty_on_a_linear_critic():
 
 
 def test_main_smoke_and_sample_only(tmp_path):
-    args = ["--steps", "4", "--batch-size", "8", "--channels", "8", "--z-dim", "16", "--n-samples", "200",
+    args = ["--steps", "4", "--batch-size", "8", "--width", "8", "--z-dim", "16", "--n-samples", "200",
             "--r1-every", "2", "--out", str(tmp_path)]
     rec = sg.main(args)
     assert {"fd", "digit_confidence", "class_entropy"} <= set(rec)
@@ -193,7 +194,7 @@ def test_main_smoke_and_sample_only(tmp_path):
 def test_each_net_has_its_own_optimizer_settings_and_d_its_width(tmp_path):
     """G: Adam(--lr, betas (0, 0.99)); D (the DCGAN discriminator, one logit per image): Adam(--d-lr, (0.5, 0.999)),
     --ndf channels, then 2 ndf; --ndf is read back from the checkpoint."""
-    sg.main(["--steps", "1", "--batch-size", "4", "--channels", "4", "--n-samples", "20", "--lr", "3e-3",
+    sg.main(["--steps", "1", "--batch-size", "4", "--width", "4", "--n-samples", "20", "--lr", "3e-3",
              "--d-lr", "5e-4", "--ndf", "8", "--out", str(tmp_path)])
     state = torch.load(tmp_path / "checkpoint.pt")
     g_group = state["opt_g"]["param_groups"][0]

@@ -1,0 +1,393 @@
+r"""metrics.py - how the samples are scored, and the exact optimal transport that serves as ground truth.
+
+Lecture: 004 "Evaluation measures" (Borji's table: IS, FID, MMD, nearest neighbours...) and "Mode collapse";
+004 "Optimal transport" and 000 Part B section 2 for the exact solvers. Imported by the scripts; runs nothing.
+
+    evaluator        a small CNN with 11 classes: the ten digits and NOT_DIGIT, trained on the training images,
+                     legible variants of half of them (digits too) and "not a digit" images made from them
+    fd               ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}) of the evaluator's 128-d features
+                     (FID's formula, with our evaluator instead of Inception-v3: not comparable with papers)
+    digit_confidence the fraction of samples the evaluator calls one of the ten digits with probability >= 0.9
+    class_entropy    entropy (nats) of the most likely class over the samples it does not call NOT_DIGIT; log 10 =
+                     2.303 is a perfect balance; their share is 1 - not_digit
+    inception_score  exp(E_x KL(p(y|x) || p(y))) over the 11 classes (1 to 11)
+    nn_ratio         nearest training image distance over the same for held-out images (< 1: copying)
+    mmd              unbiased MMD^2 with a sum of Gaussian kernels (2-D data)
+    modes            a 2-D sample is good within 3 std of its nearest mode; a mode is covered by one good sample
+    assignment       exact min-cost assignment by Bertsekas' auction; w_exact = W_p of two equal clouds by it
+The evaluator of the built-in digits ships in evaluators/ (its training is chaotic: every machine must score with
+the same net); for mnist, fashion and mnist10k it is trained once by the same recipe and cached.
+"""
+import functools, math, os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import common
+
+NOT_DIGIT = 10                           # the evaluator's 11th class: "not one of the ten" (see not_digits)
+CLASSIFIER_EPOCHS = {"digits": 1, "mnist": 3, "fashion": 5, "mnist10k": 20}  # >= 98% test accuracy
+
+
+# ----------------------------------------------------------------------------- the evaluator's training data
+def gaussian_blur(x, sigma):
+    """x (N, 1, H, W) blurred by a Gaussian of std sigma[i] pixels per image (zero padding)."""
+    r = torch.arange(-8, 9, dtype=torch.float32)
+    k = torch.exp(-r ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)                                      # (N, 17)
+    n, _, h, w = x.shape
+    x = F.conv2d(x.reshape(1, n, h, w), k[:, None, None, :], padding=(0, 8), groups=n)  # along rows
+    x = F.conv2d(x, k[:, None, :, None], padding=(8, 0), groups=n)                     # along columns
+    return x.reshape(n, 1, h, w)
+
+
+def scribbles(n, gen, size=28):
+    """n images of 4-6 random straight strokes 1-2.5 px wide, anywhere in the central 22x22 px."""
+    k = 6
+    p = 3 + 22 * torch.rand(n, k, 2, 2, generator=gen)                  # (N, strokes, ends, xy) in pixels
+    r = torch.arange(size, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(1, 1, -1, 2)  # (1, 1, H*W, 2): (x, y)
+    a, b = p[:, :, None, 0], p[:, :, None, 1]                           # (N, k, 1, 2)
+    t = ((grid - a) * (b - a)).sum(-1) / (b - a).pow(2).sum(-1).clamp(min=1e-6)
+    dist = (grid - a - t.clamp(0, 1)[..., None] * (b - a)).norm(dim=-1)  # (N, k, H*W): distance to each segment
+    width = 0.5 + 0.75 * torch.rand(n, k, 1, generator=gen)
+    keep = torch.arange(k) < torch.randint(4, k + 1, (n, 1), generator=gen)  # 4-6 strokes per image
+    ink = ((width + 0.5 - dist).clamp(0, 1) * keep[..., None]).amax(1)  # (N, H*W)
+    return ink.reshape(n, 1, size, size)
+
+
+def not_digits(x, y, n, seed):
+    r"""n "not a digit" images made from images x (labels y) for the evaluator's class NOT_DIGIT, a fifth each:
+    ghosts (two images of different classes overlaid 3-6 px apart), blobs (Gaussian blur of std 2.5-4 px rescaled
+    to full ink), fragments (an image with its ink on one side of a random line near the ink's centre erased),
+    scribbles (4-6 random strokes) and noise (smooth random shapes in the digit's box). Other kinds (warped,
+    cut-up digits) are held out to test that it rejects what it has not seen."""
+    gen = torch.Generator().manual_seed(seed)
+    m = n // 5
+    i = torch.randint(len(x), (m,), generator=gen)
+    j = torch.randint(len(x), (m,), generator=gen)
+    j = torch.where(y[j] == y[i], torch.randint(len(x), (m,), generator=gen), j)   # mostly different classes
+    angle = 2 * math.pi * torch.rand(m, generator=gen)
+    dist = 3 + 3 * torch.rand(m, generator=gen)                          # pixels between the two
+    shift = torch.stack([dist * angle.cos(), dist * angle.sin()], 1) * 2 / x.shape[-1]   # normalised coords
+    theta = torch.cat([torch.eye(2).expand(m, 2, 2), shift[:, :, None]], 2)            # (m, 2, 3)
+    moved = F.grid_sample(x[j], F.affine_grid(theta, x[j].shape, align_corners=False), align_corners=False)
+    ghost = torch.maximum(x[i], moved)
+    k = torch.randint(len(x), (m,), generator=gen)
+    blob = gaussian_blur(x[k], 2.5 + 1.5 * torch.rand(m, generator=gen))
+    blob = blob / blob.amax((1, 2, 3), keepdim=True).clamp(min=1e-6)
+    k = torch.randint(len(x), (m,), generator=gen)
+    r = torch.linspace(-1, 1, x.shape[-1])
+    normal = 2 * math.pi * torch.rand(m, 1, 1, generator=gen)
+    side = r[None, None, :] * normal.cos() + r[None, :, None] * normal.sin()            # (m, H, W)
+    ink = x[k, 0] / x[k, 0].sum((1, 2), keepdim=True).clamp(min=1e-6)
+    centre = (ink * side).sum((1, 2), keepdim=True)                      # the ink's centre along the normal
+    fragment = x[k] * (side > centre + 0.2 * torch.rand(m, 1, 1, generator=gen) - 0.1)[:, None]
+    coarse = torch.rand(n - 4 * m, 1, 6, 6, generator=gen)
+    noise = F.pad(F.interpolate(coarse, size=20, mode="bicubic", align_corners=False), (4, 4, 4, 4))  # in 20x20
+    noise = ((noise - 0.55) * 6).clamp(0, 1)
+    return torch.cat([ghost, blob, fragment, scribbles(m, gen, x.shape[-1]), noise]).clamp(0, 1)
+
+
+def legible_variants(x, seed):
+    """Each image of x changed the ways a generated digit may differ from the training set and still be legible:
+    a gentle smooth warp (std 0.06 of the frame at 4x4 control points), a little blur (std 0-1 px) and speckle
+    (2% of pixels set to random grey). The evaluator learns these as digits, so NOT_DIGIT means broken, not merely
+    unlike the training images."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    d = torch.randn(n, 2, 4, 4, generator=gen) * 0.06
+    d = F.interpolate(d, size=x.shape[-1], mode="bicubic", align_corners=False).permute(0, 2, 3, 1)  # (N, H, W, 2)
+    grid = F.affine_grid(torch.eye(2, 3).expand(n, 2, 3), x.shape, align_corners=False)
+    x = F.grid_sample(x, grid + d, align_corners=False)
+    x = gaussian_blur(x, 0.01 + torch.rand(n, generator=gen))
+    speckle = torch.rand(x.shape, generator=gen) < 0.02
+    return torch.where(speckle, torch.rand(x.shape, generator=gen), x).clamp(0, 1)
+
+
+def with_negatives(x, y, fraction=0.2, seed=0):
+    """The evaluator's training set: (x, y), legible_variants() of half of it, and fraction * len(x) not_digits()
+    labelled NOT_DIGIT."""
+    half = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:len(x) // 2]
+    neg = not_digits(x, y, int(fraction * len(x)), seed)
+    labels = torch.cat([y, y[half], torch.full((len(neg),), NOT_DIGIT)])
+    return torch.cat([x, legible_variants(x[half], seed), neg]), labels
+
+
+# ----------------------------------------------------------------------------- the evaluator
+def make_classifier():
+    """Small CNN: 28x28 -> 14 -> 7 with strided convs, a 128-d feature layer net[:-1] (for fd), 11 logits
+    (ten classes and NOT_DIGIT)."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 49, 128), nn.ReLU(),
+                         nn.Linear(128, 11))
+
+
+def train_classifier(x, y, epochs, seed=0, batch_size=128):
+    """Adam, random +-2 px shifts as augmentation; deterministic in seed (CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = make_classifier()
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * math.ceil(len(x) / batch_size))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            loss = F.cross_entropy(net(torch.roll(x[idx], (dx, dy), (2, 3))), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+def cached_classifier(path, make_data, epochs):
+    """An evaluator CNN: the shipped one, evaluators/<the file name of path>, if there is one; else trained once on
+    make_data() -> (x, y) and cached at path. A broken file: one line. Training is chaotic: the same seed on another
+    CPU or thread count ends in another net of the same accuracy that scores samples differently, so the built-in
+    data's evaluators are trained once and shipped, and every machine measures with the same one."""
+    shipped = os.path.join(common.EVALUATORS, os.path.basename(path))
+    if os.path.exists(shipped):
+        path = shipped
+    elif not os.path.exists(path):
+        x, y = make_data()
+        with torch.random.fork_rng():                  # training it must not change the caller's random stream
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            common.save_checkpoint(path, **train_classifier(x, y, epochs).state_dict())
+    with torch.random.fork_rng():                      # nor must building it (its random initial weights)
+        net = make_classifier()
+    net.load_state_dict(common.load_checkpoint(path))                  # a corrupt file: one line naming it
+    return net.eval()
+
+
+def get_classifier(data, data_dir=""):
+    """The shared evaluator for an image dataset: trained once on with_negatives() of its train split (the images,
+    legible variants of half of them, 20% as many not_digits()); shipped in evaluators/ for digits, else cached."""
+    path = os.path.join(common.CACHE, f"classifier_{data}_v2.pt")         # v2: bump it when the recipe changes
+    make_data = lambda: with_negatives(*common.load_images(data, "train", data_dir))
+    return cached_classifier(path, make_data, CLASSIFIER_EPOCHS[data])
+
+
+@torch.no_grad()
+def classify(net, x, batch_size=1000):
+    """(features (N, 128), class probabilities (N, 11), the last NOT_DIGIT) of images x (N, 1, 28, 28) in [0, 1]."""
+    feats = torch.cat([net[:-1](b.float().cpu()) for b in x.split(batch_size)])
+    return feats, net[-1](feats).softmax(1)
+
+
+# ----------------------------------------------------------------------------- image metrics (004, evaluation)
+def frechet_distance(f1, f2):
+    r"""||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), the FID formula, in float64.
+    Tr (S_1 S_2)^{1/2} = sum sqrt(eig(S_1^{1/2} S_2 S_1^{1/2})), which is symmetric PSD."""
+    f1 = f1.double()
+    f2 = f2.double()
+    m1, s1 = f1.mean(0), torch.cov(f1.T)
+    m2, s2 = f2.mean(0), torch.cov(f2.T)
+    e, v = torch.linalg.eigh(s1)
+    r1 = v @ torch.diag(e.clamp(min=0).sqrt()) @ v.T                  # S_1^{1/2}
+    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return float((m1 - m2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+@functools.lru_cache(maxsize=4)
+def real_features(data, data_dir, n_real, cache):
+    """The evaluator's features of the first n_real test images, computed once per process (and cache folder)."""
+    return classify(get_classifier(data, data_dir), common.load_images(data, "test", data_dir)[0][:n_real])[0]
+
+
+def inception_score(probs):
+    r"""IS = exp(E_x KL(p(y|x) || p(y))), p(y) = the mean of p(y|x) over the samples (004, Borji's table: "KLD
+    between conditional and marginal label distributions"): 1 if every p(y|x) is the same, the number of classes
+    for confident predictions spread evenly. Computed with the shared evaluator, not Inception-v3: our numbers do
+    not compare with papers' Inception Scores."""
+    log_p = probs.clamp(min=1e-12).log()
+    log_p_y = probs.mean(0, keepdim=True).clamp(min=1e-12).log()
+    return float((probs * (log_p - log_p_y)).sum(1).mean().exp())
+
+
+def class_entropy(probs):
+    """Entropy (nats) of the histogram of the most likely class over the samples whose most likely class is a
+    digit (those called NOT_DIGIT are left out: their share is not_digit); 0 if there are none."""
+    top = probs.argmax(1)
+    top = top[top != NOT_DIGIT]
+    if len(top) == 0:
+        return 0.0
+    hist = torch.bincount(top, minlength=NOT_DIGIT).float() / len(top)
+    entropy = -(hist * hist.clamp(min=1e-12).log()).sum()
+    return max(float(entropy), 0.0)                                      # not -0.0 for a single class
+
+
+def nn_ratio(x, train, test, batch=500):
+    """Memorisation check: the mean pixel distance from each sample to its nearest training image, divided by the
+    same for as many held-out test images. About 1 for a model that generalises like fresh data; < 1 flags
+    samples closer to the training set than new data are (copying)."""
+    train = train.flatten(1).float()                                     # (N, 784)
+    train_sq = (train * train).sum(1)                                    # once per call (cdist redoes it per batch)
+
+    def mean_nn(a):
+        nearest = []
+        for b in a.flatten(1).float().split(batch):                      # |b - t|^2 = |b|^2 + |t|^2 - 2 b.t
+            d2 = (b * b).sum(1, keepdim=True) + train_sq[None] - 2 * b @ train.T
+            nearest.append(d2.amin(1).clamp(min=0).sqrt())
+        return torch.cat(nearest).mean()
+    return float(mean_nn(x.cpu()) / mean_nn(test[:len(x)]))
+
+
+def class_spread(feats, labels, real_feats, real_labels, n=300):
+    """Variety within a class: the mean distance between the evaluator's features of two samples of class y, over
+    the same for two real images of class y, averaged over the classes with at least 2 samples (n of each at most).
+    About 1 for samples as varied as real digits; near 0 when G draws one image per class whatever z is."""
+    ratios = []
+    for c in labels.unique():
+        f = feats[labels == c][:n]
+        r = real_feats[real_labels == c][:n]
+        if len(f) > 1:
+            ratios.append(torch.pdist(f).mean() / torch.pdist(r).mean())
+    return float(torch.stack(ratios).mean())
+
+
+def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
+    """fd (vs held-out test images), digit_confidence, not_digit (the share whose most likely class is NOT_DIGIT),
+    class_entropy (over the others), inception_score (11 classes), nn_ratio; with labels (the classes asked for),
+    class_accuracy (NOT_DIGIT counts as wrong) and class_spread. With out, also writes out/scored.png."""
+    net = get_classifier(data, data_dir)
+    feats, probs = classify(net, x)
+    if out:
+        save_scored(x, probs, os.path.join(out, "scored.png"))
+    real_feats = real_features(data, data_dir, n_real, common.CACHE)
+    x_train, _ = common.load_images(data, "train", data_dir)
+    x_test, y_test = common.load_images(data, "test", data_dir)
+    metrics = {"fd": frechet_distance(feats, real_feats),
+               "digit_confidence": float((probs[:, :NOT_DIGIT].max(1).values >= 0.9).float().mean()),
+               "not_digit": float((probs.argmax(1) == NOT_DIGIT).float().mean()),
+               "class_entropy": class_entropy(probs),
+               "inception_score": inception_score(probs),
+               "nn_ratio": nn_ratio(x, x_train, x_test)}
+    if labels is not None:
+        metrics["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
+        if torch.bincount(labels.cpu()).max() > 1:                      # two samples of one class to compare
+            metrics["class_spread"] = class_spread(feats, labels.cpu(), real_feats, y_test[:n_real])
+    return metrics
+
+
+def save_scored(x, probs, path, n=40):
+    """n images of x spread evenly over the evaluator's ranking (most confident first), each titled with its most
+    likely class ("not" = NOT_DIGIT) and that class's probability; a frame marks those digit_confidence counts
+    (green) and those it does not (red). Drawn as one picture of pixels (fast), the titles as text."""
+    score = probs[:, :NOT_DIGIT].max(1).values
+    order = score.argsort(descending=True)
+    pick = order[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long()]
+    h, w = x.shape[-2:]
+    cell_h, cell_w = h + 12, w + 6                                      # room for the frame, the gap and the title
+    rows = math.ceil(len(pick) / 10)
+    grid = torch.ones(rows * cell_h, 10 * cell_w, 3)                   # (H, W, RGB), white
+    fig = Figure(figsize=(10, rows * cell_h / cell_w))                  # 10 inches wide, the grid's aspect
+    ax = fig.add_axes((0, 0, 1, 1))
+    for i, k in enumerate(pick.tolist()):
+        top = (i // 10) * cell_h + 10
+        left = (i % 10) * cell_w + 3
+        frame = (0.17, 0.63, 0.17) if score[k] >= 0.9 else (0.84, 0.15, 0.16)   # tab:green, tab:red
+        grid[top - 1:top + h + 1, left - 1:left + w + 1] = torch.tensor(frame)
+        grid[top:top + h, left:left + w] = x[k, 0].detach().float().cpu().clamp(0, 1)[:, :, None]   # grey -> RGB
+        c = int(probs[k].argmax())
+        ax.text(left + w / 2, top - 2, f"{'not' if c == NOT_DIGIT else c} {float(probs[k, c]):.2f}", fontsize=8,
+                ha="center", va="bottom")
+    ax.imshow(grid.numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    fig.savefig(path, dpi=80)
+
+
+# ----------------------------------------------------------------------------- 2-D metrics
+def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):
+    r"""Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) over the bandwidths h (004, "MMD")."""
+    x = x.double().cpu()
+    y = y.double().cpu()
+    k = lambda d2: sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)      # d2: squared distances, computed once
+    d2 = lambda a, b: torch.cdist(a, b) ** 2
+    within = lambda a: (k(d2(a, a)).sum() - len(a) * len(bandwidths)) / (len(a) * (len(a) - 1))  # drop k(a_i, a_i)
+    return float(within(x) + within(y) - 2 * k(d2(x, y)).mean())
+
+
+def mode_metrics(x, name):
+    """A sample is high quality if within 3 std of its nearest mode; a mode is covered if it is the nearest
+    mode of at least one high-quality sample (the VEEGAN / PacGAN protocol, on 2500 samples)."""
+    means, std = common.MODES[name]
+    d, nearest = torch.cdist(x.detach().float().cpu(), means).min(1)
+    good = d < 3 * std
+    return {"modes_covered": int(nearest[good].unique().numel()), "high_quality_frac": float(good.float().mean())}
+
+
+def support_frac(x):
+    """Fraction of 2-D samples on the checkerboard's 8 squares: |x|, |y| <= 4 and floor(x/2) + floor(y/2) even."""
+    cells = torch.floor(x / 2)
+    inside = (x.abs() <= 4).all(1) & ((cells[:, 0] + cells[:, 1]) % 2 == 0)
+    return float(inside.float().mean())
+
+
+def point_metrics(x, name, seed=12345):
+    """2-D metrics: mmd of (up to) 2500 samples against as many fresh data points; the mode metrics on ring8 and
+    grid25; support_frac on the checkerboard."""
+    n = min(len(x), 2500)
+    out = {"mmd": mmd(x[:n], common.sample_2d(name, n, torch.Generator().manual_seed(seed)))}
+    if name in common.MODES:
+        out.update(mode_metrics(x[:2500], name))
+    if name == "checkerboard":
+        out["support_frac"] = support_frac(x)
+    return out
+
+
+# ----------------------------------------------------------------------------- exact optimal transport
+def w1_sorted(x, y):
+    """W_1 between equal-size uniform 1-D samples, per column of (n, d) inputs: sort both, mean |x_(i) - y_(i)|
+    (004, "Special case: 1D distribution")."""
+    common.check(x.shape == y.shape, f"w1_sorted needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return (torch.sort(x, 0)[0] - torch.sort(y, 0)[0]).abs().mean(0)
+
+
+def assignment(C, eps_final=None, factor=5.0, max_rounds=10 ** 7):
+    r"""Exact min-cost assignment perm[i] = j for a square C (n, n), by Bertsekas' auction with eps-scaling (an
+    evaluation tool: the lectures give no solver). Every unassigned person i bids for its best object j (value
+    -C_ij - price_j), raising its price by best - second best + eps; the highest bidder wins, the previous owner
+    is freed. C is first reduced by its row and column minima (no assignment changes: every one pays the same
+    sums), then the cost ends within n eps of the optimum: eps_final = 1e-9 max C_red / n bounds the gap by
+    1e-9 max C_red, whatever constant C is offset by."""
+    common.check(C.dim() == 2 and C.shape[0] == C.shape[1], f"assignment needs a square cost matrix, got "
+                 f"{tuple(C.shape)}")
+    common.check(bool(torch.isfinite(C).all()), "assignment needs a finite cost matrix (it holds NaN or inf)")
+    C, n = C.double().cpu(), C.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    C = C - C.amin(1, keepdim=True)
+    C = C - C.amin(0, keepdim=True)                                     # >= 0, a zero in every row and column
+    scale = float(C.max()) or 1.0
+    eps_final = eps_final or 1e-9 * scale / n
+    price, eps, rounds = torch.zeros(n, dtype=torch.float64), scale / 2, 0
+    while True:
+        obj_of, owner = torch.full((n,), -1), torch.full((n,), -1)
+        while (free := (obj_of < 0).nonzero()[:, 0]).numel():
+            rounds += 1
+            common.check(rounds <= max_rounds, f"assignment: no solution after {max_rounds} bidding rounds")
+            top = (-C[free] - price).topk(2, dim=1)                    # best and second-best values (k, 2)
+            j = top.indices[:, 0]
+            bid = price[j] + top.values[:, 0] - top.values[:, 1] + eps
+            best = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, j, bid, "amax")
+            winner = torch.full((n,), -1)
+            won = bid >= best[j]
+            winner[j[won]] = free[won]                                  # one winner per object
+            objs = (winner >= 0).nonzero()[:, 0]
+            old = owner[objs]
+            obj_of[old[old >= 0]] = -1
+            owner[objs] = winner[objs]
+            obj_of[winner[objs]] = objs
+            price[objs] = best[objs]
+        if eps <= eps_final:
+            return obj_of
+        eps = max(eps / factor, eps_final)
+
+
+def w_exact(x, y, p=2):
+    """W_p between two uniform clouds of equal size: (mean_i |x_i - y_perm(i)|^p)^{1/p}, perm from `assignment`."""
+    C = torch.cdist(x.double(), y.double()) ** p
+    return float(C[torch.arange(len(x)), assignment(C)].mean() ** (1 / p))

@@ -1,0 +1,76 @@
+"""Tests of vqvae.py: the three loss terms and where each gradient goes, the straight-through gradient, the
+PixelCNN's causal masks, and runs."""
+import pytest
+import torch
+
+import common
+import vqvae
+
+
+def small_vqvae():
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(8, 4)
+    with torch.no_grad():
+        model.codebook.weight.normal_()
+    return model
+
+
+def test_vq_terms_by_hand_and_where_each_gradient_goes():
+    model = small_vqvae()
+    x = common.load_images("digits", "test")[0][:2]
+    recon, codebook, commit, k = vqvae.vq_loss(model, x, 0.25)
+    z_e = model.encoder(x).detach()
+    e = model.codebook.weight.detach()
+    d2 = ((z_e.permute(0, 2, 3, 1)[..., None, :] - e) ** 2).sum(-1)      # (B, 7, 7, K) squared distances
+    assert torch.equal(k, d2.argmin(-1))                                 # the nearest code
+    assert torch.allclose(codebook, d2.min(-1).values.sum((1, 2)), rtol=1e-5)
+    assert torch.allclose(commit, 0.25 * d2.min(-1).values.sum((1, 2)), rtol=1e-5)
+    grads = lambda term: torch.autograd.grad(term.sum(), [model.encoder[0].weight, model.codebook.weight,
+                                                          model.decoder[0].weight], allow_unused=True)
+    enc, book, dec = grads(commit)                                       # beta |z_e - sg(z_q)|^2: the encoder only
+    assert enc.abs().sum() > 0 and (book is None or book.abs().sum() == 0) and (dec is None or dec.abs().sum() == 0)
+    recon, codebook, commit, k = vqvae.vq_loss(model, x, 0.25)
+    enc, book, dec = grads(codebook)                                     # |sg(z_e) - z_q|^2: the codebook only
+    assert book.abs().sum() > 0 and (enc is None or enc.abs().sum() == 0)
+    recon, codebook, commit, k = vqvae.vq_loss(model, x, 0.25)
+    enc, book, dec = grads(recon)                                        # |x - Dec(z_q)|^2: decoder and encoder
+    assert enc.abs().sum() > 0 and dec.abs().sum() > 0 and (book is None or book.abs().sum() == 0)
+
+
+def test_straight_through_copies_the_decoder_input_gradient_to_z_e():
+    model = small_vqvae()
+    x = common.load_images("digits", "test")[0][:2]
+    z_e = model.encoder(x)
+    z_e.retain_grad()
+    _, z_q = model.quantize(z_e)
+    dec_in = z_e + (z_q - z_e).detach()
+    dec_in.retain_grad()
+    assert torch.allclose(dec_in, z_q, atol=1e-6)                        # the forward pass sees z_q (to rounding)
+    vqvae.squared_error(x, model.decoder(dec_in)).sum().backward()
+    assert torch.equal(z_e.grad, dec_in.grad) and z_e.grad.abs().sum() > 0
+
+
+def test_prior_output_i_depends_only_on_inputs_before_i():
+    torch.manual_seed(0)
+    prior = vqvae.PixelPrior(8, width=8, layers=2)
+    for i in range(49):
+        h = torch.randn(1, 8, 7, 7, requires_grad=True)
+        r, c = divmod(i, 7)
+        grad, = torch.autograd.grad(prior.net(h)[0, :, r, c].sum(), h)
+        seen = grad.abs().sum(1)[0].flatten() > 0                        # (49,) which inputs position i sees
+        assert not seen[i:].any() and (i == 0 or seen[:i].any())
+
+
+def test_runs_writes_its_outputs_and_reloads(tmp_path):
+    args = ["--steps", "6", "--prior-steps", "3", "--batch-size", "16", "--n-samples", "20", "--n-eval", "50",
+            "--out", str(tmp_path)]
+    rec = vqvae.main(args)
+    assert rec["test_mse"] > 0 and 1 <= rec["codebook_perplexity"] <= 64
+    assert {"codes_used_frac", "digit_confidence", "class_entropy", "fd"} <= set(rec)
+    for name in ("samples.png", "samples.pt", "reconstructions.png", "loss.png", "checkpoint.pt", "metrics.json"):
+        assert (tmp_path / name).exists()
+    assert torch.load(tmp_path / "samples.pt").shape == (20, 1, 28, 28)
+    again = vqvae.main(["--sample-only", "--n-samples", "20", "--n-eval", "50", "--out", str(tmp_path)])
+    assert again["test_mse"] == rec["test_mse"] and again["fd"] == rec["fd"]
+    with pytest.raises(common.UserError, match="--prior-steps must be in 1..--steps - 1"):
+        vqvae.main(["--steps", "5", "--prior-steps", "5", "--out", str(tmp_path / "x")])
