@@ -12,8 +12,9 @@ Run: `python vqvae.py` (digits: the VQ-VAE, then its prior, then samples), `pyth
     gradient    grad_{z_e} |x - Dec(z_q)|^2 := grad_{z_q} |x - Dec(z_q)|^2  (straight-through; 002, "Gradients"):
                   in code z_e + sg(z_q - z_e), which is z_q forwards and passes the gradient to z_e backwards
     prior       p(k) = prod_i p(k_i | k_<i) over the 49 code indices in raster order, a PixelCNN (van den Oord
-                et al. 2016): masked convolutions, so that output i sees only inputs < i; trained by cross-entropy
-                on the codes of the training images, with the VQ-VAE frozen
+                et al. 2016) with residual blocks: masked convolutions, so that output i sees the inputs < i (all
+                of them: no blind spot); trained by cross-entropy on the codes of the training images, computed
+                once with the VQ-VAE frozen
     sampling    k_1, ..., k_49 drawn one after the other from p(k_i | k_<i), then x = Dec(e_k)
 Training: the first --steps minus --prior-steps steps train the VQ-VAE, the last --prior-steps the prior.
 Beyond the slides: unused codes are re-initialised from encoder outputs every 100 steps of the first half of the
@@ -36,14 +37,15 @@ import metrics
 class Config(common.Config):
     data: str = common.arg("digits", "dataset", common.IMAGE_DATA)
     steps: int = common.arg(5000, "training steps: the VQ-VAE's, then the prior's (--prior-steps)")
-    lr: float = common.arg(1e-3, "Adam learning rate (both networks)")
+    lr: float = common.arg(1e-3, "Adam learning rate of the VQ-VAE")
     codes: int = common.arg(64, "K, the codebook size")
     code_dim: int = common.arg(16, "D, the dimension of each code and of z_e")
     beta: float = common.arg(0.25, "beta, the weight of the commitment term")
     revive: bool = common.arg(True, "every 100 steps of the first half, move unused codes onto encoder outputs")
     prior_steps: int = common.arg(2000, "the last steps train the PixelCNN prior over the codes")
-    prior_width: int = common.arg(32, "channels of the PixelCNN prior")
-    prior_layers: int = common.arg(4, "masked 3x3 layers of the prior after its first 7x7 one")
+    prior_lr: float = common.arg(2e-3, "Adam learning rate of the prior, decayed linearly to 0 over its steps")
+    prior_width: int = common.arg(64, "channels of the PixelCNN prior")
+    prior_layers: int = common.arg(6, "residual blocks of the prior after its first layer (5 reach the top row)")
     n_eval: int = common.arg(2000, "test images for test_mse and the codebook statistics")
     n_samples: int = common.arg(5000, "samples drawn for the image metrics")
     MODEL_FLAGS = ("data", "codes", "code_dim", "prior_width", "prior_layers")
@@ -86,6 +88,12 @@ def vq_loss(model, x, beta):
 
 
 @torch.no_grad()
+def encode(model, x, device, batch=1000):
+    """The code indices k (N, 7, 7) of images x, in batches."""
+    return torch.cat([model.quantize(model.encoder(b.to(device)))[0] for b in x.split(batch)])
+
+
+@torch.no_grad()
 def revive_dead_codes(model, x, used):
     """Codes unused since the last call (used: (K,) bool) are moved onto random encoder outputs z_e of the batch."""
     flat = model.encoder(x).permute(0, 2, 3, 1).reshape(-1, model.codebook.weight.shape[1])   # (B * 49, D)
@@ -95,31 +103,45 @@ def revive_dead_codes(model, x, used):
 
 # ----------------------------------------------------------------------------- the PixelCNN prior
 class MaskedConv2d(nn.Conv2d):
-    """A convolution that sees only the positions before the centre in raster order (type A), or the centre too
-    (type B): PixelCNN's mask, so output i depends on inputs < i only (the first layer is type A)."""
-    def __init__(self, kind, c_in, c_out, k):
-        super().__init__(c_in, c_out, k, padding=k // 2)
+    """A convolution whose output at a position sees only the positions before it in raster order (type A), or
+    the position itself too (type B): PixelCNN's mask. Kernel (kh, kw) with kh, kw odd."""
+    def __init__(self, kind, c_in, c_out, kh, kw):
+        super().__init__(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2))
         mask = torch.ones_like(self.weight)
-        mask[:, :, k // 2, k // 2 + (kind == "B"):] = 0                  # the rest of the centre row
-        mask[:, :, k // 2 + 1:] = 0                                       # the rows below
+        mask[:, :, kh // 2, kw // 2 + (kind == "B"):] = 0                 # the rest of the centre row
+        mask[:, :, kh // 2 + 1:] = 0                                       # the rows below
         self.register_buffer("mask", mask)
 
     def forward(self, x):
         return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
 
 
+class ResidualBlock(nn.Module):
+    """h + 1x1 conv(ReLU(masked 3x3 conv, type B (ReLU(h)))): PixelCNN's residual block, causal like its input."""
+    def __init__(self, width):
+        super().__init__()
+        self.conv = MaskedConv2d("B", width, width, 3, 3)
+        self.out = nn.Conv2d(width, width, 1)
+
+    def forward(self, h):
+        return h + self.out(F.relu(self.conv(F.relu(h))))
+
+
 class PixelPrior(nn.Module):
-    """p(k) = prod_i p(k_i | k_<i) over the 7x7 code grid in raster order: codes (B, 7, 7) -> logits (B, K, 7, 7)."""
-    def __init__(self, K, width=32, layers=4):
+    """p(k) = prod_i p(k_i | k_<i) over the 7x7 code grid in raster order: codes (B, 7, 7) -> logits (B, K, 7, 7).
+    The first layer (type A, 3 rows by 13 columns) sees the whole row above and the left of its own row, and each
+    residual block one row further up: with 5 blocks or more no earlier position is out of sight (stacked 3x3
+    masks alone miss a wedge to the upper right, PixelCNN's blind spot)."""
+    def __init__(self, K, width=64, layers=6):
         super().__init__()
         self.embed = nn.Embedding(K, width)
-        net = [MaskedConv2d("A", width, width, 7), nn.ReLU()]
-        for _ in range(layers):
-            net += [MaskedConv2d("B", width, width, 3), nn.ReLU()]
-        self.net = nn.Sequential(*net, nn.Conv2d(width, K, 1))
+        self.first = MaskedConv2d("A", width, width, 3, 13)
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(layers)])
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, K, 1))
 
     def forward(self, k):
-        return self.net(self.embed(k).permute(0, 3, 1, 2))               # (B, 7, 7, width) -> (B, width, 7, 7)
+        h = self.first(self.embed(k).permute(0, 3, 1, 2))                # (B, 7, 7, width) -> (B, width, 7, 7)
+        return self.head(self.blocks(h))
 
 
 @torch.no_grad()
@@ -154,48 +176,52 @@ def train(model, prior, cfg, x_train, device, state=None):
     """The VQ-VAE for cfg.steps - cfg.prior_steps steps, then its prior (the VQ-VAE frozen); state: a saved run to
     continue (--resume)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    opt_prior = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
+    opt_prior = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_prior, lambda s: 1 - s / cfg.prior_steps)   # over phase 2
     gen = torch.Generator().manual_seed(cfg.seed)                         # data order
     history = {"VQ-VAE loss L (per image)": [], "prior: -log p(k) (nats per code)": []}
     used = torch.zeros(cfg.codes, dtype=torch.bool, device=device)      # the codes used since the last revival
+    codes = None                                                         # phase 2: the codes of every image
     start = 0
     if state:                                                            # --resume: continue the saved run
-        history, start = common.resume(state, gen, opt=opt, opt_prior=opt_prior)
+        history, start = common.resume(state, gen, opt=opt, opt_prior=opt_prior, sched=sched)
         used = state["used"].to(device)
     vq_steps = cfg.steps - cfg.prior_steps
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "vqvae", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):
-            x = x_train[torch.randint(len(x_train), (cfg.batch_size,), generator=gen)].to(device)
+            idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
 
-            # phase 1: the VQ-VAE, L = recon + codebook + commitment (002)
+            # phase 1: the VQ-VAE, L = recon + codebook + commitment (002); dead codes revived in its first half
             if step <= vq_steps:
+                x = x_train[idx].to(device)
                 recon, codebook, commit, k = vq_loss(model, x, cfg.beta)
                 used[k.unique()] = True
                 loss = (recon + codebook + commit).mean()
                 optimizer, key = opt, "VQ-VAE loss L (per image)"
+                if cfg.revive and step % 100 == 0 and step <= vq_steps // 2:
+                    revive_dead_codes(model, x, used)
+                    used.zero_()
 
-            # phase 2: the prior, -log p(k) / 49 on the codes of the batch
+            # phase 2: the prior, -log p(k) / 49 on the codes of the batch (the VQ-VAE frozen: its codes once)
             else:
-                with torch.no_grad():
-                    k = model.quantize(model.encoder(x))[0]              # (B, 7, 7)
+                if codes is None:
+                    codes = encode(model, x_train, device)
+                k = codes[idx.to(device)]                               # (B, 7, 7)
                 loss = F.cross_entropy(prior(k), k)
                 optimizer, key = opt_prior, "prior: -log p(k) (nats per code)"
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-
-            # dead codes onto encoder outputs, in the first half of phase 1
-            if cfg.revive and step % 100 == 0 and step <= vq_steps // 2:
-                revive_dead_codes(model, x, used)
-                used.zero_()
+            if step > vq_steps:
+                sched.step()
 
             # record and checkpoint
             history[key].append(loss.item())
             progress(step, loss.item())
             save(step, lambda: dict(model=model.state_dict(), prior=prior.state_dict(), opt=opt.state_dict(),
-                                    opt_prior=opt_prior.state_dict(), history=history, used=used,
-                                    rng=common.rng_states(gen)))
+                                    opt_prior=opt_prior.state_dict(), sched=sched.state_dict(), history=history,
+                                    used=used, rng=common.rng_states(gen)))
     return history
 
 
@@ -205,8 +231,9 @@ def main(argv=None):
                  "--beta >= 0")
     common.check(0 < cfg.prior_steps < cfg.steps, f"--prior-steps must be in 1..--steps - 1 ({cfg.steps - 1}), "
                  f"got {cfg.prior_steps}")
-    common.check(cfg.prior_width > 0 and cfg.prior_layers >= 0 and cfg.n_eval > 0 and cfg.n_samples > 1,
-                 "--prior-width and --n-eval must be positive, --prior-layers >= 0, --n-samples at least 2")
+    common.check(cfg.prior_width > 0 and cfg.prior_layers >= 0 and cfg.n_eval > 0 and cfg.n_samples > 1 and
+                 cfg.prior_lr > 0, "--prior-width, --prior-lr and --n-eval must be positive, --prior-layers >= 0, "
+                 "--n-samples at least 2")
     state = common.load_run(cfg, "vqvae") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
 
     # data and the two networks

@@ -383,3 +383,47 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
 
 
+
+
+SCRIPTS = ["vae", "autoencoders", "vqvae", "gan", "wgan", "cgan", "cyclegan", "stylegan_lite", "ddpm", "flow_matching",
+           "score_matching", "divergences", "sinkhorn", "mgn"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_each_default_once_and_no_empty_one(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())                    # argparse wraps lines: join them
+    assert "(default: )" not in text
+    flags = text.split(" --")[1:]
+    doubled = [f.split()[0] for f in flags if f.count("(default") > 1]
+    assert not doubled, doubled
+    assert "(default: 1000)" in text or "(default:" in text               # the defaults are shown at all
+
+
+@pytest.mark.parametrize("script", ["sinkhorn", "divergences"])
+def test_scripts_that_train_nothing_refuse_resume_and_sample_only(script, capsys):
+    for flag in ("--resume", "--sample-only"):
+        with pytest.raises(SystemExit) as e:
+            __import__(script).main([flag])
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_torch_jit_script_deprecation_is_silenced_whatever_its_category():
+    """pytest.ini's filter must match torch's warning as a DeprecationWarning and as a FutureWarning (torch has
+    used both): the filters are applied as pytest applies them, then the warning is raised in each category."""
+    import builtins, configparser, warnings
+    ini = configparser.ConfigParser()
+    ini.read(os.path.join(os.path.dirname(__file__), "..", "pytest.ini"))
+    filters = [f.strip() for f in ini["pytest"]["filterwarnings"].splitlines() if f.strip()]
+    for category in (DeprecationWarning, FutureWarning):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for f in filters:
+                action, message, *rest = f.split(":")
+                category_named = getattr(builtins, rest[0]) if rest and rest[0] else Warning
+                warnings.filterwarnings(action, message=message, category=category_named)
+            warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", category)
+        assert not caught, category

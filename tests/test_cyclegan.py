@@ -107,7 +107,7 @@ def test_smoke_run_on_digits_and_sample_only(tmp_path):
     assert json.load(open(tmp_path / "metrics.json"))["steps"] == 0
 
 
-# ----------------------------------------------------------------------------- pix2pix (issue 20, part 1)
+# ----------------------------------------------------------------------------- pix2pix (--paired)
 def test_pix2pix_losses_by_hand():
     l_real = torch.tensor([[0.3, -1.2]])
     l_fake = torch.tensor([[2.0, -0.5]])

@@ -94,7 +94,7 @@ def test_smoke_runs(task, tmp_path):
     assert all(k in rec for k in keys) and rec["monotone_violations"] == 0
     for name in ("samples.png", "samples.pt", "loss.png", "checkpoint.pt", "metrics.json"):
         assert os.path.exists(tmp_path / name)
-    assert json.load(open(tmp_path / "metrics.json"))["config"]["task"] == task
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["task"] == task
 
 
 def test_bad_input_is_a_user_error(tmp_path):

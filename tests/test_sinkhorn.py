@@ -193,7 +193,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_against_pot():
-    """Side by side with POT (only if installed; POT is not a dependency). Prints the README table."""
+    """Side by side with POT (only if installed; POT is not a dependency). Prints a table of both."""
     ot = pytest.importorskip("ot")
     import numpy as np
     for n in (1000, 4000):

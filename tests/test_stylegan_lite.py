@@ -117,7 +117,7 @@ def test_d_gets_a_gradient_only_in_its_own_step(tmp_path):
 
 
 def test_channels_last_layout_is_kept_and_changes_no_output_or_gradient(tmp_path):
-    """main() trains G and D channels_last (the CPU's convolutions are faster so, README); the layout is the same
+    """main() trains G and D channels_last (the CPU's convolutions are faster so); the layout is the same
     function: outputs and gradients agree with the default layout up to rounding (D's Flatten reads C, H, W in
     the same order in both)."""
     sg.main(["--steps", "1", "--batch-size", "4", "--width", "8", "--ndf", "8", "--n-samples", "20",

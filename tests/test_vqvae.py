@@ -50,15 +50,35 @@ def test_straight_through_copies_the_decoder_input_gradient_to_z_e():
     assert torch.equal(z_e.grad, dec_in.grad) and z_e.grad.abs().sum() > 0
 
 
-def test_prior_output_i_depends_only_on_inputs_before_i():
+def test_prior_output_i_sees_every_input_before_i_and_none_after():
+    """Causal (nothing at or after i reaches logit i) and without a blind spot (everything before i does), for
+    every position of the 7x7 grid, by autograd on the layers after the embedding."""
     torch.manual_seed(0)
-    prior = vqvae.PixelPrior(8, width=8, layers=2)
+    prior = vqvae.PixelPrior(8, width=8, layers=5)                       # 5 blocks reach the top row
+    net = lambda h: prior.head(prior.blocks(prior.first(h)))
     for i in range(49):
         h = torch.randn(1, 8, 7, 7, requires_grad=True)
         r, c = divmod(i, 7)
-        grad, = torch.autograd.grad(prior.net(h)[0, :, r, c].sum(), h)
+        grad, = torch.autograd.grad(net(h)[0, :, r, c].sum(), h)
         seen = grad.abs().sum(1)[0].flatten() > 0                        # (49,) which inputs position i sees
-        assert not seen[i:].any() and (i == 0 or seen[:i].any())
+        assert not seen[i:].any() and seen[:i].all(), i
+
+
+def test_stacked_3x3_masks_alone_have_a_blind_spot():
+    """Why the first layer spans the whole row above: a 3x3 type-A layer and 3x3 type-B layers never reach the
+    position two to the right in the row above."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(vqvae.MaskedConv2d("A", 4, 4, 3, 3), vqvae.MaskedConv2d("B", 4, 4, 3, 3),
+                              vqvae.MaskedConv2d("B", 4, 4, 3, 3))
+    h = torch.randn(1, 4, 7, 7, requires_grad=True)
+    grad, = torch.autograd.grad(net(h)[0, :, 3, 2].sum(), h)
+    assert grad[0, :, 2, 4].abs().sum() == 0 and grad[0, :, 2, 3].abs().sum() > 0
+
+
+def test_codes_are_the_nearest_codes_of_the_encoder():
+    model = small_vqvae()
+    x = common.load_images("digits", "test")[0][:30]
+    assert torch.equal(vqvae.encode(model, x, "cpu", batch=7), model.quantize(model.encoder(x))[0])
 
 
 def test_runs_writes_its_outputs_and_reloads(tmp_path):
