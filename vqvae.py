@@ -21,7 +21,8 @@ Beyond the slides: unused codes are re-initialised from encoder outputs every 10
 VQ-VAE's training (--revive, a common remedy for dead codes); the prior is not on the slides (its note says the
 model "requires additional steps"). |.|^2 is summed over pixels (the loss per image), averaged over the batch.
 Metrics: test_mse (|x - Dec(z_q(x))|^2 per test image), codebook_perplexity (exp of the entropy of the codes'
-histogram on the test images; K if all are used equally), codes_used_frac, and the image metrics of the samples.
+histogram on the test images; K if all are used equally), codes_used_frac, the image metrics of the samples, and
+recon_digit_confidence / recon_fd of the test reconstructions (a ceiling for the samples: the prior's share).
 """
 import dataclasses, os, time
 
@@ -163,12 +164,16 @@ def sample(model, prior, n, device):
 
 @torch.no_grad()
 def evaluate(model, cfg, x):
-    """test_mse, codebook_perplexity = exp(entropy of the code histogram), codes_used_frac."""
+    """test_mse, codebook_perplexity = exp(entropy of the code histogram), codes_used_frac, and the scores of the
+    reconstructions Dec(z_q(x)) (recon_digit_confidence, recon_fd): about what a perfect prior would reach."""
     k, z_q = model.quantize(model.encoder(x))
+    x_hat = model.decoder(z_q)
     p = torch.bincount(k.flatten(), minlength=cfg.codes).float() / k.numel()
-    return {"test_mse": float(squared_error(x, model.decoder(z_q)).mean()),
+    recon = metrics.image_metrics(x_hat.cpu(), cfg.data, data_dir=cfg.data_dir)
+    return {"test_mse": float(squared_error(x, x_hat).mean()),
             "codebook_perplexity": float(torch.exp(-(p * p.clamp(min=1e-12).log()).sum())),
-            "codes_used_frac": float((p > 0).float().mean())}
+            "codes_used_frac": float((p > 0).float().mean()),
+            "recon_digit_confidence": recon["digit_confidence"], "recon_fd": recon["fd"]}
 
 
 # ----------------------------------------------------------------------------- training
