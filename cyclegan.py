@@ -23,8 +23,8 @@ averaged over pixels. D sees fakes from a pool of the last 50 (Shrivastava et al
 Built-in domains, made from the `digits` (or --data) images, both as 3 channels in [-1, 1]: X = the rendered
 glyph, white on black; Y = bold italic, dark blue ink on light orange. X uses train images 0..29999, Y 30000..59999:
 no pair is ever seen; their labels only evaluate (the shared evaluator on F(y), one trained on Y on G(x)). The
-built-in pairs (--paired) are one glyph rendered both ways; with --data-dir, trainA/ and trainB/ are paired in the
-order of their file names. Networks: small versions of the paper's (docstrings of generator and discriminator).
+built-in pairs (--paired) are one glyph rendered both ways. Networks: small versions of the paper's (docstrings of
+generator and discriminator).
 """
 import dataclasses, os, time
 
@@ -95,12 +95,7 @@ def load_folder(path, size):
 
 
 def load_pairs(cfg, split):
-    """pix2pix data: (x, y, labels or None), y[i] the partner of x[i] (built-in: the Y rendering of the glyph of x[i];
-    folders: trainA/ and trainB/ paired in the order of their file names), images in [-1, 1]."""
-    if is_folder_pair(cfg.data_dir):
-        x, y, _, _ = load_domains(cfg, split)
-        common.check(len(x) == len(y), f"--paired: {len(x)} images in A but {len(y)} in B; pairs need as many")
-        return x, y, None
+    """pix2pix data: (x, y, labels), y[i] the Y rendering of the glyph of x[i], images in [-1, 1]."""
     m, labels = common.load_images(cfg.data, split, cfg.data_dir)
     m = m[:len(m) // 2]                                                  # the glyphs X is made of
     m = m if cfg.image_size == 28 else nnf.interpolate(m, size=cfg.image_size, mode="bilinear")
@@ -384,6 +379,8 @@ def main(argv=None):
                  "must be >= 0 and --width, --ndf, --n-eval > 0")
     common.check(not cfg.data_dir or is_folder_pair(cfg.data_dir) or cfg.data != "digits",
                  f"--data-dir {cfg.data_dir} has no trainA/ and trainB/ folders (digits need no --data-dir)")
+    common.check(not (cfg.paired and is_folder_pair(cfg.data_dir)), "--paired trains on the built-in pairs: a folder "
+                 "holds no pairs (leave out --data-dir)")
     state = common.load_run(cfg, "cyclegan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
 
     # the networks: G, F, D_X, D_Y; pix2pix: G and D(x, y)

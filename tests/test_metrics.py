@@ -115,6 +115,7 @@ def test_image_metrics_on_real_images_and_labels(tmp_path):
     junk = metrics.image_metrics(scribbled, "digits", labels=asked)
     assert junk["digit_confidence"] < 0.1 and junk["not_digit"] > 0.8  # counted under all eleven classes
     assert junk["class_accuracy"] == pytest.approx(1 - junk["not_digit"])   # "not a digit" counts as wrong
+    assert junk["inception_score"] < 2.5                                 # its 11th class is not spread over digits
 
 
 def test_class_spread_one_for_real_digits_zero_for_one_image_per_class():
