@@ -83,34 +83,39 @@ def squared_error(x, x_hat):
 
 
 def ae_loss(model, x):
-    return squared_error(x, model(x))                                    # L(x, g(h(x)))  (004 eq. 14)
+    """L(x, g(h(x))) = |x - g(h(x))|^2 per image (004 eq. 14, "Autoencoder")."""
+    return squared_error(x, model(x))                                    # L(x, g(h(x)))
 
 
 def corrupt(x, kind, noise, gen=None):
-    """x~, a corrupted copy of x: x + noise * N(0, I) (gauss), or each pixel zeroed with probability noise (mask)."""
+    """x~, a corrupted copy of x: x + noise * N(0, I) (gauss), or each pixel zeroed with probability noise (mask)
+    (004, "Denoising autoencoders")."""
     if kind == "gauss":
         return x + noise * torch.randn(x.shape, generator=gen).to(x.device)
     return x * (torch.rand(x.shape, generator=gen) >= noise).to(x.device)
 
 
 def dae_loss(model, x, x_tilde):
-    return squared_error(x, model(x_tilde))                              # L(x, g(h(x~)))  (004, "Denoising")
+    """L(x, g(h(x~))): the clean x from the corrupted x~ (004, "Denoising autoencoders")."""
+    return squared_error(x, model(x_tilde))                              # L(x, g(h(x~)))
 
 
 def sae_loss(model, x, lam):
+    """L(x, g(h(x))) + Omega(z), Omega(z) = lambda |z|_1, z = h(x) (004, "Sparse autoencoders")."""
     z = model.h(x.flatten(1))                                            # z = h(x), (B, J)
-    return squared_error(x, model.g(z).view_as(x)) + lam * z.abs().sum(1)   # L + lambda |z|_1  (004, "Sparse")
+    return squared_error(x, model.g(z).view_as(x)) + lam * z.abs().sum(1)   # L + lambda |z|_1
 
 
 def contractive_penalty(model, x):
     r"""sum_i |grad_x h(x)_i|^2 = |J_h(x)|_F^2; for h = sigmoid(W x + b), grad_x h_i = h_i (1 - h_i) W_i, so it is
-    sum_i (h_i (1 - h_i))^2 |W_i|^2 (closed form, tested against autograd); (B,)."""
+    sum_i (h_i (1 - h_i))^2 |W_i|^2 (closed form, tested against autograd); (B,) (004, "Contracting autoencoders")."""
     z = model.h(x.flatten(1))                                            # (B, J)
     return ((z * (1 - z)) ** 2 * model.h[0].weight.pow(2).sum(1)).sum(1)
 
 
 def cae_loss(model, x, lam):
-    return ae_loss(model, x) + lam * contractive_penalty(model, x)       # L + lambda sum_i |grad h_i|^2 (004, squared)
+    """L(x, g(h(x))) + lambda sum_i |grad_x h(x)_i|^2 (004, "Contracting autoencoders"; the norm squared)."""
+    return ae_loss(model, x) + lam * contractive_penalty(model, x)       # L + lambda sum_i |grad h_i|^2
 
 
 def batch_loss(model, cfg, x):

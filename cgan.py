@@ -18,8 +18,8 @@ Differences from the paper: DCGAN convolutions instead of MLPs with maxout; lear
 one-hot y; the non-saturating G loss by default (the paper's practice, as in gan.py); Adam at lr 8e-4 (the
 lecture names none), decayed linearly to 0 over the second half of training; samples drawn from an
 exponential moving average of G's weights with decay min(--ema, (1 + t)/(10 + t)) at step t (common.ema_update;
---ema 0: from G itself); z of size 16 (the lecture names none); D at half DCGAN's width (--ndf 32). How these
-were chosen: docs/cgan.md.
+--ema 0: from G itself); z of size 16 (the lecture names none); D at half DCGAN's width (--ndf 32). Results:
+docs/cgan.md.
 """
 import copy, dataclasses, os, time
 
@@ -114,21 +114,37 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------- losses (l: D's logits, D = sigmoid(l))
 def d_loss(l_real, l_fake):
-    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()        # -[E log D(x|y) + E log(1 - D(G(z|y)|y))]
+    """-[E log D(x|y) + E log(1 - D(G(z|y)|y))] on D's logits: real pairs -> 1, fake pairs -> 0 (002, "Conditional
+    GANs (Mirza 2014)")."""
+    # log D = -softplus(-l), log(1 - D) = -softplus(l)
+    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
 
 
 def g_loss(l_fake, saturating=False):
+    """Non-saturating -E log D(G(z|y)|y), or the minimax's E log(1 - D(G(z|y)|y)) (002, "Conditional GANs (Mirza
+    2014)"; the non-saturating form: "Equilibrium analysis (Goodfellow et al. 2014)", note)."""
     if saturating:
         return -F.softplus(l_fake).mean()                                # E log(1 - D(G(z|y)|y)), minimized
     return F.softplus(-l_fake).mean()                                    # -E log D(G(z|y)|y)
 
 
 def lsgan_d_loss(d_real, d_fake):
+    """E (D(x|y) - 1)^2 + E D(G(z|y)|y)^2: least squares, a = 0, b = 1 (002, "Objective functions - Least Square
+    GANS", with the label as in "Conditional GANs (Mirza 2014)")."""
     return ((d_real - 1) ** 2).mean() + (d_fake ** 2).mean()             # E (D(x|y) - 1)^2 + E D(G(z|y)|y)^2
 
 
 def lsgan_g_loss(d_fake):
+    """E (D(G(z|y)|y) - 1)^2: least squares, c = 1 (002, "Objective functions - Least Square GANS")."""
     return ((d_fake - 1) ** 2).mean()                                    # E (D(G(z|y)|y) - 1)^2
+
+
+def discriminator_loss(D, x, y, x_fake, y_fake, lsgan=False):
+    """D's loss on a batch (002, "Conditional GANs (Mirza 2014)"): D sees each real image x with its own label y,
+    and each fake G(z|y_fake) with the label y_fake it was made for; the fakes carry no gradient back to G."""
+    l_real = D(x, y)
+    l_fake = D(x_fake.detach(), y_fake)
+    return lsgan_d_loss(l_real, l_fake) if lsgan else d_loss(l_real, l_fake)
 
 
 # ----------------------------------------------------------------------------- sampling and pictures
@@ -180,9 +196,7 @@ def train(cfg, G, D, G_ema, device, state=None):
             x_fake = G(z, y_fake)
 
             # one discriminator step: real -> 1, fake -> 0 (002, the conditional value)
-            l_real = D(x, y)
-            l_fake = D(x_fake.detach(), y_fake)
-            loss_d = lsgan_d_loss(l_real, l_fake) if lsgan else d_loss(l_real, l_fake)
+            loss_d = discriminator_loss(D, x, y, x_fake, y_fake, lsgan)
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()

@@ -180,28 +180,42 @@ class ImagePool:
 
 # ----------------------------------------------------------------------------- losses
 def lsgan_d_loss(d_real, d_fake):
-    return 0.5 * (((d_real - 1) ** 2).mean() + (d_fake ** 2).mean())     # 1/2 [E (D_Y(y) - 1)^2 + E D_Y(G(x))^2]
+    """1/2 [E (D_Y(y) - 1)^2 + E D_Y(G(x))^2]: real -> 1, fake -> 0 (002, "Cycle GANs (Zhu 2017)", Training, the
+    note)."""
+    return 0.5 * (((d_real - 1) ** 2).mean() + (d_fake ** 2).mean())
 
 
 def lsgan_g_loss(d_fake):
-    return ((d_fake - 1) ** 2).mean()                                    # E (D_Y(G(x)) - 1)^2
+    """E (D_Y(G(x)) - 1)^2: G wants its fakes called real (002, "Cycle GANs (Zhu 2017)", Training, the note)."""
+    return ((d_fake - 1) ** 2).mean()
+
+
+def adversarial_loss(D_X, D_Y, fake_x, fake_y):
+    """L_GAN(G, D_Y) + L_GAN(F, D_X): D_Y judges G(x), D_X judges F(y) (002, "Cycle GANs (Zhu 2017)", Training)."""
+    return lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
 
 
 def cycle_loss(G, F, x, y, fake_y, fake_x):
-    return (F(fake_y) - x).abs().mean() + (G(fake_x) - y).abs().mean()  # |F(G(x)) - x|_1 + |G(F(y)) - y|_1
+    """L_cyc(G, F) = E |F(G(x)) - x|_1 + E |G(F(y)) - y|_1, given G(x) and F(y) (002, "Cycle GANs (Zhu 2017)",
+    Training)."""
+    return (F(fake_y) - x).abs().mean() + (G(fake_x) - y).abs().mean()
 
 
 def identity_loss(G, F, x, y):
-    return (G(y) - y).abs().mean() + (F(x) - x).abs().mean()            # |G(y) - y|_1 + |F(x) - x|_1
+    """L_id(G, F) = E |G(y) - y|_1 + E |F(x) - x|_1: each mapping leaves its own target domain alone (Zhu et al.
+    section 5.2)."""
+    return (G(y) - y).abs().mean() + (F(x) - x).abs().mean()
 
 
 def pix2pix_d_loss(l_real, l_fake):
-    """-[log D(x, y) + log(1 - D(x, G(x)))] on logits l: softplus(-l_real) + softplus(l_fake), means over patches."""
+    """-[log D(x, y) + log(1 - D(x, G(x)))] on logits l, means over patches (002, "Conditional GANs example -
+    Pix2Pix")."""
     return nnf.softplus(-l_real).mean() + nnf.softplus(l_fake).mean()
 
 
 def pix2pix_g_loss(l_fake, fake_y, y, lam_l1):
-    """-log D(x, G(x)) + lambda_L1 |y - G(x)|_1 (002, "Final loss"; |.|_1 averaged over pixels)."""
+    """-log D(x, G(x)) + lambda_L1 |y - G(x)|_1 (002, "Conditional GANs example - Pix2Pix", "Final loss"; |.|_1
+    averaged over pixels)."""
     return nnf.softplus(-l_fake).mean() + lam_l1 * (y - fake_y).abs().mean()
 
 
@@ -286,7 +300,7 @@ def train(cfg, nets, device, state=None):
             D_X.requires_grad_(False)
             D_Y.requires_grad_(False)
             # L_GAN(G, D_Y) + L_GAN(F, D_X) + lambda L_cyc (+ lambda_id lambda L_id)
-            loss_g = lsgan_g_loss(D_Y(fake_y)) + lsgan_g_loss(D_X(fake_x))
+            loss_g = adversarial_loss(D_X, D_Y, fake_x, fake_y)
             loss_g = loss_g + cfg.lambda_cyc * cycle_loss(G, F, x, y, fake_y, fake_x)
             if cfg.lambda_id > 0:
                 loss_g = loss_g + cfg.lambda_id * cfg.lambda_cyc * identity_loss(G, F, x, y)

@@ -28,18 +28,16 @@ formula (tested); --clip-x0 (default) clips x0_hat to [-1, 1] first, as Ho et al
 the metrics use Algorithm 2 on 100 of the T steps, jumping t -> s with alpha_t replaced by ab_t/ab_s ("naive"
 skipping; all T with --sample-steps 1000); the last step adds no noise (z = 0 at t = 1, as Ho et al.).
 Differences from the slides: the default U-Net predicts x_0 (one of 000 1.2's options), not eps (--param eps);
-the default schedule is 000 1.1's cosine, not 002's linear (--schedule linear); both ablations: docs/ddpm.md.
+the default schedule is 000 1.1's cosine, not 002's linear (--schedule linear); results: docs/ddpm.md.
 Slips: the slide writes sigma_t = 1 - alpha_t (Ho et al.: sigma_t^2 = beta_t = 1 - alpha_t). 002's forward-process
 slide takes T = 2000 and beta_T = 0.01 (alpha_T = 1 - 1e-2); its "Comments" slide T = 1000 and beta_T = 0.02 (used).
-The loss is the mean over pixels of the squared error (the slide's norm / the pixel count); pixels in [-1, 1]
-(002, "Comments"); sampling uses an exponential moving average of the weights.
+The loss is the squared error's mean over pixels; pixels in [-1, 1] (002, "Comments"); samples use the EMA weights.
 """
 import copy, dataclasses, math, os, time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 import common
 import metrics
@@ -63,8 +61,7 @@ class Config(common.Config):
     sigma: str = common.arg("beta", "ancestral sigma_t^2", ["beta", "beta-tilde"])
     clip_x0: bool = common.arg(True, "clip the predicted x0 to [-1, 1] in the samplers")
     param: str = common.arg("x0", "what the U-Net predicts: x0, eps (the slide's Algorithm 1) or v = sqrt(ab) eps - "
-                            "sqrt(1 - ab) x0",
-                            ["eps", "x0", "v"])
+                            "sqrt(1 - ab) x0", ["eps", "x0", "v"])
     cond: bool = common.arg(False, "class-conditional with classifier-free guidance")
     guidance: float = common.arg(0.0, "w: eps~ = (1 + w) eps(y) - w eps(null)")
     p_uncond: float = common.arg(0.1, "probability of dropping the label to the null token (per sample)")
@@ -84,8 +81,9 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- schedule and forward process
 class Schedule:
-    """beta, alpha, alpha_bar in float64 (1 - ab_t / ab_s cancels badly in float32 at small t), indexed by t = 0..T
-    (index 0: alpha_bar = 1, beta = 0); sqrt_ab, sqrt_1m_ab in float32 on the device. kind: linear (002) or cosine."""
+    """alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s (002, "Forward process - Diffusion kernel"), in
+    float64 (1 - ab_t / ab_s cancels badly in float32 at small t), indexed by t = 0..T (index 0: alpha_bar = 1, beta =
+    0); sqrt_ab, sqrt_1m_ab in float32 on the device. kind: linear (002, "Comments") or cosine (000 1.1)."""
     def __init__(self, T=1000, kind="linear", device="cpu"):
         if kind == "linear":
             beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -101,7 +99,7 @@ class Schedule:
 
 
 def q_sample(sch, x0, t, eps):
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: the diffusion kernel q(x_t | x_0) (002)."""
+    """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, a draw of q(x_t | x_0) (002, "Forward process - Diffusion kernel")."""
     shape = (-1,) + (1,) * (x0.dim() - 1)                                 # (B, 1, 1, 1)
     return sch.sqrt_ab[t].view(shape) * x0 + sch.sqrt_1m_ab[t].view(shape) * eps
 
@@ -186,8 +184,8 @@ def prediction_target(sch, x0, t, eps, param="eps"):
 
 
 def diffusion_loss(model, sch, x0, y=None, p_uncond=0.1, param="eps"):
-    """Algorithm 1 (Ho et al.): t ~ U{1..T}, eps ~ N(0, I), |eps - eps_theta(x_t, t)|^2 (mean over pixels);
-    with --param x0 or v the network's output is compared with that target instead (unweighted)."""
+    """t ~ U{1..T}, eps ~ N(0, I), |eps - eps_theta(x_t, t)|^2 (002, "Training and sampling algorithms"), mean over
+    pixels; --param x0 or v: that target instead (unweighted); labels dropped to null w.p. p_uncond (000 1.5)."""
     t = torch.randint(1, sch.T + 1, (len(x0),), device=x0.device)
     eps = torch.randn_like(x0)
     if y is not None:                                                    # classifier-free guidance training:
@@ -198,7 +196,7 @@ def diffusion_loss(model, sch, x0, y=None, p_uncond=0.1, param="eps"):
 
 # ----------------------------------------------------------------------------- samplers
 def eps_from_prediction(sch, x, t, out, param="eps"):
-    r"""eps_hat for the samplers from the network's output at time t, by x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps:
+    r"""eps_hat from the network's output at time t, by x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps (000 1.2):
         x0:  eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab)
         v:   eps_hat = sqrt(1 - ab) x_t + sqrt(ab) v_hat        (as ab + (1 - ab) = 1)."""
     if param == "eps":
@@ -210,9 +208,9 @@ def eps_from_prediction(sch, x, t, out, param="eps"):
 
 
 def guided_eps(model, x, t, y, w, sch=None, param="eps"):
-    """eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null); w = 0 (or no labels): eps(x, t, y). With --param x0 or v
-    the outputs are combined first and then converted to eps: the same, as the conversion is affine and the
-    weights (1 + w) and -w sum to 1."""
+    """eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null) (000 1.5); w = 0 (or no labels): eps(x, t, y). With --param
+    x0 or v the outputs are combined first and then converted to eps: the same, as the conversion is affine and
+    the weights (1 + w) and -w sum to 1."""
     tt = torch.full((len(x),), t, device=x.device)
     if y is None or w == 0:
         return eps_from_prediction(sch, x, t, model(x, tt, y), param)
@@ -223,19 +221,22 @@ def guided_eps(model, x, t, y, w, sch=None, param="eps"):
 
 
 def timesteps(T, S):
-    """S + 1 times T = tau_S > ... > tau_1 > 0, evenly spaced (S = T: every step)."""
+    """S + 1 times T = tau_S > ... > tau_1 > 0, evenly spaced (S = T: every step): DDIM's skipping (000 1.4)."""
     return [round(i * T / S) for i in range(S, -1, -1)]
 
 
 def predict_x0(sch, x, t, eps, clip):
+    """x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), the diffusion kernel solved for x_0 (000 1.4); clip: to
+    the pixels' range [-1, 1]."""
     ab = float(sch.alpha_bar[t])
-    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)                   # x0_hat
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
     return x0.clamp(-1, 1) if clip else x0
 
 
 def ancestral_step(sch, x, t, s, eps, z, sigma="beta", clip=True):
     r"""x_t -> x_s (s < t) with the posterior mean of q(x_s | x_t, x0_hat); for s = t - 1 and no clipping this is
-    x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps) + sigma_t z  (Algorithm 2)."""
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - ab_t) eps) + sigma_t z (002, "Training and sampling
+    algorithms"; Algorithm 2 of Ho et al.)."""
     ab_t, ab_s = float(sch.alpha_bar[t]), float(sch.alpha_bar[s])      # python floats: float64 arithmetic
     a = ab_t / ab_s                                                       # alpha_t when s = t - 1
     x0 = predict_x0(sch, x, t, eps, clip)
@@ -245,7 +246,7 @@ def ancestral_step(sch, x, t, s, eps, z, sigma="beta", clip=True):
 
 
 def ddim_step(sch, x, t, s, eps, z, eta=0.0, clip=True):
-    """x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, sigma from eta (Song et al. 2021)."""
+    """x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, sigma from eta (000 1.4; Song et al. 2021)."""
     ab_t, ab_s = float(sch.alpha_bar[t]), float(sch.alpha_bar[s])
     x0 = predict_x0(sch, x, t, eps, clip)
     if clip:                                                             # eps consistent with the clipped x0
@@ -342,6 +343,7 @@ def main(argv=None):
     common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1,
                  "need --eta >= 0, 0 <= --p-uncond < 1, 0 <= --ema < 1")
     common.check(cfg.guidance == 0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
+
     # the schedule, the data, the U-Net and its moving average
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)

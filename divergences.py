@@ -62,7 +62,8 @@ def divergence(name, log_p, log_q, dx):
 
 def fit_gaussian(name, x, log_p, mu0, steps=1500, lr=0.05, history=None):
     """(mu, sigma, divergence) of q = N(mu, sigma^2) minimizing the divergence to p, by Adam on (mu, log sigma)
-    from (mu0, 1): a local optimum. `history` (a list) collects the divergence at each step."""
+    from (mu0, 1): a local optimum (003, "The Problem: Asymmetry": which q each direction of KL prefers).
+    `history` (a list) collects the divergence at each step."""
     mu = torch.tensor(mu0, dtype=x.dtype, requires_grad=True)
     log_sigma = torch.tensor(0.0, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.Adam([mu, log_sigma], lr)

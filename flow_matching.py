@@ -67,20 +67,20 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- probability path and loss
 def path_coefficients(t):
-    """(alpha_t, beta_t, alpha'_t, beta'_t) of the linear Gaussian path alpha_t = t, beta_t = 1 - t (002)."""
+    """(alpha_t, beta_t, alpha'_t, beta'_t) of the linear path alpha_t = t, beta_t = 1 - t (002, "Training")."""
     return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
 
 
 def cfm_target(x0, x1, t):
-    """x_t = alpha_t x_1 + beta_t x_0 and its time derivative alpha'_t x_1 + beta'_t x_0 (the CFM regression target,
-    002 "Example: Gaussian conditional probability path")."""
+    """x_t = alpha_t x_1 + beta_t x_0 and its time derivative alpha'_t x_1 + beta'_t x_0, the CFM regression target
+    (002, "Example: Gaussian conditional probability path")."""
     a, b, da, db = (c.view(-1, *[1] * (x0.dim() - 1)) for c in path_coefficients(t))   # (B, 1, ...)
     return a * x1 + b * x0, da * x1 + db * x0
 
 
 def cfm_loss(v_theta, x0, x1, t, y=None):
-    """|v_theta(x_t, t) - (alpha'_t x_1 + beta'_t x_0)|^2 / d, averaged over the batch (002, the CFM loss; F.mse_loss
-    divides the slide's squared norm by the dimension d: the same minimizer)."""
+    """|v_theta(x_t, t) - (alpha'_t x_1 + beta'_t x_0)|^2 / d, averaged over the batch (002, "Training", L_CFM;
+    F.mse_loss divides the slide's squared norm by the dimension d: the same minimizer)."""
     xt, target = cfm_target(x0, x1, t)
     return F.mse_loss(v_theta(xt, t, y), target)
 
@@ -195,7 +195,7 @@ class UNetVelocity(nn.Module):
 
 # ----------------------------------------------------------------------------- guidance and sampling
 def velocity(model, x, t, y=None, w=1.0):
-    """v~ = (1 - w) v(x | null) + w v(x | y) (002, classifier-free guidance); plain v without labels or at w = 1."""
+    """v~ = (1 - w) v(x | null) + w v(x | y) (002, "Classifier-free guidance"); plain v without labels or w = 1."""
     tt = torch.full((len(x),), float(t), device=x.device)
     if y is None or w == 1.0:
         return model(x, tt, y)

@@ -97,23 +97,30 @@ def make_nets(cfg, batchnorm=True):
 
 # ----------------------------------------------------------------------------- losses (l: D's logits)
 def d_loss(l_real, l_fake):
-    """-V(D, G): D maximizes V, i.e. minimizes the binary cross-entropy with real -> 1, fake -> 0."""
+    """-V(D, G) = -[E log D(x) + E log(1 - D(G(z)))], on D's logits: D maximizes V, i.e. minimizes the binary
+    cross-entropy with real -> 1, fake -> 0 (002, "Loss function (Goodfellow et al. 2014)")."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()        # -[E log D(x) + E log(1 - D(G(z)))]
 
 
 def g_loss_saturating(l_fake):
-    return -F.softplus(l_fake).mean()                                    # E log(1 - D(G(z))), minimized
+    """E log(1 - D(G(z))), minimized by G: the minimax value's G term (002, "Loss function (Goodfellow et al.
+    2014)")."""
+    return -F.softplus(l_fake).mean()                                    # log(1 - D) = -softplus(l)
 
 
 def g_loss_nonsaturating(l_fake):
-    return F.softplus(-l_fake).mean()                                    # -E log D(G(z))
+    """-E log D(G(z)): the same fixed point, strong gradients where D rejects G's samples (002, "Equilibrium
+    analysis (Goodfellow et al. 2014)", note)."""
+    return F.softplus(-l_fake).mean()                                    # -log D = softplus(-l)
 
 
 def lsgan_d_loss(d_real, d_fake):
+    """L(D) = E (D(x) - b)^2 + E (D(G(z)) - a)^2, b = 1, a = 0 (002, "Objective functions - Least Square GANS")."""
     return ((d_real - 1) ** 2).mean() + (d_fake ** 2).mean()             # E (D(x) - b)^2 + E (D(G(z)) - a)^2
 
 
 def lsgan_g_loss(d_fake):
+    """L(G) = E (D(G(z)) - c)^2, c = 1 (002, "Objective functions - Least Square GANS")."""
     return ((d_fake - 1) ** 2).mean()                                    # E (D(G(z)) - c)^2, c = 1
 
 
@@ -126,17 +133,20 @@ def losses(cfg):
 
 # ----------------------------------------------------------------------------- theory (discrete densities)
 def optimal_discriminator(p_data, p_g):
+    """D*(x) = p_data(x) / (p_data(x) + p_g(x)) (002, "Equilibrium analysis (Goodfellow et al. 2014)")."""
     return p_data / (p_data + p_g)                                       # D*(x) = p_data / (p_data + p_g)
 
 
 def gan_value(D, p_data, p_g):
-    """V(D, G) = sum_x p_data(x) log D(x) + p_g(x) log(1 - D(x)) for densities on a finite set (0 log 0 = 0)."""
+    """V(D, G) = sum_x p_data(x) log D(x) + p_g(x) log(1 - D(x)) for densities on a finite set (0 log 0 = 0)
+    (002, "Loss function (Goodfellow et al. 2014)")."""
     term = lambda p, d: torch.where(p > 0, p * torch.log(d), torch.zeros_like(p))
     return float(term(p_data, D).sum() + term(p_g, 1 - D).sum())
 
 
 def jsd(p, q):
-    """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats."""
+    """JSD(p, q) = 1/2 KL(p | m) + 1/2 KL(q | m), m = (p + q) / 2, for discrete distributions, in nats (002,
+    "Equilibrium analysis": V(D*, G) = -log 4 + 2 JSD)."""
     kl_to_m = lambda a, b: torch.where(a > 0, a * torch.log(2 * a / (a + b)), torch.zeros_like(a)).sum()  # KL(a|m)
     return float(0.5 * kl_to_m(p, q) + 0.5 * kl_to_m(q, p))
 

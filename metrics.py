@@ -179,7 +179,7 @@ def classify(net, x, batch_size=1000):
 
 # ----------------------------------------------------------------------------- image metrics (004, evaluation)
 def frechet_distance(f1, f2):
-    r"""||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), the FID formula, in float64.
+    r"""||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), the FID formula (004, "Evaluation of GAN's"), in float64.
     Tr (S_1 S_2)^{1/2} = sum sqrt(eig(S_1^{1/2} S_2 S_1^{1/2})), which is symmetric PSD."""
     f1 = f1.double()
     f2 = f2.double()
@@ -209,7 +209,8 @@ def inception_score(probs):
 
 def class_entropy(probs):
     """Entropy (nats) of the histogram of the most likely class over the samples whose most likely class is a
-    digit (those called NOT_DIGIT are left out: their share is not_digit); 0 if there are none."""
+    digit (those called NOT_DIGIT are left out: their share is not_digit); 0 if there are none. log 10 for equal
+    shares, 0 for one class (004, "Mode collapse causes low output diversity")."""
     top = probs.argmax(1)
     top = top[top != NOT_DIGIT]
     if len(top) == 0:
@@ -220,9 +221,9 @@ def class_entropy(probs):
 
 
 def nn_ratio(x, train, test, batch=500):
-    """Memorisation check: the mean pixel distance from each sample to its nearest training image, divided by the
-    same for as many held-out test images. About 1 for a model that generalises like fresh data; < 1 flags
-    samples closer to the training set than new data are (copying)."""
+    """Memorisation check (004, "Evaluation of GAN's": nearest neighbours): the mean pixel distance from each sample
+    to its nearest training image, divided by the same for as many held-out test images. About 1 for a model that
+    generalises like fresh data; < 1 flags samples closer to the training set than new data are (copying)."""
     train = train.flatten(1).float()                                     # (N, 784)
     train_sq = (train * train).sum(1)                                    # once per call (cdist redoes it per batch)
 
@@ -236,9 +237,10 @@ def nn_ratio(x, train, test, batch=500):
 
 
 def class_spread(feats, labels, real_feats, real_labels, n=300):
-    """Variety within a class: the mean distance between the evaluator's features of two samples of class y, over
-    the same for two real images of class y, averaged over the classes with at least 2 samples (n of each at most).
-    About 1 for samples as varied as real digits; near 0 when G draws one image per class whatever z is."""
+    """Variety within a class (004, "Mode collapse causes low output diversity"): the mean distance between the
+    evaluator's features of two samples of class y, over the same for two real images of class y, averaged over
+    the classes with at least 2 samples (n of each at most). About 1 for samples as varied as real digits; near 0
+    when G draws one image per class whatever z is."""
     ratios = []
     for c in labels.unique():
         f = feats[labels == c][:n]
@@ -312,7 +314,8 @@ def mmd(x, y, bandwidths=(0.1, 0.3, 1.0, 3.0)):
 
 def mode_metrics(x, name):
     """A sample is high quality if within 3 std of its nearest mode; a mode is covered if it is the nearest
-    mode of at least one high-quality sample (the VEEGAN / PacGAN protocol, on 2500 samples)."""
+    mode of at least one high-quality sample (004, "Evaluation of GAN's": distances to mode centres; the VEEGAN /
+    PacGAN protocol, on 2500 samples)."""
     means, std = common.MODES[name]
     d, nearest = torch.cdist(x.detach().float().cpu(), means).min(1)
     good = d < 3 * std
@@ -388,6 +391,7 @@ def assignment(C, eps_final=None, factor=5.0, max_rounds=10 ** 7):
 
 
 def w_exact(x, y, p=2):
-    """W_p between two uniform clouds of equal size: (mean_i |x_i - y_perm(i)|^p)^{1/p}, perm from `assignment`."""
+    """W_p between two uniform clouds of equal size: (mean_i |x_i - y_perm(i)|^p)^{1/p}, perm from `assignment`: for
+    uniform weights an optimal plan is a permutation (004, "Kantorovich relaxation")."""
     C = torch.cdist(x.double(), y.double()) ** p
     return float(C[torch.arange(len(x)), assignment(C)].mean() ** (1 / p))

@@ -90,7 +90,7 @@ def sqrtm(S):
 
 
 def gaussian_map(m1, S1, m2, S2):
-    r"""Brenier map N(m1, S1) -> N(m2, S2): T(x) = m2 + A (x - m1),
+    r"""Brenier map N(m1, S1) -> N(m2, S2) (001, "Theoretical Background"): T(x) = m2 + A (x - m1),
     A = S1^{-1/2} (S1^{1/2} S2 S1^{1/2})^{1/2} S1^{-1/2}."""
     r = sqrtm(S1)
     ri = torch.linalg.inv(r)
@@ -113,7 +113,7 @@ def logcosh(z):
 
 
 class CMGN(nn.Module):
-    """Cascaded MGN: one W shared by all L layers (see the docstring's Jacobian)."""
+    """C-MGN (001, "Theoretical Background"; Chaudhari et al. 2023): one W shared by all L layers, see the Jacobian."""
     def __init__(self, d, h, L):
         super().__init__()
         self.W = nn.Parameter(torch.randn(h, d) / math.sqrt(d * h))     # small: g starts near V^T V x ~ x
@@ -130,7 +130,7 @@ class CMGN(nn.Module):
 
 
 class MMGN(nn.Module):
-    """Modular MGN: g = grad phi, phi(x) = a^T x + 1/2 |V x|^2 + sum_k 1/2 s(W_k x + b_k)^2."""
+    """M-MGN (001, "Theoretical Background"): g = grad phi, phi = a^T x + 1/2 |V x|^2 + sum_k 1/2 s(W_k x + b_k)^2."""
     def __init__(self, d, h, K):
         super().__init__()
         self.W = nn.Parameter(torch.randn(K, h, d) / math.sqrt(d * h))  # small: s_k ~ 1/2, g starts near x
@@ -154,7 +154,7 @@ class MMGN(nn.Module):
 
 
 class Transport(nn.Module):
-    """T(x) = scale * g((x - m_x) / s_x) + m_y with fixed scalars s_x, scale > 0: J_T = (scale / s_x) J_g, still PSD."""
+    """T(x) = scale g((x - m_x) / s_x) + m_y, s_x, scale > 0 fixed: J_T = (scale / s_x) J_g stays PSD (001, Brenier)."""
     def __init__(self, g, x=None, y=None):                                # no data: the identity scaling
         super().__init__()
         self.g, d = g, g.V.shape[0]
@@ -204,7 +204,7 @@ def sinkhorn_potentials(C, eps, tol=1e-3, max_iter=2000, tau=30.0):
 
 def ot_eps(x, y, eps, tol=1e-3):
     r"""OT_eps(x, y) = <P, C> + eps KL(P | a b^T) = sum_ij P_ij (f_i + g_j) at the optimum, cost C_ij = |x_i - y_j|^2.
-    Envelope theorem: dOT_eps/dC = P, so <P, C> with P held fixed carries the gradient in x and y."""
+    Envelope theorem: dOT_eps/dC = P: <P, C> with P fixed carries the gradient (000, "Sinkhorn Algorithm")."""
     C = (x[:, None, :] - y[None, :, :]).pow(2).sum(-1)                   # (n, m)
     with torch.no_grad():
         f, g, P = sinkhorn_potentials(C, eps, tol)

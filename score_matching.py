@@ -68,7 +68,7 @@ class Config(common.Config):
 
 # ----------------------------------------------------------------------------- path and loss
 def path_coefficients(kind, t):
-    """(alpha_t, beta_t, alpha'_t, beta'_t) of the Gaussian path, t a tensor in [0, 1]."""
+    """(alpha_t, beta_t, alpha'_t, beta'_t) of the path, t a tensor in [0, 1] (002, "The Gaussian conditional path")."""
     if kind == "linear":
         return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
     h = math.pi / 2
@@ -85,7 +85,7 @@ def csm_target(kind, x0, x1, t):
 
 
 def csm_loss(kind, weight, s_theta, x0, x1, t):
-    r"""Conditional score matching loss (002), eps = x_0 ~ N(0, I), z = x_1 ~ data, t ~ U[0, 1] given:
+    r"""Conditional score matching (002, "Score matching training"), eps = x_0 ~ N(0, I), z = x_1 ~ data, t given:
         none:   |s_theta(alpha_t z + beta_t eps, t) + eps / beta_t|^2, t scaled to U[0, 0.99]  (the slide's loss)
         beta2:  lambda(t) = beta_t^2: |beta_t s_theta + eps|^2                      (the eps-prediction loss)
     F.mse_loss averages over the d coordinates: 1/d of the slide's squared norm (the same minimizer)."""
@@ -169,7 +169,7 @@ def velocity_from_score(kind, x, t, s):
 
 
 def start(kind, t0, eps, mean):
-    """X_{t_0} = beta_{t_0} eps + alpha_{t_0} E[x_1]: p_{t_0}'s mean and scale (p_{t_0} itself for Gaussian data)."""
+    """X_{t_0} = beta_{t_0} eps + alpha_{t_0} E[x_1], p_{t_0}'s mean, scale (002, "Sampling from the marginal path")."""
     a, b, _, _ = path_coefficients(kind, torch.tensor(t0, dtype=torch.float64))
     return float(b) * eps + float(a) * mean
 

@@ -71,6 +71,7 @@ def _scaling_loop(a, b, C, eps, tol, max_iter, hist):
     return eps * torch.log(u / a), eps * torch.log(v / b), it, err      # as potentials: u = a e^{f/eps}
 
 def _log_loop(a, b, C, eps, tol, max_iter, f, g, hist, tau=30.0):
+    """The scaling loop on the potentials u = a e^{f/eps}, v = b e^{g/eps} (000, "Sinkhorn Algorithm", in logs)."""
     kernel = lambda fr, gr: torch.exp((fr[..., :, None] + gr[..., None, :] - C) / eps)
     fr, gr, K = f, g, kernel(f, g)                                      # K_ij = exp((fr_i + gr_j - C_ij)/eps)
     for it in range(1, max_iter + 1):
@@ -158,7 +159,8 @@ def sq_dist(x, y):  # C_ij = |x_i - y_j|^2 written out (no sqrt), so its gradien
     return (x[..., :, None, :] - y[..., None, :, :]).pow(2).sum(-1)
 
 def ot_eps(x, y, eps, **kw):
-    r"""OT_eps between uniform clouds x (n, d), y (m, d), cost |x - y|^2, differentiable in x and y.
+    r"""OT_eps between uniform clouds x (n, d), y (m, d), cost |x - y|^2, differentiable in x and y (000, "Sinkhorn
+    Algorithm": min_P <P, C> + eps KL(P | a b^T)).
     Envelope theorem: at the optimal plan P, dOT_eps/dC = P, so the gradient is sum_ij P_ij dC_ij; P is
     computed without autograd and <P, C> carries the gradient (value: the entropic objective)."""
     C = sq_dist(x, y)
@@ -173,6 +175,13 @@ def sinkhorn_divergence(x, y, eps, **kw):
     r"""Debiased S_eps(alpha, beta) = OT_eps(alpha, beta) - 1/2 OT_eps(alpha, alpha) - 1/2 OT_eps(beta, beta):
     >= 0, = 0 iff the clouds are equal (Feydy et al. 2019), differentiable in the point positions."""
     return ot_eps(x, y, eps, **kw) - 0.5 * ot_eps(x, x, eps, **kw) - 0.5 * ot_eps(y, y, eps, **kw)
+
+def barycentric_map(x, y, b, g, eps):
+    r"""T(x) = sum_j y_j softmax_j(log b_j + (g_j - |x - y_j|^2)/eps): where the entropic plan sends x on average,
+    for any x; on the source samples x_i it is sum_j P_ij y_j / a_i (000, "Sinkhorn Algorithm": P_ij = a_i b_j
+    exp((f_i + g_j - C_ij)/eps), whose f_i makes row i sum to a_i)."""
+    logits = torch.log(b) + (g - torch.cdist(x, y) ** 2) / eps           # (N, m)
+    return torch.softmax(logits, 1) @ y
 
 # ----------------------------------------------------------------------------- 1-D and sliced OT
 def w1d(x, y, p=1):
@@ -241,8 +250,7 @@ def demo_plan(cfg, out):
 
 def demo_color(cfg, out):
     r"""Colour transfer: OT between n sampled source and target pixel colours (cost |x - y|^2 in RGB [0,1]^3,
-    eps = the smallest --eps), then every pixel x moves to the entropic barycentric map
-    T(x) = sum_j y_j softmax_j(log b_j + (g_j - |x - y_j|^2)/eps), which is sum_j P_ij y_j / a_i on the samples."""
+    eps = the smallest --eps), then every pixel x moves to the entropic barycentric map T(x)."""
     data = os.path.join(matplotlib.get_data_path(), "sample_data")
     src, xs = common.read_rgb(os.path.join(data, "grace_hopper.jpg"), dtype=torch.float64)   # (H, W, 3), (N, 3)
     tgt, ys = common.read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"), dtype=torch.float64)
@@ -253,8 +261,7 @@ def demo_color(cfg, out):
     y = ys[torch.randperm(len(ys), generator=gen)[:n]]                    # n opaque target colours
     w = torch.full((n,), 1.0 / n, dtype=torch.float64)
     res = sinkhorn(w, w, torch.cdist(x, y) ** 2, eps, tol=cfg.tol, max_iter=cfg.steps)
-    logits = lambda c: torch.log(w) + (res["g"] - torch.cdist(c, y) ** 2) / eps    # (chunk, n)
-    mapped = torch.cat([torch.softmax(logits(c), 1) @ y for c in xs.split(65536)])
+    mapped = torch.cat([barycentric_map(c, y, w, res["g"], eps) for c in xs.split(65536)])   # every pixel
     result = mapped.reshape(src.shape).clamp(0, 1)
     fig = Figure(figsize=(12, 4))
     titles = ("source", "target palette", "result")

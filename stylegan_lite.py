@@ -26,7 +26,7 @@ G, batch 16; the first layer convolves the constant (the paper starts with noise
 on all layers (the paper: the coarse ones); R1 is lazy, every 16 steps and scaled x16 (StyleGAN2), gamma 1 (the
 paper: 10); no mixing regularisation by default (the paper: 0.9; the style-mixing figure is drawn all the same);
 the sqrt(2) gain after LeakyReLU is placed as in StyleGAN2's code; D is DCGAN's, not the paper's (ProGAN's, with a
-minibatch-std feature). How these were chosen: docs/stylegan_lite.md. The slide's AdaIN names the style
+minibatch-std feature). Results: docs/stylegan_lite.md. The slide's AdaIN names the style
 (sigma(y), mu(y)); here it is (gamma, beta) = A(w). R1 takes grad_x D(x) with D in training mode, so BatchNorm's
 batch statistics are part of it.
 """
@@ -84,6 +84,8 @@ class EqLinear(nn.Module):
         self.scale, self.lr_mul = lr_mul / math.sqrt(d_in), lr_mul
 
     def forward(self, x):
+        """y = (lr_mul / sqrt(fan_in)) W x + lr_mul b: the weights scaled at run time (Karras et al. 2019, equalized
+        learning rate)."""
         return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
 
 
@@ -100,11 +102,13 @@ class EqConv2d(nn.Module):
 
 
 def pixel_norm(z, eps=1e-8):
+    """PixelNorm(z) = z / sqrt(mean_i z_i^2 + eps) per sample: the mapping network's input (Karras et al. 2019)."""
     return z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + eps)      # z / sqrt(mean_i z_i^2)
 
 
 def adain(x, gamma, beta, eps=1e-8):
-    r"""AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y), mu and sigma per sample and channel (002, "AdaIN")."""
+    r"""AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y), mu and sigma per sample and channel (002,
+    "Preliminary: Adaptive Instance Normalization (AdaIN)")."""
     mu = x.mean((2, 3), keepdim=True)                                    # (B, C, 1, 1)
     x_c = x - mu
     sigma = (x_c.pow(2).mean((2, 3), keepdim=True) + eps).sqrt()         # (B, C, 1, 1); faster on a CPU than x.var
@@ -159,7 +163,8 @@ class Generator(nn.Module):
         self.register_buffer("w_avg", torch.zeros(z_dim))               # running mean of w, for truncation
 
     def styles(self, z, z2=None, crossover=None, psi=1.0):
-        """Per-layer styles (B, 6, w_dim): w = f(z), or w_1 before the crossover layer and w_2 from it on."""
+        """Per-layer styles (B, 6, w_dim): w = f(z) (002, "Architecture of Style Gan"), or w_1 before the crossover
+        layer and w_2 from it on; then truncation w' = w_bar + psi (w - w_bar) (Karras et al. 2019)."""
         w = self.mapping(z)[:, None].repeat(1, len(self.layers), 1)      # (B, L, w_dim)
         if z2 is not None:
             w[:, crossover:] = self.mapping(z2)[:, None]                 # style mixing
@@ -183,13 +188,14 @@ def discriminator(ndf=64):
 
 # ----------------------------------------------------------------------------- losses
 def d_loss(l_real, l_fake):
-    """D's logistic loss on logits: softplus(-D(x)) + softplus(D(G(z)))
-    = -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
+    """D's logistic loss on logits: softplus(-D(x)) + softplus(D(G(z))) = -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))
+    (002, "Loss function (Goodfellow et al. 2014)")."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
 
 
 def g_loss(l_fake):
-    """G's non-saturating logistic loss: softplus(-D(G(z))) = -log sigmoid(D(G(z)))."""
+    """G's non-saturating logistic loss: softplus(-D(G(z))) = -log sigmoid(D(G(z))) (002, "Equilibrium analysis
+    (Goodfellow et al. 2014)", note)."""
     return F.softplus(-l_fake).mean()
 
 

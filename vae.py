@@ -87,20 +87,26 @@ class VAE(nn.Module):
 
 # ----------------------------------------------------------------------------- loss
 def reparametrize(mu, logvar):
-    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)           # z = mu + sigma * eps  (002, reparam.)
+    """z = mu + sigma * eps, eps ~ N(0, I), sigma = exp(logvar / 2): a sample of q(z|x) that the gradient flows
+    through to mu and sigma (002, "VAE- reparametrization trick")."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)           # z = mu + sigma * eps
 
 
 def kl_to_prior(mu, logvar):
-    return -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)           # D_KL(q(z|x) || N(0,I)), closed form (002)
+    """D_KL(q(z|x) || N(0, I)) = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2), per row, in closed form
+    (002, "VAE - instantiation example")."""
+    return -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)           # -1/2 sum_j (1 + log s^2 - mu^2 - s^2)
 
 
 def log_normal(z, mu, logvar):
-    """log N(z; mu, diag exp(logvar)) = -sum_j [1/2 log(2 pi sigma_j^2) + (z_j - mu_j)^2 / (2 sigma_j^2)]."""
+    """log N(z; mu, diag exp(logvar)) = -sum_j [1/2 log(2 pi sigma_j^2) + (z_j - mu_j)^2 / (2 sigma_j^2)], over the last
+    dimension (002, "Gaussian priors and posteriors")."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
 
 
 def log_px_given_z(model, x, z):
-    """log p_theta(x|z) summed over pixels, (B,)."""
+    """log p_theta(x|z) summed over pixels, (B,): Bernoulli, sum_j x_j log p_j + (1 - x_j) log(1 - p_j) with
+    p = sigmoid(logits(z)); or Gaussian, log N(x; mu(z), diag sigma^2) (002, "VAE - instantiation example")."""
     x, out = x.flatten(1), model.decode(z)
     if model.likelihood == "bernoulli":                                  # sum_j x_j log p_j + (1 - x_j) log(1 - p_j)
         return -F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
@@ -119,7 +125,8 @@ def negative_elbo(model, x, beta=1.0):
 
 @torch.no_grad()
 def iw_log_likelihood(model, x, K=100):
-    r"""log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x); (B,)."""
+    r"""log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x); (B,)
+    (002, "Importance sampling and the variational approximation")."""
     mu, logvar = model.encode(x)
     z = reparametrize(mu.expand(K, *mu.shape), logvar.expand(K, *mu.shape))             # (K, B, J), z_k ~ q
     log_pxz = log_px_given_z(model, x.repeat(K, 1, 1, 1), z.flatten(0, 1)).view(K, -1)  # (K, B)

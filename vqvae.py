@@ -66,7 +66,8 @@ class VQVAE(nn.Module):
                                      nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Sigmoid())
 
     def quantize(self, z_e):
-        """(k, z_q): the index of the nearest code at each position (B, 7, 7) and the codes (B, D, 7, 7)."""
+        """(k, z_q): k the index of the nearest code at each position, k = argmin_j |z_e - e_j| (B, 7, 7), and z_q = e_k
+        (B, D, 7, 7) (002, "Learning discrete distributions: VQ-VAE")."""
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])         # (B * 49, D)
         k = torch.cdist(flat, self.codebook.weight).argmin(1)
         z_q = self.codebook(k).view(len(z_e), 7, 7, -1).permute(0, 3, 1, 2)   # (B, D, 7, 7)
@@ -105,8 +106,11 @@ def revive_dead_codes(model, x, used):
 # ----------------------------------------------------------------------------- the PixelCNN prior
 class MaskedConv2d(nn.Conv2d):
     """A convolution whose output at a position sees only the positions before it in raster order (type A), or
-    the position itself too (type B): PixelCNN's mask. Kernel (kh, kw) with kh, kw odd."""
+    the position itself too (type B): PixelCNN's mask (van den Oord et al. 2016, the prior that 002's VQ-VAE note
+    "the model requires additional steps" asks for). Kernel (kh, kw) with kh, kw odd."""
     def __init__(self, kind, c_in, c_out, kh, kw):
+        """The mask: 1 above the centre row and left of the centre in its row (type B: the centre too), 0 after
+        (002, "Learning discrete distributions: VQ-VAE", its note: the prior over the codes)."""
         super().__init__(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2))
         mask = torch.ones_like(self.weight)
         mask[:, :, kh // 2, kw // 2 + (kind == "B"):] = 0                 # the rest of the centre row
@@ -147,7 +151,8 @@ class PixelPrior(nn.Module):
 
 @torch.no_grad()
 def sample_codes(prior, n, device):
-    """k_1, ..., k_49 drawn one after the other from p(k_i | k_<i)."""
+    """k_1, ..., k_49 drawn one after the other from p(k_i | k_<i) in raster order: ancestral sampling of the prior
+    p(k) = prod_i p(k_i | k_<i) (002, VQ-VAE "additional steps": the prior)."""
     k = torch.zeros(n, 7, 7, dtype=torch.long, device=device)
     for i in range(49):
         r, c = divmod(i, 7)

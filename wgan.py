@@ -96,9 +96,22 @@ def make_nets(cfg):
     return G, critic, z_dim
 
 
-# ----------------------------------------------------------------------------- Lipschitz constraint
+# ----------------------------------------------------------------------------- losses and the Lipschitz constraint
+def critic_loss(f_real, f_fake):
+    """E f(g(z)) - E f(x): the critic maximizes E f(x) - E f(g(z)), the dual of W (002, "Wasserstein GANs",
+    Algorithm 1; 003, "Step 2: The Critic Loss")."""
+    return f_fake.mean() - f_real.mean()                                 # E f(g(z)) - E f(x)
+
+
+def generator_loss(f_fake):
+    """-E f(g(z)): the generator lowers W by raising the critic's value of its samples (002, "Wasserstein GANs",
+    Algorithm 1)."""
+    return -f_fake.mean()                                                # -E f(g(z))
+
+
 def gradient_penalty(critic, x, x_fake):
-    r"""E[(|grad_x f(x_hat)|_2 - 1)^2] with x_hat = eps x + (1 - eps) x_fake, one eps per sample (003, WGAN-GP)."""
+    r"""E[(|grad_x f(x_hat)|_2 - 1)^2] with x_hat = eps x + (1 - eps) x_fake, one eps per sample (003, "Gradient
+    Penalty (WGAN-GP)")."""
     eps = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)      # (B, 1, ...): one eps per sample
     x_hat = (eps * x + (1 - eps) * x_fake).requires_grad_(True)
     grad = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)[0]
@@ -106,6 +119,8 @@ def gradient_penalty(critic, x, x_fake):
 
 
 def clip_weights(critic, c):
+    """w <- clip(w, -c, c) for every weight of the critic, after each of its steps (002, "Wasserstein GANs",
+    Algorithm 1)."""
     with torch.no_grad():
         for p in critic.parameters():
             p.clamp_(-c, c)                                              # w <- clip(w, -c, c)  (002, Algorithm 1)
@@ -158,7 +173,7 @@ def train(cfg, G, critic, z_dim, device, state=None):
             for _ in range(cfg.n_critic):
                 x = real().to(device)
                 x_fake = G(noise(len(x))).detach()
-                loss_c = critic(x_fake).mean() - critic(x).mean()       # E f(g(z)) - E f(x)
+                loss_c = critic_loss(f_fake=critic(x_fake), f_real=critic(x))   # E f(g(z)) - E f(x)
                 if cfg.lipschitz == "gp":
                     loss_c = loss_c + cfg.lambda_gp * gradient_penalty(critic, x, x_fake)
                 opt_c.zero_grad()
@@ -169,7 +184,7 @@ def train(cfg, G, critic, z_dim, device, state=None):
 
             # one generator step: minimize -E f(g(z)); grads pass through f, not into it
             critic.requires_grad_(False)
-            loss_g = -critic(G(noise(cfg.batch_size))).mean()           # -E f(g(z))
+            loss_g = generator_loss(critic(G(noise(cfg.batch_size))))   # -E f(g(z))
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()

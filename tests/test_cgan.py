@@ -63,7 +63,19 @@ def test_conditional_loss_is_the_minimax_value_on_hand_logits():
     assert cgan.g_loss(l_fake).item() == pytest.approx(-torch.log(D_fake).item(), abs=1e-6)
     assert cgan.g_loss(l_fake, saturating=True).item() == pytest.approx(torch.log(1 - D_fake).item(), abs=1e-6)
     assert cgan.lsgan_d_loss(torch.tensor([0.5]), torch.tensor([0.25])).item() == pytest.approx(0.25 + 0.0625)
-    assert cgan.lsgan_g_loss(torch.tensor([0.5])).item() == pytest.approx(0.25)
+    assert cgan.lsgan_g_loss(torch.tensor([0.2])).item() == pytest.approx(0.64)   # (D - 1)^2, not D^2
+
+
+def test_discriminator_loss_pairs_real_images_with_their_labels_and_fakes_with_theirs():
+    D = lambda x, y: x.mean((1, 2, 3)) + 0.1 * y.float()                 # a logit that reads the image and the label
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([1, 2])
+    x_fake, y_fake = torch.ones(2, 1, 2, 2).requires_grad_(True), torch.tensor([5, 7])
+    loss = cgan.discriminator_loss(D, x, y, x_fake, y_fake)
+    assert loss.item() == pytest.approx(cgan.d_loss(D(x, y), D(x_fake, y_fake)).item())
+    assert loss.item() != pytest.approx(cgan.d_loss(D(x, y), D(x_fake, y)).item())   # not the real labels
+    assert not loss.requires_grad                                        # x_fake detached: D's step leaves G alone
+    lsgan = cgan.discriminator_loss(D, x, y, x_fake, y_fake, lsgan=True)
+    assert lsgan.item() == pytest.approx(cgan.lsgan_d_loss(D(x, y), D(x_fake, y_fake)).item())
 
 
 def test_grids_put_classes_in_rows_and_z_in_columns():

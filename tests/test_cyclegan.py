@@ -42,6 +42,14 @@ def test_least_squares_terms():
     assert cyclegan.lsgan_g_loss(d_fake).item() == pytest.approx((0.25 + 1) / 2)
 
 
+def test_adversarial_loss_pairs_each_mapping_with_the_judge_of_its_output_domain():
+    D_X = lambda t: t.mean((1, 2, 3))                                    # judges images of X
+    D_Y = lambda t: 3 * t.mean((1, 2, 3))                                # judges images of Y
+    fake_x, fake_y = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), 0.2)
+    # (D_Y(G(x)) - 1)^2 + (D_X(F(y)) - 1)^2 = (0.6 - 1)^2 + (0.5 - 1)^2
+    assert cyclegan.adversarial_loss(D_X, D_Y, fake_x, fake_y).item() == pytest.approx(0.16 + 0.25)
+
+
 def test_image_pool_returns_stored_images_half_the_time_once_full():
     pool = cyclegan.ImagePool(50, torch.Generator().manual_seed(0))
     first = torch.arange(50.0).view(50, 1, 1, 1)

@@ -20,6 +20,9 @@ def test_quadrature_divergences_match_closed_forms():
     assert float(divergences.divergence("kl_qp", p, q, dx)) == pytest.approx(kl(-1.0, 1.7, 0.3, 0.8), rel=1e-6)
     jsd = lambda a, b: float(divergences.divergence("jsd", a, b, dx))
     assert jsd(p, q) == pytest.approx(jsd(q, p), rel=1e-9)
+    P, Q = p.exp(), q.exp()                                              # JSD by hand: 1/2 KL(p || m) + 1/2 KL(q || m)
+    by_hand = 0.5 * (P * (2 * P / (P + Q)).log() + Q * (2 * Q / (P + Q)).log()).sum() * dx
+    assert jsd(p, q) == pytest.approx(float(by_hand), rel=1e-9)
     assert jsd(log_n(-8, 0.3), log_n(8, 0.3)) == pytest.approx(math.log(2), rel=1e-6)
 
 

@@ -38,6 +38,9 @@ def test_every_command_parses_with_its_scripts_flags(page, script, argv, tmp_pat
     module = __import__(script)
     if "--help" in argv:
         return
+    if script == "exercises":                                            # a tool with its own parser, no Config
+        module.parse(argv)
+        return
     if "--out" not in argv:
         argv = argv + ["--out", str(tmp_path)]
     try:

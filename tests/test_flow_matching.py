@@ -109,18 +109,22 @@ def test_ot_pairs_shorten_image_pairs_too():
     assert gain > 0.7 * (cost(x0) - exact), (gain, cost(x0) - exact)
 
 
-def test_own_sinkhorn_plan_matches_sinkhorn_py():
-    import sinkhorn
+def test_own_sinkhorn_plan_has_the_marginals_and_the_form_of_the_entropic_plan():
+    """P = diag(u) K diag(v), K = exp(-C / eps), with both marginals 1/n: log P + C / eps = log u_i + log v_j has
+    no interaction term; and sinkhorn.py's log-domain solver, where it is present, finds the same plan."""
     g = torch.Generator().manual_seed(6)
     x0 = torch.randn(50, 2, generator=g, dtype=torch.float64)
     x1 = torch.randn(50, 2, generator=g, dtype=torch.float64) + 3
     C = torch.cdist(x0, x1) ** 2
     C = C / C.mean()
-    w = torch.full((50,), 1 / 50, dtype=torch.float64)
     P = fm.sinkhorn_plan(C, 0.05, tol=1e-10)
-    ref = sinkhorn.sinkhorn(w, w, C, 0.05, tol=1e-10, method="log")["plan"]   # an independent solver
-    assert torch.allclose(P, ref, atol=1e-9)
+    w = torch.full((50,), 1 / 50, dtype=torch.float64)
     assert torch.allclose(P.sum(0), w, atol=1e-9) and torch.allclose(P.sum(1), w, atol=1e-9)
+    L = P.log() + C / 0.05
+    assert torch.allclose(L - L[:, :1] - L[:1] + L[0, 0], torch.zeros_like(L), atol=1e-6)
+    sinkhorn = pytest.importorskip("sinkhorn", reason="sinkhorn.py is not beside this test")
+    ref = sinkhorn.sinkhorn(w, w, C, 0.05, tol=1e-10, method="log")["plan"]   # an independent solver
+    assert torch.allclose(fm.sinkhorn_plan(C, 0.05, tol=1e-10), ref, atol=1e-9)
 
 
 def test_2d_and_image_runs(tmp_path):

@@ -1,15 +1,13 @@
-"""Tests of gan.py and wgan.py: D*, V(D*, G) = -log 4 + 2 JSD, the losses' gradients, the Lipschitz tools, runs."""
-import json, math
+"""Tests of gan.py: D*, V(D*, G) = -log 4 + 2 JSD, the losses on hand values and their gradients, runs."""
+import math
 
 import pytest
 import torch
 
 import common
 import gan
-import metrics
-import wgan
 
-SLOW = pytest.mark.slow  # the lsgan and clipping variants of the 2-D smoke runs; the defaults stay quick
+SLOW = pytest.mark.slow  # the lsgan variant of the 2-D smoke run; the default stays quick
 
 
 def test_optimal_discriminator_and_value_equal_minus_log4_plus_2jsd():
@@ -51,72 +49,33 @@ def test_saturating_loss_vanishes_where_nonsaturating_does_not():
     assert grads["saturating"] < 1e-3 and grads["nonsaturating"] > 0.99   # d/dl log(1 - sigmoid(l)) = -sigmoid(l)
 
 
-def test_lsgan_losses_on_hand_values():
-    assert gan.lsgan_d_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])).item() == pytest.approx(0.125 + 0.5)
-    assert gan.lsgan_g_loss(torch.tensor([0.0, 1.0])).item() == pytest.approx(0.5)
+def test_losses_on_hand_values():
+    """Logits and outputs away from 0 and 1/2: a flipped sign, swapped arguments or a target a <-> b changes them."""
+    l_real, l_fake = torch.tensor([2.0, -0.5]), torch.tensor([1.0, -3.0])
+    sig = torch.sigmoid
+    want_d = -(torch.log(sig(l_real)).mean() + torch.log(1 - sig(l_fake)).mean())   # -[E log D(x) + E log(1 - D(G(z)))]
+    assert gan.d_loss(l_real, l_fake).item() == pytest.approx(want_d.item(), rel=1e-6)
+    assert gan.g_loss_saturating(l_fake).item() == pytest.approx(torch.log(1 - sig(l_fake)).mean().item(), rel=1e-6)
+    assert gan.g_loss_nonsaturating(l_fake).item() == pytest.approx(-torch.log(sig(l_fake)).mean().item(), rel=1e-6)
+    d_real, d_fake = torch.tensor([0.9, 0.2]), torch.tensor([0.3, -0.4])
+    # E (D(x) - 1)^2 + E D(G(z))^2 = (0.01 + 0.64) / 2 + (0.09 + 0.16) / 2
+    assert gan.lsgan_d_loss(d_real, d_fake).item() == pytest.approx(0.325 + 0.125)
+    assert gan.lsgan_g_loss(d_fake).item() == pytest.approx((0.49 + 1.96) / 2)    # E (D(G(z)) - 1)^2
 
 
-def test_gradient_penalty_is_per_sample():
-    torch.manual_seed(1)
-    critic = wgan.make_nets(wgan.Config(data="digits"))[1]
-    x, xf = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
-    torch.manual_seed(2)
-    gp = wgan.gradient_penalty(critic, x, xf)
-    torch.manual_seed(2)
-    eps = torch.rand(6, 1, 1, 1)                                          # the same draws, one per sample
-    loop = 0.0
-    for i in range(6):                                                   # one sample at a time
-        xh = (eps[i] * x[i:i + 1] + (1 - eps[i]) * xf[i:i + 1]).requires_grad_(True)
-        g = torch.autograd.grad(critic(xh).sum(), xh)[0]
-        loop += (g.norm() - 1) ** 2 / 6
-    assert gp.item() == pytest.approx(loop.item(), rel=1e-5)
-
-
-def test_gradient_penalty_zero_for_unit_linear_critic():
-    w = torch.randn(5)
-    critic = lambda x: x @ (w / w.norm())                                # |grad| = 1 everywhere
-    assert wgan.gradient_penalty(critic, torch.randn(8, 5), torch.randn(8, 5)).item() < 1e-12
-    critic2 = lambda x: 3 * x @ (w / w.norm())                           # |grad| = 3: penalty (3 - 1)^2 = 4
-    assert wgan.gradient_penalty(critic2, torch.randn(8, 5), torch.randn(8, 5)).item() == pytest.approx(4.0)
-
-
-def test_clipping_keeps_weights_in_range():
-    critic = gan.mlp(2, 16, 1)
-    with torch.no_grad():
-        for p in critic.parameters():
-            p.mul_(100)
-    wgan.clip_weights(critic, 0.01)
-    assert all(p.abs().max() <= 0.01 for p in critic.parameters())
-
-
-def test_mode_metrics_on_collapsed_and_full_samplers():
-    full = common.sample_2d("ring8", 2500)
-    collapsed = common.MODES["ring8"][0][0] + 0.02 * torch.randn(2500, 2)
-    assert metrics.mode_metrics(full, "ring8")["modes_covered"] == 8
-    assert metrics.mode_metrics(collapsed, "ring8")["modes_covered"] == 1
-
-
-@pytest.mark.parametrize("script, extra", [(gan, []), pytest.param(gan, ["--loss", "lsgan", "--k", "2"], marks=SLOW),
-                                           (wgan, []), pytest.param(wgan, ["--lipschitz", "clip"], marks=SLOW)])
-def test_2d_runs_write_outputs(script, extra, tmp_path):
-    rec = script.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "500", "--width", "32"] + extra)
+@pytest.mark.parametrize("extra", [[], pytest.param(["--loss", "lsgan", "--k", "2"], marks=SLOW)])
+def test_2d_runs_write_outputs(extra, tmp_path):
+    rec = gan.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "500", "--width", "32"] + extra)
     for key in ("modes_covered", "high_quality_frac", "mmd", "steps", "seconds"):
         assert key in rec
     for f in ("samples.png", "samples.pt", "loss.png", "progress.png", "checkpoint.pt", "metrics.json"):
         assert (tmp_path / f).exists(), f
-    if script is wgan:
-        assert (tmp_path / "wasserstein.png").exists()
-        assert "w1_exact_final" in rec and json.load(open(tmp_path / "metrics.json"))["config"]["lr"] == \
-            (5e-5 if "clip" in extra else wgan.Config.lr)
-        if not extra:                                                    # the critic learned f(real) > f(fake):
-            assert rec["w_estimate_final"] > 0.1                         # 0.42 here; -1.1 with the loss's sign flipped
-    again = script.main(["--sample-only", "--out", str(tmp_path), "--n-samples", "500", "--width", "32"] + extra)
+    again = gan.main(["--sample-only", "--out", str(tmp_path), "--n-samples", "500", "--width", "32"] + extra)
     assert again["steps"] == 0
 
 
-@pytest.mark.parametrize("script", [gan, wgan])
-def test_digits_runs(script, tmp_path):
-    rec = script.main(["--data", "digits", "--steps", "5", "--batch-size", "16", "--out", str(tmp_path),
+def test_digits_runs(tmp_path):
+    rec = gan.main(["--data", "digits", "--steps", "5", "--batch-size", "16", "--out", str(tmp_path),
                        "--n-samples", "200"])
     assert torch.load(tmp_path / "samples.pt").shape == (200, 1, 28, 28)
     assert 0 <= rec["digit_confidence"] <= 1 and rec["fd"] > 0
@@ -130,33 +89,15 @@ def test_g_steps_puts_the_generator_in_the_inner_loop(tmp_path):
     assert step_count(state["opt_d"]) == 3 * 2 and step_count(state["opt_g"]) == 3 * 4
 
 
-@pytest.mark.parametrize("script, extra", [(gan, ["--g-steps", "3"]), (wgan, ["--exact-every", "0"])])
-def test_d_gets_a_gradient_only_in_its_own_steps(script, extra, tmp_path):
+def test_d_gets_a_gradient_only_in_its_own_steps(tmp_path):
     """G's steps freeze D (its weights' gradients would be thrown away), and D trains again after them."""
-    argv = ["--steps", "2", "--width", "8", "--out", str(tmp_path)] + extra
-    cfg = common.parse_config(script.Config, argv, script.__name__)
-    G, D, z_dim = script.make_nets(cfg)
+    cfg = common.parse_config(gan.Config, ["--steps", "2", "--width", "8", "--g-steps", "3", "--out", str(tmp_path)],
+                              "gan")
+    G, D, z_dim = gan.make_nets(cfg)
     calls = []
     next(D.parameters()).register_hook(lambda g: calls.append(1))      # one call per gradient of D's first weight
-    script.train(cfg, G, D, z_dim, "cpu")
-    assert len(calls) == 2 * (cfg.k if script is gan else cfg.n_critic)   # D's (or f's) steps only
-
-
-def test_wgan_gp_defaults_differ_by_data(tmp_path):
-    cfg = lambda *argv: common.parse_config(wgan.Config, [*argv, "--out", str(tmp_path)], "wgan")
-    assert (cfg().lambda_gp, cfg().lr) == (1.0, 2e-3)                   # 2-D: lambda 1, lr 2e-3
-    assert (cfg("--data", "digits").lambda_gp, cfg("--data", "digits").lr) == (10.0, 1e-3)   # images: the GP paper's
-    assert cfg("--data", "digits", "--lambda-gp", "3").lambda_gp == 3.0  # a given flag wins
-    assert cfg("--data", "digits", "--lipschitz", "clip").lr == 5e-5    # Algorithm 1's alpha
-
-
-def test_wgan_exact_w1_does_not_change_training(tmp_path):
-    """--exact-every 6 of 6 steps: after step 1 (mid-training) and step 6; a W_1 that drew from the training
-    stream would change steps 2-6 and the samples."""
-    run = lambda every: wgan.main(["--steps", "6", "--width", "16", "--n-samples", "300", "--exact-every", every,
-                                   "--out", str(tmp_path / every)])
-    assert "w1_exact_final" in run("6") and "w1_exact_final" not in run("0")
-    assert torch.equal(torch.load(tmp_path / "6" / "samples.pt"), torch.load(tmp_path / "0" / "samples.pt"))
+    gan.train(cfg, G, D, z_dim, "cpu")
+    assert len(calls) == 2 * cfg.k                                       # D's steps only
 
 
 def test_bad_input(tmp_path):
@@ -164,5 +105,3 @@ def test_bad_input(tmp_path):
         gan.main(["--k", "0", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--g-steps"):
         gan.main(["--g-steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(common.UserError, match="--n-critic"):
-        wgan.main(["--n-critic", "0", "--out", str(tmp_path)])

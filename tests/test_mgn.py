@@ -104,8 +104,74 @@ def test_bad_input_is_a_user_error(tmp_path):
         mgn.main(["--eps", "-1", "--out", str(tmp_path)])
 
 
+def test_cmgn_and_mmgn_forward_by_hand():
+    """Both networks with set weights, against their formulas written out: a transposed V (V V^T for V^T V) or a
+    dropped term changes the value, though it would keep the Jacobian symmetric PSD."""
+    x = torch.tensor([[0.5, -1.0]])
+    W, V = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, 0.0]]), torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+    c = mgn.CMGN(2, 3, 3)
+    with torch.no_grad():
+        c.W.copy_(W)
+        c.b.copy_(torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.1, 0.2], [0.5, 0.0, -0.5]]))
+        c.V.copy_(V)
+        c.b_out.copy_(torch.tensor([0.25, -0.75]))
+        z = x @ W.T + c.b[0]                                             # z_0 = W x + b_0
+        for l in (1, 2):
+            z = x @ W.T + torch.tanh(z) + c.b[l]                         # z_l = W x + sigma(z_{l-1}) + b_l
+        want = torch.tanh(z) @ W + x @ (V.T @ V) + c.b_out               # W^T sigma(z_2) + V^T V x + b_3
+        assert torch.allclose(c(x), want, atol=1e-6)
+    m = mgn.MMGN(2, 3, 2)
+    with torch.no_grad():
+        m.W.copy_(torch.stack([W, -2 * W]))
+        m.b.copy_(torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.1, 0.2]]))
+        m.V.copy_(V)
+        m.a.copy_(torch.tensor([0.25, -0.75]))
+        zs = [x @ W.T + m.b[0], x @ (-2 * W).T + m.b[1]]                 # z_k = W_k x + b_k
+        s = [torch.log(torch.cosh(z)).sum() for z in zs]                 # s(z) = sum_i log cosh z_i
+        want = m.a + x @ (V.T @ V) + s[0] * torch.tanh(zs[0]) @ W + s[1] * torch.tanh(zs[1]) @ (-2 * W)
+        assert torch.allclose(m(x), want, atol=1e-6)
+        phi = x @ m.a + 0.5 * (x @ V.T).pow(2).sum() + 0.5 * (s[0] ** 2 + s[1] ** 2)
+        assert torch.allclose(m.potential(x), phi, atol=1e-6)
+
+
+def test_transport_standardises_the_source_and_rescales_to_the_target():
+    torch.manual_seed(0)
+    g = mgn.CMGN(2, 4, 2)
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, -1.0]])
+    y = torch.tensor([[1.0, 1.0], [3.0, 0.0], [-2.0, 2.0]])
+    T = mgn.Transport(g, x, y)
+    s_x, s_y = x.var(0).mean().sqrt(), y.var(0).mean().sqrt()           # pooled stds: one scalar each
+    z = torch.tensor([[0.3, -0.2], [5.0, 1.0]])
+    with torch.no_grad():
+        assert torch.allclose(T(z), s_y * g((z - x.mean(0)) / s_x) + y.mean(0), atol=1e-6)
+
+
+def textbook_ot(x, y, eps, iters=5000):
+    """OT_eps and its plan by the lecture's log-domain loop, written plainly (uniform weights)."""
+    C = (x[:, None, :] - y[None, :, :]).pow(2).sum(-1)
+    a, b = torch.full((len(x),), 1 / len(x), dtype=C.dtype), torch.full((len(y),), 1 / len(y), dtype=C.dtype)
+    f, g = torch.zeros_like(a), torch.zeros_like(b)
+    for _ in range(iters):
+        f = -eps * torch.logsumexp((g[None, :] - C) / eps + b.log()[None, :], 1)
+        g = -eps * torch.logsumexp((f[:, None] - C) / eps + a.log()[:, None], 0)
+    return a @ f + b @ g, a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - C) / eps)
+
+
+def test_own_ot_eps_and_sinkhorn_divergence_against_the_textbook_loop():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.randn(5, 2, generator=g, dtype=torch.float64) + 1
+    value, P = textbook_ot(x.detach(), y, 0.5)
+    ours = mgn.ot_eps(x, y, 0.5, tol=1e-12)
+    assert ours.item() == pytest.approx(value.item(), rel=1e-9)
+    grad, = torch.autograd.grad(ours, x)
+    assert torch.allclose(grad, 2 * (P.sum(1)[:, None] * x.detach() - P @ y), atol=1e-8)   # sum_j P_ij dC_ij/dx_i
+    want = value - 0.5 * textbook_ot(x.detach(), x.detach(), 0.5)[0] - 0.5 * textbook_ot(y, y, 0.5)[0]
+    assert mgn.sinkhorn_divergence(x.detach(), y, 0.5, tol=1e-12).item() == pytest.approx(want.item(), rel=1e-8)
+
+
 def test_own_sinkhorn_divergence_matches_sinkhorn_py_and_its_gradient(monkeypatch):
-    import sinkhorn
+    sinkhorn = pytest.importorskip("sinkhorn", reason="sinkhorn.py is not beside this test")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 2, generator=g, dtype=torch.float64).requires_grad_(True)
     y = torch.randn(30, 2, generator=g, dtype=torch.float64) * 1.5 + 1

@@ -133,6 +133,29 @@ def test_sinkhorn_divergence_nonnegative_zero_and_gradient():
     assert torch.allclose(x.grad, fd, atol=1e-7)
 
 
+def test_barycentric_map_is_the_plans_row_average_on_the_samples():
+    """T(x_i) = sum_j P_ij y_j / a_i with weights a, b that are not uniform and n != m: a slip in the normalisation
+    (by b_j, by n, or the rows of P^T) changes the answer."""
+    x, y, _, _ = clouds(12, 9, seed=7)
+    a = torch.arange(1, 13, dtype=D) / 78
+    b = torch.arange(9, 0, -1, dtype=D) / 45
+    r = sk.sinkhorn(a, b, torch.cdist(x, y) ** 2, 0.05, tol=1e-12)
+    want = r["plan"] @ y / a[:, None]
+    assert torch.allclose(sk.barycentric_map(x, y, b, r["g"], 0.05), want, atol=1e-9)
+
+
+def test_ot_eps_is_the_entropic_objective_and_its_gradient_the_plans():
+    """The value is <P, C> + eps KL(P | a b^T); d/dx_i = sum_j P_ij 2 (x_i - y_j) (the envelope theorem)."""
+    x, y, a, b = clouds(7, 5, seed=8)
+    r = sk.sinkhorn(a, b, sk.sq_dist(x, y), 0.3, tol=1e-13)
+    x = x.clone().requires_grad_(True)
+    value = sk.ot_eps(x, y, 0.3, tol=1e-13)
+    assert abs(value.item() - float(r["objective"])) < 1e-12
+    value.backward()
+    P = r["plan"]
+    assert torch.allclose(x.grad, 2 * (P.sum(1)[:, None] * x.detach() - P @ y), atol=1e-10)
+
+
 def test_far_apart_clouds_give_finite_correct_cost():
     g = torch.Generator().manual_seed(7)
     n = 200

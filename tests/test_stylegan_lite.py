@@ -169,6 +169,23 @@ def test_equalized_layers_keep_unit_variance_up_to_the_relu_gain():
         assert slow.weight.std().item() == pytest.approx(100, rel=0.05)
 
 
+def test_equalized_linear_bias_is_scaled_by_lr_mul():
+    lin = sg.EqLinear(3, 2, lr_mul=0.01, bias_init=0.7)                # stored as 70, used as 0.7
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[100.0, 0.0, 0.0], [0.0, 200.0, -300.0]]))
+        out = lin(torch.tensor([[1.0, 2.0, 3.0]]))
+    # (0.01 / sqrt(3)) W x + 0.7
+    assert torch.allclose(out, torch.tensor([[1.0, 4.0 - 9.0]]) / 3 ** 0.5 + 0.7, atol=1e-5)
+
+
+def test_logistic_losses_by_hand():
+    l_real, l_fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    sig = torch.sigmoid
+    want_d = -(torch.log(sig(l_real)).mean() + torch.log(1 - sig(l_fake)).mean())
+    assert sg.d_loss(l_real, l_fake).item() == pytest.approx(want_d.item(), rel=1e-5)
+    assert sg.g_loss(l_fake).item() == pytest.approx(-torch.log(sig(l_fake)).mean().item(), rel=1e-5)
+
+
 def test_r1_penalty_on_a_linear_critic():
     D = lambda x: 3.0 * x.sum((1, 2, 3))[:, None]                        # grad = 3 everywhere
     x = torch.randn(4, 1, 2, 2)
