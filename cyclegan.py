@@ -367,7 +367,8 @@ def evaluate(cfg, G, F=None):
         rec_x = translate(F, fake_y)
         rec_y = translate(G, fake_x)
         rows = [x[:10], fake_y[:10], rec_x[:10], y[:10], fake_x[:10], rec_y[:10]]
-        scores = {"cycle_l1_x": float((rec_x - x).abs().mean()), "cycle_l1_y": float((rec_y - y).abs().mean())}
+        scores = {"cycle_l1_x": float((rec_x - x).abs().mean() / 2),                # in [0, 1] pixel units
+                  "cycle_l1_y": float((rec_y - y).abs().mean() / 2)}
     if lx is not None and cfg.image_size == 28:
         net_y = y_classifier(cfg)                                       # trained on Y
         feats_fake, p_fake = metrics.classify(net_y, grey(fake_y))
