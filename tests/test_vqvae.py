@@ -75,6 +75,31 @@ def test_stacked_3x3_masks_alone_have_a_blind_spot():
     assert grad[0, :, 2, 4].abs().sum() == 0 and grad[0, :, 2, 3].abs().sum() > 0
 
 
+def test_sample_codes_draws_in_raster_order_from_each_conditional():
+    """A stand-in prior: p(k_i | k_<i) puts all its mass on k_{i-1} + 1 (mod K), k_1 = 3, so the codes must read
+    3, 4, 5, ... along the raster order; then a prior of 1/4 on code 0 and 3/4 on code 1 at every position."""
+    K = 8
+
+    def chain(k):                                                        # (n, 7, 7) -> logits (n, K, 7, 7)
+        target = (k.flatten(1).roll(1, dims=1) + 1) % K
+        target[:, 0] = 3
+        return 50.0 * torch.nn.functional.one_hot(target, K).permute(0, 2, 1).reshape(len(k), K, 7, 7).float()
+
+    torch.manual_seed(0)
+    k = vqvae.sample_codes(chain, 5, "cpu")
+    assert k.shape == (5, 7, 7)
+    assert torch.equal(k.flatten(1), ((torch.arange(49) + 3) % K).expand(5, 49))
+
+    def coin(k):
+        logits = torch.full((len(k), K, 7, 7), -1e4)
+        logits[:, 0], logits[:, 1] = torch.log(torch.tensor(0.25)), torch.log(torch.tensor(0.75))
+        return logits
+
+    k = vqvae.sample_codes(coin, 400, "cpu")
+    assert set(k.unique().tolist()) == {0, 1}
+    assert float(k.float().mean()) == pytest.approx(0.75, abs=0.02)   # drawn, not the most likely code
+
+
 def test_codes_are_the_nearest_codes_of_the_encoder():
     model = small_vqvae()
     x = common.load_images("digits", "test")[0][:30]
