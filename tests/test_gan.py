@@ -76,7 +76,7 @@ def test_2d_runs_write_outputs(extra, tmp_path):
 
 def test_digits_runs(tmp_path):
     rec = gan.main(["--data", "digits", "--steps", "5", "--batch-size", "16", "--out", str(tmp_path),
-                       "--n-samples", "200"])
+                    "--n-samples", "200"])
     assert torch.load(tmp_path / "samples.pt").shape == (200, 1, 28, 28)
     assert 0 <= rec["digit_confidence"] <= 1 and rec["fd"] > 0
 
