@@ -164,6 +164,25 @@ def sample_2d(name, n, gen=None):
     a = math.pi / 5
     return torch.stack([x * math.cos(a) - y * math.sin(a), x * math.sin(a) + y * math.cos(a)], 1)
 
+def log_density_2d(name, x):
+    """log p(x) (N,) of the built-in 2-D distribution `name` where it has a closed form (ring8, grid25, checkerboard,
+    gaussian, banana), else None (moons, swissroll: their noise is added after a curve, no closed form)."""
+    log_normal = lambda z, std: -0.5 * (z / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))   # per axis
+    if name in MODES:
+        means, std = MODES[name]
+        per_mode = log_normal(x[:, None, :] - means[None], std).sum(-1)  # (N, K)
+        return torch.logsumexp(per_mode, 1) - math.log(len(means))
+    if name == "checkerboard":
+        inside = (x.abs() <= 4).all(1) & ((torch.floor(x[:, 0] / 2) + torch.floor(x[:, 1] / 2)) % 2 == 0)
+        return torch.where(inside, -math.log(32.0), -math.inf)
+    if name == "gaussian":
+        return log_normal(x, 1.0).sum(1)
+    if name == "banana":                                   # undo the rotation, then y - x^2 + 0.5 ~ N(0, 1)
+        a = math.pi / 5
+        u, w = x[:, 0] * math.cos(a) + x[:, 1] * math.sin(a), -x[:, 0] * math.sin(a) + x[:, 1] * math.cos(a)
+        return log_normal(u, 1.0) + log_normal(w - u ** 2 + 0.5, 1.0)   # both maps preserve area
+    return None
+
 # ----------------------------------------------------------------------------- image data
 IMAGE_DATA = ("digits", "mnist", "fashion", "mnist10k")
 DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
@@ -301,18 +320,21 @@ def load_images(name, split="train", data_dir=""):
     return load_idx_dataset(name, split, data_dir)
 
 # ----------------------------------------------------------------------------- outputs
-def save_images(x, path, labels=None, nrow=10):
-    """Image grid of x (N, C, H, W) in [0, 1]; with labels, one row per class (first nrow of each)."""
+def image_grid(x, nrow=10):
+    """x (N, C, H, W) in [0, 1] as one grid, 2-pixel grey borders: numpy (H', W') or (H', W', 3)."""
     x = x.detach().float().cpu().clamp(0, 1)
-    if labels is not None:
-        x = torch.cat([x[labels.cpu() == c][:nrow] for c in labels.unique()])
     n, c, h, w = x.shape
     grid = torch.full((c, math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
-    grid = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
-    matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+
+def save_images(x, path, labels=None, nrow=10):
+    """Image grid of x (N, C, H, W) in [0, 1]; with labels, one row per class (first nrow of each)."""
+    if labels is not None:
+        x = torch.cat([x[labels.cpu() == c][:nrow] for c in labels.unique()])
+    matplotlib.image.imsave(path, image_grid(x, nrow), cmap="gray", vmin=0, vmax=1)
 
 def save_points(x, path, ref=None, title=""):
     """Scatter plot of 2-D samples x (N, 2), over reference data ref (grey) if given."""
@@ -524,6 +546,39 @@ def save_progress(snapshots, path):
         ax.set_title(title, fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+
+# ----------------------------------------------------------------------------- animations (--gif)
+def image_frame(x, nrow=10, scale=2):
+    """A GIF frame: the image grid of x (N, C, H, W) in [0, 1] as uint8 RGB (H', W', 3), each pixel scale x scale."""
+    g = np.round(image_grid(x, nrow) * 255).astype(np.uint8)
+    g = np.repeat(np.repeat(g, scale, 0), scale, 1)
+    return np.stack([g] * 3, -1) if g.ndim == 2 else g
+
+def points_frame(x, ref=None, values=None, size=240):
+    """A GIF frame of [-5, 5]^2 (size x size uint8 RGB): white, or values (a surface(), 120 x 120) in 16 shades of
+    coolwarm; ref points grey (black over a surface), x blue (yellow over a surface), 2 x 2 pixels each."""
+    img = np.full((size, size, 3), 255, np.uint8)
+    if values is not None:
+        v = (values - values.min()) / (values.max() - values.min() + 1e-12)
+        shade = np.floor(v.numpy() * 15.999) / 15                        # 16 levels: a lossless GIF palette
+        rgb = (matplotlib.colormaps["coolwarm"](shade)[..., :3] * 255).astype(np.uint8)[::-1]   # row 0 = top
+        img = np.repeat(np.repeat(rgb, size // 120, 0), size // 120, 1)
+    for pts, colour in ((ref, (0, 0, 0) if values is not None else (190, 190, 190)),
+                        (x, (255, 220, 0) if values is not None else (31, 119, 180))):
+        if pts is not None:
+            ij = np.floor((pts.detach().cpu().numpy() + 5) / 10 * size).astype(int)
+            ij = ij[((ij >= 0) & (ij < size - 1)).all(1)]
+            for di in (0, 1):
+                for dj in (0, 1):
+                    img[size - 1 - ij[:, 1] - di, ij[:, 0] + dj] = colour
+    return img
+
+def save_gif(frames, path, ms=100):
+    """frames (uint8 (H, W, 3) arrays, at most 256 colours each: stored losslessly) as a looping GIF, ms per frame,
+    the last one held 2 s."""
+    from PIL import Image                                                # matplotlib's own image library
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[ms] * (len(frames) - 1) + [2000], loop=0)
 
 # ----------------------------------------------------------------------------- progress
 class Progress:

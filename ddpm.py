@@ -72,6 +72,8 @@ class Config(common.Config):
     compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
     bf16: bool = common.arg(False, "bf16 autocast for training (CUDA)")
     compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
+    gif: bool = common.arg(False, "also write denoising.gif: 16 chains from x_T to x_0, Algorithm 2 (left) beside "
+                                  "DDIM-50 (right) from the same x_T")
     MODEL_FLAGS = ("data", "T", "schedule", "width", "attn", "param", "cond")
 
     def defaults(self, given):
@@ -257,17 +259,19 @@ def ddim_step(sch, x, t, s, eps, z, eta=0.0, clip=True):
 
 @torch.no_grad()
 def sample(model, sch, n, cfg, device, y=None, sampler=None, steps=None, trajectory=None):
-    """n images in [-1, 1] from x_T ~ N(0, I); `trajectory` (a list) collects (t, x_t) along the way."""
+    """n images in [-1, 1] from x_T ~ N(0, I); `trajectory` (a list) collects (t, x_t) from t = T on."""
     sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
     x = torch.randn(n, 1, 28, 28, device=device)
     ts = timesteps(sch.T, steps)
+    if trajectory is not None:
+        trajectory.append((sch.T, x.cpu()))
     for t, s in zip(ts[:-1], ts[1:]):
         eps = guided_eps(model, x, t, y, cfg.guidance, sch, cfg.param)
         z = torch.randn_like(x)
         x = ancestral_step(sch, x, t, s, eps, z, cfg.sigma, cfg.clip_x0) if sampler == "ddpm" else \
             ddim_step(sch, x, t, s, eps, z, cfg.eta, cfg.clip_x0)
         if trajectory is not None:
-            trajectory.append((s, x[:1].cpu()))
+            trajectory.append((s, x.cpu()))
     return x
 
 
@@ -278,6 +282,21 @@ def save_forward(sch, x0, path):
     eps = torch.randn_like(x0)
     rows = [q_sample(sch, x0, torch.full((len(x0),), t, device=x0.device), eps) for t in ts]
     common.save_images((torch.stack(rows, 1).flatten(0, 1) + 1) / 2, path, nrow=len(ts))   # (n * 5, 1, 28, 28)
+
+
+def save_chains_gif(ema, sch, cfg, device, path):
+    """16 chains x_T -> x_0 of Algorithm 2 (every T/50-th x_t: 51 frames) beside DDIM-50's 51 x_t, both from the
+    same x_T (seeded by --seed). Returns the two runs' x_0 (the last frame), in [-1, 1]."""
+    chains = []
+    y = torch.arange(16, device=device) % 10 if cfg.cond else None
+    for sampler, steps in (("ddpm", cfg.T), ("ddim", 50)):
+        torch.manual_seed(cfg.seed)                                       # the same x_T for both samplers
+        trajectory = []
+        sample(ema, sch, 16, cfg, device, y, sampler, steps, trajectory)
+        chains.append([trajectory[round(k * steps / 50)][1] for k in range(51)])   # t = T, ..., 0
+    frames = [common.image_frame((torch.cat([a, b]).clamp(-1, 1) + 1) / 2, nrow=8) for a, b in zip(*chains)]
+    common.save_gif(frames, path)
+    return chains[0][-1], chains[1][-1]
 
 
 # ----------------------------------------------------------------------------- training
@@ -338,7 +357,8 @@ def main(argv=None):
                  "--grad-clip must be positive (a norm threshold)")
     common.check(cfg.width >= 8 and cfg.width % 8 == 0,
                  f"--width must be a multiple of 8 (GroupNorm uses 8 groups), got {cfg.width}")
-    common.check(not cfg.compare or cfg.T >= 50, f"--compare runs 50-step samplers: it needs --T >= 50, got {cfg.T}")
+    common.check(not (cfg.compare or cfg.gif) or cfg.T >= 50, f"--compare and --gif run 50-step samplers: they need "
+                 f"--T >= 50, got {cfg.T}")
     common.check(0 < cfg.sample_steps <= cfg.T, f"--sample-steps must be in 1..T={cfg.T}, got {cfg.sample_steps}")
     common.check(cfg.eta >= 0 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.ema < 1,
                  "need --eta >= 0, 0 <= --p-uncond < 1, 0 <= --ema < 1")
@@ -393,6 +413,10 @@ def main(argv=None):
             table[name] = evaluate(ema, sch, cfg, device, sampler, steps)[1]
             print(name, table[name])
         scores["compare"] = table
+
+    # --gif: the chains as a film
+    if cfg.gif:
+        save_chains_gif(ema, sch, cfg, device, os.path.join(cfg.out, "denoising.gif"))
     scores["train_seconds"] = round(train_seconds, 2)
     return common.finish(cfg, scores, t0, device, samples=x, history=history)
 

@@ -55,6 +55,9 @@ class Config(common.Config):
     p_uncond: float = common.arg(0.1, "eta: probability of dropping the label (per sample)")
     width: int = common.arg(256, "MLP hidden units (2-D), or U-Net base channels (images: 16 unless given)")
     n_samples: int = common.arg(2500, "samples for the metrics (images: 1000 unless given)")
+    nll_steps: int = common.arg(50, "midpoint steps of the likelihood ODE (0: no likelihood)")
+    probes: int = common.arg(1, "images: Rademacher probes per step of Hutchinson's divergence estimate")
+    gif: bool = common.arg(False, "also write flow.gif: the samples carried from x_0 to x_1, one frame per ODE step")
     MODEL_FLAGS = ("data", "coupling", "cond", "width")
 
     def defaults(self, given):
@@ -220,9 +223,96 @@ def sample(v, x, steps, solver="euler", trajectory=None):
     return x, steps * (1 if solver == "euler" else 2)
 
 
+# ----------------------------------------------------------------------------- likelihood
+def divergence(v, x, t, probes=0, gen=None):
+    r"""(div v(x, t), v(x, t)), div v = sum_i dv_i/dx_i (002, "Continuity equation"): exact, one backward pass per
+    dimension (probes = 0), or Hutchinson's unbiased estimate mean_k e_k^T (dv/dx) e_k over `probes` Rademacher
+    vectors e_k, whose variance per probe is 2 sum_{i != j} S_ij^2, S = the symmetric part of dv/dx."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        out = v(x, t)
+        if probes == 0:
+            div = sum(torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(x.shape[1]))
+        else:
+            div = 0.0
+            for _ in range(probes):
+                e = torch.randint(0, 2, x.shape, generator=gen).to(x) * 2 - 1
+                div = div + (torch.autograd.grad(out, x, e, retain_graph=True)[0] * e).flatten(1).sum(1) / probes
+    return div.detach(), out.detach()
+
+
+def log_likelihood(v, x1, steps, solver="midpoint", probes=0, gen=None):
+    r"""log p_1(x_1) of the flow dx/dt = v(x, t) from p_0 = N(0, I) (002, "Continuity equation": along a path
+    d/dt log p_t(x_t) = -div v_t(x_t)), integrating the ODE backwards from x_1 at t = 1 to x_0 at t = 0:
+        log p_1(x_1) = log N(x_0; 0, I) - int_0^1 div v_t(x_t) dt,
+    by Euler or the midpoint rule with `steps` steps; probes > 0: Hutchinson's divergence (images)."""
+    h, x, integral = 1.0 / steps, x1, 0.0
+    for k in range(steps, 0, -1):
+        t = k * h
+        if solver == "euler":
+            div, vt = divergence(v, x, t, probes, gen)                  # x_{t-h} = x_t - h v(x_t, t)
+        else:
+            with torch.no_grad():                                        # the slope at the midpoint t - h/2
+                div, vt = divergence(v, x - h / 2 * v(x, t), t - h / 2, probes, gen)
+        x = x - h * vt
+        integral = integral + h * div
+    d = x[0].numel()
+    log_p0 = -0.5 * (x ** 2).flatten(1).sum(1) - d / 2 * math.log(2 * math.pi)
+    return log_p0 - integral
+
+
+def likelihood_2d(cfg, model, device):
+    """Test NLL (nats) of --n-samples fresh data points by the midpoint rule (--nll-steps) and by Euler
+    (--sample-steps); where the data's density is known, its entropy H(p) (Monte Carlo, 10^5 points) and
+    KL(p || p_theta) = E_p[log p - log p_theta] = NLL - H, with its standard error."""
+    field = lambda x, t: velocity(model, x, t)
+    x = common.sample_2d(cfg.data, cfg.n_samples, torch.Generator().manual_seed(2)).to(device)
+    nll = -log_likelihood(field, x, cfg.nll_steps).cpu()
+    m = dict(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(len(nll))),
+             nll_euler=float(-log_likelihood(field, x, cfg.sample_steps, "euler").mean()))
+    log_p = common.log_density_2d(cfg.data, x.cpu())
+    if log_p is not None:                                                # KL = E_p[log p - log p_theta], per point
+        ratio = log_p + nll
+        h = -common.log_density_2d(cfg.data, common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(3)))
+        m.update(data_entropy=float(h.mean()), kl=float(ratio.mean()), kl_se=float(ratio.std() / math.sqrt(len(x))))
+    return m
+
+
+def bits_per_dim(cfg, model, device, n=200):
+    """Bits per dimension of n 8-bit test images x in {0..255}^D under uniform dequantisation, y = 2 (x + u)/256 - 1,
+    u ~ U[0, 1)^D: -log2 P(x) <= E_u[-log2 p(y)] - D log2(2/256). Returns the mean, its standard error over the
+    images, and the standard deviation of one image's estimate from two Hutchinson runs a, b: sqrt(E[(a - b)^2] / 2)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.round(common.load_images(cfg.data, "test", cfg.data_dir)[0][:n] * 255)
+    y = (2 * (x + torch.rand(x.shape, generator=gen)) / 256 - 1).to(device)
+    d = y[0].numel()
+    field = lambda x, t: velocity(model, x, t)
+    runs = [log_likelihood(field, y, cfg.nll_steps, probes=cfg.probes, gen=gen).cpu() for _ in range(2)]
+    bpd = [-(r + d * math.log(2 / 256)) / (d * math.log(2)) for r in runs]
+    mean = (bpd[0] + bpd[1]) / 2
+    return dict(bpd=float(mean.mean()), bpd_se=float(mean.std() / math.sqrt(n)),
+                bpd_probe_sd=float(((bpd[0] - bpd[1]) ** 2 / 2).mean().sqrt()), bpd_images=n)
+
+
+def save_density(cfg, model, device):
+    """density.png: the data's density (where known) beside the learned p_theta = exp(log p_1), on [-5, 5]^2."""
+    g = torch.linspace(-5, 5, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)
+    learned = log_likelihood(lambda x, t: velocity(model, x, t), grid.to(device), cfg.nll_steps).exp().cpu()
+    true = common.log_density_2d(cfg.data, grid)
+    panels = ([("p_data", true.exp())] if true is not None else []) + [("p_theta (continuity equation)", learned)]
+    fig = Figure(figsize=(4.5 * len(panels), 4.5))
+    top = max(float(p.max()) for _, p in panels)                          # one colour scale for both
+    for ax, (title, p) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.imshow(p.view(100, 100).numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="magma", vmin=0, vmax=top)
+        ax.set(title=title, xticks=[], yticks=[])
+    fig.savefig(os.path.join(cfg.out, "density.png"), dpi=100, bbox_inches="tight")
+
+
 # ----------------------------------------------------------------------------- metrics and pictures
-def evaluate(cfg, model, device):
-    """Samples x_1 (2-D points, or images in [0, 1]) and their metrics, by --solver with --sample-steps steps."""
+def evaluate(cfg, model, device, trajectory=None):
+    """Samples x_1 (2-D points, or images in [0, 1]) and their metrics, by --solver with --sample-steps steps;
+    `trajectory` (a list) collects x_0, ..., x_1 of the first 500."""
     gen, points = torch.Generator().manual_seed(1), cfg.data in common.POINT_DATA
     y = torch.arange(cfg.n_samples, device=device) % 10 if cfg.cond else None
     shape = (cfg.n_samples, 2) if points else (cfg.n_samples, 1, 28, 28)
@@ -231,7 +321,10 @@ def evaluate(cfg, model, device):
     for i in range(0, cfg.n_samples, 500):
         yb = y[i:i + 500] if y is not None else None
         x0 = torch.randn((min(500, cfg.n_samples - i),) + shape[1:], generator=gen).to(device)
-        xb, calls = sample(lambda x, t: velocity(model, x, t, yb, cfg.guidance), x0, cfg.sample_steps, cfg.solver)
+        traj = trajectory if i == 0 and trajectory is not None else None
+        if traj is not None:
+            traj.append(x0.cpu())
+        xb, calls = sample(lambda x, t: velocity(model, x, t, yb, cfg.guidance), x0, cfg.sample_steps, cfg.solver, traj)
         x.append(xb.cpu())
     x = torch.cat(x)
     calls *= 2 if cfg.cond and cfg.guidance != 1.0 else 1               # guidance: v(x|y) and v(x|null) per call
@@ -243,7 +336,7 @@ def evaluate(cfg, model, device):
     return x, dict(m, network_calls=calls)
 
 
-def evaluate_restoration(cfg, model, device):
+def evaluate_restoration(cfg, model, device, traj):
     """--coupling corrupt: integrate dx/dt = v_theta from corrupted test images (t = 0) to t = 1; the mean absolute
     pixel error (in [0, 1]) of the corrupted and of the restored images, the image metrics of the restorations
     (class_accuracy: the clean image's label); restoration.png, rows x_0, x_t at t = 1/4, 1/2, 3/4, x_1, clean."""
@@ -253,7 +346,7 @@ def evaluate_restoration(cfg, model, device):
     x0 = corrupt(clean) + 0.1 * torch.randn(clean.shape, generator=gen)   # as in training
     model.eval()
     field = lambda x, t: velocity(model, x.to(device), t).cpu()
-    traj = [x0]
+    traj.append(x0)
     restored, calls = sample(field, x0, cfg.sample_steps, cfg.solver, trajectory=traj)
     keep = [traj[round(f * cfg.sample_steps)][:10] for f in (0, 0.25, 0.5, 0.75, 1.0)] + [clean[:10]]
     to01 = lambda x: (x.clamp(-1, 1) + 1) / 2
@@ -263,6 +356,17 @@ def evaluate_restoration(cfg, model, device):
     m.update(corrupted_mae=float((to01(x0) - to01(clean)).abs().mean()),
              restoration_mae=float((to01(restored) - to01(clean)).abs().mean()), network_calls=calls)
     return to01(restored), m
+
+
+def save_gif(cfg, trajectory, path):
+    """flow.gif: one frame per ODE step, x_0 first and the samples x_1 last (the first 500 points over the data,
+    or the first 64 images)."""
+    if cfg.data in common.POINT_DATA:
+        ref = common.sample_2d(cfg.data, 2500, torch.Generator().manual_seed(0))
+        frames = [common.points_frame(x, ref) for x in trajectory]
+    else:
+        frames = [common.image_frame((x[:64].clamp(-1, 1) + 1) / 2, nrow=8) for x in trajectory]
+    common.save_gif(frames, path, ms=150)
 
 
 def save_trajectories(cfg, model, device):
@@ -401,6 +505,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "flow_matching", __doc__)
     common.check(cfg.sample_steps > 0 and cfg.n_samples > 1 and cfg.width >= 8 and 0 <= cfg.p_uncond < 1,
                  "--sample-steps must be positive, --width >= 8, --n-samples >= 2 and --p-uncond in [0, 1)")
+    common.check(cfg.nll_steps >= 0 and cfg.probes > 0, "--nll-steps must be >= 0 (0: no likelihood), --probes >= 1")
     common.check(not cfg.cond or cfg.data in common.IMAGE_DATA, "--cond needs labelled image data (e.g. --data digits)")
     common.check(cfg.guidance == 1.0 or cfg.cond, "--guidance needs --cond (a class-conditional model)")
     common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume), "--demo writes no checkpoint: drop "
@@ -429,10 +534,15 @@ def main(argv=None):
     train_seconds = time.time() - t0
 
     # samples (or restorations) and their metrics
+    trajectory = []
     if cfg.coupling == "corrupt":
-        x, scores = evaluate_restoration(cfg, model, device)
+        x, scores = evaluate_restoration(cfg, model, device, trajectory)
     else:
-        x, scores = evaluate(cfg, model, device)
+        x, scores = evaluate(cfg, model, device, trajectory)
+
+    # the likelihood by the continuity equation (not for guided or restoring flows: no p_0 = N(0, I) density)
+    if cfg.nll_steps and not cfg.cond and cfg.coupling != "corrupt":
+        scores.update(likelihood_2d(cfg, model, device) if points else bits_per_dim(cfg, model, device))
 
     # pictures; on 2-D data also the trajectories
     if not points:
@@ -442,6 +552,10 @@ def main(argv=None):
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
                            title=f"{cfg.solver}, {cfg.sample_steps} steps")
         save_trajectories(cfg, model, device)
+        if cfg.nll_steps and cfg.coupling != "corrupt":
+            save_density(cfg, model, device)
+    if cfg.gif:
+        save_gif(cfg, trajectory, os.path.join(cfg.out, "flow.gif"))
     scores["train_seconds"] = round(train_seconds, 2)
     return common.finish(cfg, scores, t0, device, samples=x, history=history)
 

@@ -31,6 +31,7 @@ n steps reach t = 1, the last from 1 - h (where the score is finite) without noi
 """
 import dataclasses, math, os, time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ class Config(common.Config):
     width: int = common.arg(256, "MLP hidden units (2-D), or U-Net base channels (images: 16 unless given)")
     n_samples: int = common.arg(2500, "samples for the metrics (images: 1000 unless given)")
     demo: str = common.arg("none", "langevin: Langevin dynamics with a known score (no training)", ["none", "langevin"])
+    nll_steps: int = common.arg(50, "2-D: midpoint steps of the probability-flow ODE for the likelihood (0: none)")
+    gif: bool = common.arg(False, "also write sde_ode.gif (the SDE beside the ODE from the same X_t0; --demo "
+                                  "langevin: langevin.gif, the chains)")
     MODEL_FLAGS = ("data", "path", "weight", "width")
 
     def defaults(self, given):
@@ -175,10 +179,13 @@ def start(kind, t0, eps, mean):
 
 
 @torch.no_grad()
-def sample(s_theta, x, steps, kind="linear", sigma=0.5, t0=0.05, gen=None):
+def sample(s_theta, x, steps, kind="linear", sigma=0.5, t0=0.05, gen=None, trajectory=None):
     """Integrate from t_0 to 1 in `steps` steps (002, "Sampling from a diffusion model"), x = X_{t_0}: Euler-Maruyama
-    on dX = [v + sigma^2/2 s] dt + sigma dW (Theorem 2) with v from s; sigma = 0 is Euler on the ODE dX = v dt."""
+    on dX = [v + sigma^2/2 s] dt + sigma dW (Theorem 2) with v from s; sigma = 0 is Euler on the ODE dX = v dt.
+    `trajectory` (a list) collects X_{t_0}, ..., X_1."""
     h = (1.0 - t0) / steps
+    if trajectory is not None:
+        trajectory.append(x.cpu())
     for k in range(steps):
         t = t0 + k * h
         s = s_theta(x, t)
@@ -186,7 +193,50 @@ def sample(s_theta, x, steps, kind="linear", sigma=0.5, t0=0.05, gen=None):
         noise = torch.randn(x.shape, generator=gen).to(x.device) if sigma > 0 and k < steps - 1 else 0   # not last
         # X_{t+h} = X_t + h [v + sigma^2/2 s] + sqrt(h) sigma eps_t
         x = x + h * (v + sigma ** 2 / 2 * s) + math.sqrt(h) * sigma * noise
+        if trajectory is not None:
+            trajectory.append(x.cpu())
     return x
+
+
+# ----------------------------------------------------------------------------- likelihood (2-D)
+def log_likelihood(kind, s_theta, x1, steps, t0, mean, cov):
+    r"""log p_1(x_1) (N,) of the probability-flow ODE dx/dt = v_t(x), v from s_theta, for 2-D x_1 (002, "Continuity
+    equation": d/dt log p_t(x_t) = -div v_t(x_t)), by the midpoint rule from t = 1 back to t_0, div by autograd:
+        log p_1(x_1) = log p_{t_0}(x_{t_0}) - int_{t_0}^1 div v_t(x_t) dt,
+    p_{t_0} taken as N(alpha mean, beta^2 I + alpha^2 cov), the Gaussian with p_{t_0}'s moments (exact for Gaussian
+    data; v from s is singular at t = 0)."""
+    def v_and_div(x, t):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            v = velocity_from_score(kind, x, t, s_theta(x, torch.full((len(x),), float(t), device=x.device)))
+            div = sum(torch.autograd.grad(v[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(2))
+        return v.detach().float(), div.detach()
+
+    h, x, integral = (1.0 - t0) / steps, x1, 0.0
+    for k in range(steps, 0, -1):
+        t = t0 + k * h
+        v, div = v_and_div(x - h / 2 * v_and_div(x, t)[0], t - h / 2)    # the slope at the midpoint t - h/2
+        x = x - h * v
+        integral = integral + h * div
+    a, b, _, _ = path_coefficients(kind, torch.tensor(t0, dtype=torch.float64))
+    p_t0 = torch.distributions.MultivariateNormal(float(a) * mean, float(b) ** 2 * torch.eye(2) + float(a) ** 2 * cov)
+    return p_t0.log_prob(x.cpu()) - integral.cpu()
+
+
+def likelihood_2d(cfg, model):
+    """Test NLL (nats) of --n-samples fresh data points; where the data's density is known, its entropy H(p) (Monte
+    Carlo, 10^5 points) and KL(p || p_theta) = E_p[log p - log p_theta] = NLL - H, with its standard error."""
+    data = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0))
+    x = common.sample_2d(cfg.data, cfg.n_samples, torch.Generator().manual_seed(2))
+    device = next(model.parameters()).device
+    nll = -log_likelihood(cfg.path, model, x.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov())
+    m = dict(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(len(x))))
+    log_p = common.log_density_2d(cfg.data, x)
+    if log_p is not None:
+        ratio = log_p + nll
+        h = -common.log_density_2d(cfg.data, common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(3)))
+        m.update(data_entropy=float(h.mean()), kl=float(ratio.mean()), kl_se=float(ratio.std() / math.sqrt(len(x))))
+    return m
 
 
 def evaluate(cfg, model, device):
@@ -202,14 +252,35 @@ def evaluate(cfg, model, device):
     x = []
     for i in range(0, cfg.n_samples, 500):
         eps = torch.randn((min(500, cfg.n_samples - i),) + shape, generator=gen).to(device)
+        first = eps if i == 0 else first
         x0 = start(cfg.path, cfg.t0, eps, mean)
         sigma = cfg.sigma if cfg.sampler == "sde" else 0.0
         x.append(sample(field, x0, cfg.sample_steps, cfg.path, sigma, cfg.t0, gen).cpu())
     x = torch.cat(x)
+    if cfg.gif:
+        save_gif(cfg, field, start(cfg.path, cfg.t0, first, mean), os.path.join(cfg.out, "sde_ode.gif"))
     if points:
         return x, metrics.point_metrics(x, cfg.data)
     x = (x.clamp(-1, 1) + 1) / 2
     return x, metrics.image_metrics(x, cfg.data, data_dir=cfg.data_dir, out=cfg.out)
+
+
+def save_gif(cfg, field, x0, path):
+    """sde_ode.gif: from the same X_{t_0} (the first 500 samples' start), Euler-Maruyama with --sigma (left) beside the
+    ODE (right), one frame per step; the last frame's SDE (or, --sampler ode, ODE) half shows the first samples."""
+    gen = torch.Generator().manual_seed(1)
+    torch.randn(x0.shape, generator=gen)                                 # evaluate()'s draw of X_{t_0}: the same noise
+    sde, ode = [], []
+    sample(field, x0, cfg.sample_steps, cfg.path, cfg.sigma, cfg.t0, gen, sde)
+    sample(field, x0, cfg.sample_steps, cfg.path, 0.0, cfg.t0, None, ode)
+    if cfg.data in common.POINT_DATA:
+        ref = common.sample_2d(cfg.data, 2500, torch.Generator().manual_seed(0))
+        frames = [np.concatenate([common.points_frame(a, ref), common.points_frame(b, ref)], 1)
+                  for a, b in zip(sde, ode)]
+    else:
+        to01 = lambda x: (x[:32].clamp(-1, 1) + 1) / 2
+        frames = [common.image_frame(torch.cat([to01(a), to01(b)]), nrow=8) for a, b in zip(sde, ode)]
+    common.save_gif(frames, path, ms=150)
 
 
 # ----------------------------------------------------------------------------- Langevin dynamics (--demo langevin)
@@ -314,6 +385,9 @@ def langevin_demo(cfg):
     for ax in axes:
         ax.set(xlim=(-9, 9), ylim=(-9, 9), aspect="equal")
     fig.savefig(os.path.join(cfg.out, "langevin.png"), dpi=90, bbox_inches="tight")
+    if cfg.gif:                                                          # every 20th step: 51 frames, x_0 to x_K
+        frames = [common.points_frame(x, exact["near"]) for x in traj[::20]]
+        common.save_gif(frames, os.path.join(cfg.out, "langevin.gif"))
     common.save_points(x_near, os.path.join(cfg.out, "samples.png"), ref=exact["near"], title="Langevin samples")
     return common.finish(dataclasses.replace(cfg, steps=0), scores, t0, "cpu", samples=x_near)   # nothing trained
 
@@ -362,6 +436,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "score_matching", __doc__)
     common.check(cfg.sample_steps > 0 and cfg.n_samples > 1 and cfg.width >= 8 and cfg.sigma >= 0 and 0 < cfg.t0 < 1,
                  "--sample-steps must be positive, --width >= 8, --n-samples >= 2, --sigma >= 0, --t0 in (0, 1)")
+    common.check(cfg.nll_steps >= 0, f"--nll-steps must be >= 0 (0: no likelihood), got {cfg.nll_steps}")
     common.check(cfg.demo == "none" or not (cfg.sample_only or cfg.resume), "--demo writes no checkpoint: drop "
                  "--sample-only and --resume")
     if cfg.demo == "langevin":
@@ -385,8 +460,10 @@ def main(argv=None):
         history = {f"CSM loss (weight {cfg.weight})": train(cfg, model, device, state)}
     train_seconds = time.time() - t0
 
-    # samples, their metrics and pictures
+    # samples, their metrics and pictures; on 2-D data the likelihood by the probability-flow ODE
     x, scores = evaluate(cfg, model, device)
+    if points and cfg.nll_steps:
+        scores.update(likelihood_2d(cfg, model))
     if points:
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
                            title=f"{cfg.sampler}, {cfg.sample_steps} steps from t = {cfg.t0:g}")

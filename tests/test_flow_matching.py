@@ -240,3 +240,79 @@ def test_sample_only_of_an_image_run_takes_the_image_defaults(tmp_path):
     rec = fm.main(["--data", "digits", "--steps", "2", "--width", "8", "--sample-steps", "2", "--out", str(tmp_path)])
     again = fm.main(["--sample-only", "--sample-steps", "2", "--out", str(tmp_path)])
     assert again["config"]["n_samples"] == 1000 and again["fd"] == rec["fd"]
+
+
+def gaussian_field(m, s):
+    """The exact marginal field of the linear path from N(0, I) to N(m, diag s^2): x_t ~ N(t m, sigma_t^2),
+    sigma_t^2 = t^2 s^2 + (1 - t)^2, v_t(x) = m + sigma_t'/sigma_t (x - t m), sigma_t sigma_t' = t s^2 - (1 - t)."""
+    def v(x, t):
+        var = t * t * s * s + (1 - t) ** 2
+        return m + (t * s * s - (1 - t)) / var * (x - t * m)
+    return v
+
+
+def test_log_likelihood_of_the_exact_field_is_the_gaussian_log_density():
+    m, s = torch.tensor([1.5, -0.7]), torch.tensor([0.6, 1.3])
+    x1 = m + s * torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    exact = torch.distributions.Normal(m, s).log_prob(x1).sum(1)
+    assert torch.allclose(fm.log_likelihood(gaussian_field(m, s), x1, 200), exact, atol=2e-3)
+    euler = fm.log_likelihood(gaussian_field(m, s), x1, 2000, "euler")
+    assert torch.allclose(euler, exact, atol=2e-2)                         # first order: converges, more slowly
+    assert (euler - exact).abs().mean() > 10 * (fm.log_likelihood(gaussian_field(m, s), x1, 2000) - exact).abs().mean()
+
+
+def test_hutchinson_is_unbiased_with_the_stated_variance_and_autograd_is_exact():
+    A = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    v = lambda x, t: x @ A.T                                              # div v = trace A
+    x = torch.randn(20000, 5)
+    exact, _ = fm.divergence(v, x, 0.5)
+    assert torch.allclose(exact, torch.full((20000,), float(A.trace())), atol=1e-5)
+    est, _ = fm.divergence(v, x, 0.5, probes=1, gen=torch.Generator().manual_seed(2))
+    S = (A + A.T) / 2
+    var = 2 * (S.pow(2).sum() - S.diag().pow(2).sum())                     # 2 sum_{i != j} S_ij^2
+    assert abs(float(est.mean() - A.trace())) < 4 * math.sqrt(var / 20000)
+    assert abs(float(est.var() / var) - 1) < 0.05
+
+
+def test_kl_of_a_gaussian_flow_to_gaussian_data_is_the_closed_form_and_nonnegative():
+    m, s = torch.tensor([1.5, -0.7]), torch.tensor([0.6, 1.3])            # the model's Gaussian
+    for m2, s2 in ((m, s), (torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.8]))):   # the data's
+        x = m2 + s2 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))
+        log_ratio = torch.distributions.Normal(m2, s2).log_prob(x).sum(1) - fm.log_likelihood(gaussian_field(m, s), x, 100)
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(m2, s2), torch.distributions.Normal(m, s)).sum()
+        se = float(log_ratio.std()) / math.sqrt(4000)
+        assert abs(float(log_ratio.mean() - kl)) < 4 * se + 1e-3 and float(log_ratio.mean()) > -4 * se - 1e-3
+
+
+def test_likelihood_and_gif_of_a_run(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rec = fm.main(["--steps", "30", "--out", str(tmp_path), "--n-samples", "600", "--width", "32", "--gif",
+                   "--sample-steps", "4", "--nll-steps", "10"])
+    assert rec["kl"] > -4 * rec["kl_se"] and rec["data_entropy"] == pytest.approx(math.log(32), abs=1e-6)
+    assert rec["nll"] - rec["data_entropy"] == pytest.approx(rec["kl"], abs=1e-3)
+    gif = Image.open(tmp_path / "flow.gif")
+    assert gif.n_frames == 5 and (tmp_path / "density.png").exists()
+    gif.seek(4)
+    ref = common.sample_2d("checkerboard", 2500, torch.Generator().manual_seed(0))
+    samples = torch.load(tmp_path / "samples.pt")
+    assert np.array_equal(np.array(gif.convert("RGB")), common.points_frame(samples[:500], ref))
+    gif.seek(0)
+    assert not np.array_equal(np.array(gif.convert("RGB")), common.points_frame(samples[:500], ref))
+
+
+def test_bits_per_dim_of_the_exact_field_for_independent_pixels():
+    cfg = fm.Config(data="digits", nll_steps=40)
+    x = torch.round(common.load_images("digits", "test")[0][:20] * 255)
+    y = 2 * (x + torch.rand(x.shape, generator=torch.Generator().manual_seed(2))) / 256 - 1
+    m, s = torch.tensor(-0.3), torch.tensor(0.8)
+    field = gaussian_field(m, s)
+
+    class Model(torch.nn.Module):                                          # v(x, t) of N(m, s^2 I) on every pixel
+        def forward(self, x, t, y=None):
+            return field(x, float(t[0]))
+    out = fm.bits_per_dim(cfg, Model(), torch.device("cpu"), n=20)
+    d = 784
+    log_p = torch.distributions.Normal(m, s).log_prob(y).flatten(1).sum(1)
+    expected = -(log_p + d * math.log(2 / 256)) / (d * math.log(2))
+    assert out["bpd"] == pytest.approx(float(expected.mean()), abs=2e-3) and out["bpd_probe_sd"] < 1e-3

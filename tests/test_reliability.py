@@ -98,7 +98,7 @@ BAD_INPUT = [  # (script, flags, the words of its error line): docs/reliability.
     (ddpm, ["--grad-clip", "0"], "--grad-clip must be positive"),
     (ddpm, ["--grad-clip", "-1"], "--grad-clip must be positive"),
     (ddpm, ["--width", "12"], "--width must be a multiple of 8"),
-    (ddpm, ["--T", "20", "--compare"], "--compare runs 50-step samplers: it needs --T >= 50"),
+    (ddpm, ["--T", "20", "--compare"], "--compare and --gif run 50-step samplers: they need --T >= 50"),
     (gan, ["--seed", "-1"], "--seed must be a non-negative integer"),
     (vae, ["--seed", "-1"], "--seed must be a non-negative integer"),
     (cgan, ["--ema", "1"], "--ema must be in [0, 1)"),

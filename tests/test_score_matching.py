@@ -219,3 +219,37 @@ def test_langevin_demo_runs(tmp_path):
     assert rec["steps"] == 0 and (tmp_path / "samples.pt").exists()
     with pytest.raises(common.UserError, match="--t0 in"):
         sm.main(["--t0", "0", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_probability_flow_likelihood_of_the_exact_score_is_the_gaussian_log_density(kind):
+    m, s = torch.tensor([1.5, -0.7]), 0.6
+    _, score = gaussian_fields(kind, m, s)
+    s_theta = lambda x, t: score(x, float(t[0])).float()
+    x1 = m + s * torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    got = sm.log_likelihood(kind, s_theta, x1, 100, 0.05, m, s * s * torch.eye(2))
+    exact = torch.distributions.Normal(m, s).log_prob(x1).sum(1)
+    assert torch.allclose(got.float(), exact, atol=5e-3)
+
+
+def test_gif_and_likelihood_of_a_run(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rec = sm.main(["--steps", "20", "--width", "16", "--out", str(tmp_path), "--n-samples", "500", "--gif",
+                   "--sample-steps", "3", "--nll-steps", "5"])
+    assert rec["kl"] > -4 * rec["kl_se"] and rec["nll"] - rec["data_entropy"] == pytest.approx(rec["kl"], abs=1e-3)
+    gif = Image.open(tmp_path / "sde_ode.gif")
+    assert gif.n_frames == 4
+    gif.seek(3)
+    last = np.array(gif.convert("RGB"))
+    ref = common.sample_2d("checkerboard", 2500, torch.Generator().manual_seed(0))
+    samples = torch.load(tmp_path / "samples.pt")
+    assert np.array_equal(last[:, :240], common.points_frame(samples, ref))          # the SDE half ends on them
+    assert not np.array_equal(last[:, 240:], last[:, :240])                         # the ODE half does not
+    rec = sm.main(["--demo", "langevin", "--n-samples", "200", "--out", str(tmp_path / "l"), "--gif"])
+    gif = Image.open(tmp_path / "l" / "langevin.gif")
+    assert gif.n_frames == 51
+    blue = lambda frame: (frame == np.array([31, 119, 180], np.uint8)).all(-1)    # the chains' pixels
+    samples = torch.load(tmp_path / "l" / "samples.pt")
+    gif.seek(50)
+    assert np.array_equal(blue(np.array(gif.convert("RGB"))), blue(common.points_frame(samples)))
