@@ -278,11 +278,11 @@ def likelihood_2d(cfg, model, device):
     return m
 
 
-def bits_per_dim(cfg, model, device, n=200):
-    """Bits per dimension of n 8-bit test images x in {0..255}^D under uniform dequantisation, y = 2 (x + u)/256 - 1,
+def bits_per_dim(cfg, model, device):
+    """Bits per dimension of n = min(--n-samples, 200) 8-bit test images x in {0..255}^D under uniform dequantisation, y = 2 (x + u)/256 - 1,
     u ~ U[0, 1)^D: -log2 P(x) <= E_u[-log2 p(y)] - D log2(2/256). Returns the mean, its standard error over the
     images, and the standard deviation of one image's estimate from two Hutchinson runs a, b: sqrt(E[(a - b)^2] / 2)."""
-    gen = torch.Generator().manual_seed(2)
+    gen, n = torch.Generator().manual_seed(2), min(cfg.n_samples, 200)
     x = torch.round(common.load_images(cfg.data, "test", cfg.data_dir)[0][:n] * 255)
     y = (2 * (x + torch.rand(x.shape, generator=gen)) / 256 - 1).to(device)
     d = y[0].numel()

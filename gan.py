@@ -48,6 +48,7 @@ class Config(common.Config):
     z_dim: int = common.arg(0, "latent size (0: 8 for 2-D data, 64 for images)")
     width: int = common.arg(256, "hidden units of the 2-D MLPs")
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
+    gif: bool = common.arg(False, "2-D: also write training.gif, G's samples over D's surface at 50 steps of training")
     MODEL_FLAGS = ("data", "z_dim", "width", "loss")
 
     def defaults(self, given):                                           # image data: DCGAN steps fit the CPU
@@ -174,10 +175,11 @@ def train(cfg, G, D, z_dim, device, state=None):
     if cfg.data in common.POINT_DATA:                                    # the same real points in every snapshot
         x_look = common.sample_2d(cfg.data, 1000, torch.Generator().manual_seed(2))
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    film, film_at = [], {round(cfg.steps * k / 50) for k in range(1, 51)} if cfg.gif else set()   # --gif's frames
     start = 0
     if state:                                                            # --resume: continue the saved run
         history, start = common.resume(state, gen, opt_g=opt_g, opt_d=opt_d)
-        snapshots = state["snapshots"]
+        snapshots, film = state["snapshots"], state.get("film", [])
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "gan", every=1000) as save:
         for step in range(start + 1, cfg.steps + 1):
@@ -204,16 +206,22 @@ def train(cfg, G, D, z_dim, device, state=None):
             history["D loss"].append(loss_d.item())
             history["G loss"].append(loss_g.item())
             progress(step, loss_d.item() + loss_g.item())
-            if step in snap_at and x_look is not None:
+            if (step in snap_at or step in film_at) and x_look is not None:
                 with torch.no_grad():
                     fake = G(z_look.to(device)).cpu()
                 prob = lambda p: torch.sigmoid(D(p.to(device))).cpu() if cfg.loss == "gan" else D(p.to(device)).cpu()
-                snapshots.append((common.surface(prob), fake, x_look, f"step {step}"))
+                values = common.surface(prob)
+                if step in snap_at:
+                    snapshots.append((values, fake, x_look, f"step {step}"))
+                if step in film_at:
+                    film.append((values, fake))
             save(step, lambda: dict(G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
-                                    opt_d=opt_d.state_dict(), history=history, snapshots=snapshots,
+                                    opt_d=opt_d.state_dict(), history=history, snapshots=snapshots, film=film,
                                     rng=common.rng_states(gen)))
     if snapshots:
         common.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
+    if film:                                                             # the last frame: progress.png's last panel
+        common.save_gif([common.points_frame(f, x_look, v) for v, f in film], os.path.join(cfg.out, "training.gif"))
     return history
 
 
@@ -221,6 +229,8 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, "gan", __doc__)
     common.check(cfg.k > 0 and cfg.g_steps > 0 and cfg.width > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1,
                  "--k, --g-steps and --width must be positive, --z-dim non-negative, --n-samples at least 2")
+    common.check(not cfg.gif or (cfg.data in common.POINT_DATA and not cfg.sample_only), "--gif films the training on "
+                 "2-D data: train a run with it (e.g. --data ring8 --gif), without --sample-only")
     state = common.load_run(cfg, "gan") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
 
     # the two networks

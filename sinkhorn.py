@@ -41,6 +41,7 @@ class Config(common.Config):
     tol: float = common.arg(1e-6, "stop when the L1 marginal error is below this")
     pixels: int = common.arg(1000, "color demo: pixels sampled from each image for the OT problem")
     target: str = common.arg("", "color demo: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
+    gif: bool = common.arg(False, "plan demo: also write interpolation.gif, McCann's interpolation in 41 frames")
 
 # ----------------------------------------------------------------------------- entropic OT
 def check_problem(a, b, C, eps):
@@ -184,6 +185,12 @@ def barycentric_map(x, y, b, g, eps):
     return torch.softmax(logits, 1) @ y
 
 # ----------------------------------------------------------------------------- 1-D and sliced OT
+def displacement_interpolation(x, y, sigma, s):
+    """McCann's interpolation at time s in [0, 1] between two uniform clouds (000 section 2, "Interpolation between
+    distributions"): each x_i moves on a straight line to its partner y_sigma(i) under an optimal assignment sigma,
+    (1 - s) x_i + s y_sigma(i); with the squared cost it is a W_2 geodesic: W_2(mu_0, mu_s) = s W_2(mu_0, mu_1)."""
+    return (1 - s) * x + s * y[sigma]
+
 def w1d(x, y, p=1):
     r"""W_p between equal-size uniform 1-D samples by sorting (004, "Special case: 1D distribution"): the optimal
     plan is the monotone rearrangement, W_p^p = mean_i |x_(i) - y_(i)|^p. Columns of (n, d) inputs separately."""
@@ -214,7 +221,8 @@ def demo_plan(cfg, out):
     C = torch.cdist(x, y) ** 2
     w = torch.full((n,), 1.0 / n, dtype=torch.float64)
     t0 = time.time()
-    exact = float(C[torch.arange(n), metrics.assignment(C)].mean())     # W_2^2, exact (ground truth)
+    sigma = metrics.assignment(C)                                        # the exact plan: a permutation
+    exact = float(C[torch.arange(n), sigma].mean())                      # W_2^2, exact (ground truth)
     t_exact = time.time() - t0
     epsilons = parse_eps(cfg.eps)
     runs = {}
@@ -242,6 +250,9 @@ def demo_plan(cfg, out):
     fig.savefig(os.path.join(out, "samples.png"), dpi=100, bbox_inches="tight")
     common.save_losses({f"eps {e:g}": r["history"] for e, r in runs.items()}, os.path.join(out, "loss.png"), logy=True)
     torch.save(bary.float(), os.path.join(out, "samples.pt"))
+    if cfg.gif:                                                          # the source (s = 0) to the target (s = 1)
+        frames = [common.points_frame(displacement_interpolation(x, y, sigma, k / 40), y) for k in range(41)]
+        common.save_gif(frames, os.path.join(out, "interpolation.gif"))
     keys = ("cost", "objective", "iterations", "err", "seconds", "converged", "method")
     as_json = lambda r: {k: r[k] if k in ("converged", "method") else float(r[k]) for k in keys}
     entropic = {f"{e:g}": as_json(r) for e, r in runs.items()}
@@ -279,6 +290,7 @@ def demo_color(cfg, out):
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "sinkhorn", __doc__)
     common.check(cfg.pixels > 1 and parse_eps(cfg.eps), f"--pixels must be at least 2, got {cfg.pixels}")
+    common.check(not cfg.gif or cfg.demo == "plan", "--gif films the plan demo's interpolation: drop --demo color")
     common.seed_all(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()

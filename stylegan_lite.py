@@ -59,6 +59,8 @@ class Config(common.Config):
                                    "step t is min(ema, (1 + t) / (10 + t))")
     psi: float = common.arg(1.0, "truncation psi for samples.png and the metrics (1: none)")
     n_samples: int = common.arg(5000, "samples for the final metrics")
+    gif: bool = common.arg(False, "also write style_walk.gif: a walk in W from style_mixing.png's sources A to B, "
+                                  "then the crossover moving back")
     MODEL_FLAGS = ("data", "z_dim", "map_layers", "width", "ndf")
 
 
@@ -241,6 +243,26 @@ def style_mixing_grid(G, n=5, seed=1, coarse=2):
 
 
 @torch.no_grad()
+def style_walk(G, n=5, seed=1, steps=24):
+    """The film of --gif: the sources A and B of style_mixing_grid (same seed), one noise draw for all frames.
+    Frames 0..steps: a straight walk in W, w = (1 - t) w_A + t w_B, t = k/steps; then the crossover moving back,
+    c = 5, ..., 0: layers < c from B, the others from A (c = 2 is style_mixing.png's diagonal; c = 0: A again).
+    Returns (frames, n, 1, 28, 28) images in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = G.w_avg.device
+    zA, zB = (torch.randn(n, G.w_avg.numel(), generator=gen).to(dev) for _ in range(2))
+    wA, wB = G.styles(zA), G.styles(zB)
+    gen = torch.Generator().manual_seed(4)
+    noise = [torch.randn(1, 1, r, r, generator=gen).to(dev).expand(n, -1, -1, -1) for r in (7, 7, 14, 14, 28, 28)]
+    frames = [G.synthesis((1 - k / steps) * wA + k / steps * wB, noise) for k in range(steps + 1)]   # walk in W
+    for c in range(5, -1, -1):                                           # the crossover moving
+        ws = wA.clone()
+        ws[:, :c] = wB[:, :c]
+        frames.append(G.synthesis(ws, noise))
+    return torch.stack([to_image(f).cpu() for f in frames])
+
+
+@torch.no_grad()
 def truncation_grid(G, n_rows=6, n_psi=8, seed=2):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n_rows, G.w_avg.numel(), generator=gen).to(G.w_avg.device)
@@ -356,6 +378,9 @@ def main(argv=None):
     grid, n = truncation_grid(G_ema)
     common.save_images(grid, os.path.join(cfg.out, "truncation.png"), nrow=n)
     save_noise_figure(G_ema, os.path.join(cfg.out, "noise.png"))
+    if cfg.gif:
+        frames = [common.image_frame(images, nrow=len(images), scale=3) for images in style_walk(G_ema)]
+        common.save_gif(frames, os.path.join(cfg.out, "style_walk.gif"))
     return common.finish(cfg, scores, t0, device, samples=x, history=history)
 
 

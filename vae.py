@@ -48,6 +48,7 @@ class Config(common.Config):
     iw_k: int = common.arg(100, "K, importance samples for test_nll_iw")
     n_eval: int = common.arg(2000, "test images for test_nelbo, test_nll_iw and test_mse")
     n_samples: int = common.arg(5000, "samples drawn for the image metrics")
+    gif: bool = common.arg(False, "also write latent_walk.gif: g(z) along lines through mu(x) of a 0, 1, ..., 9, 0")
     MODEL_FLAGS = ("data", "latent_dim", "width", "likelihood", "sigma_x")
 
 
@@ -172,6 +173,19 @@ def pictures(model, cfg, x_test, y_test, device):
         fig.savefig(os.path.join(out, "latent_scatter.png"), dpi=100, bbox_inches="tight")
 
 
+@torch.no_grad()
+def latent_walk(model, x_test, y_test, device, per_segment=8):
+    """The film of --gif: g(z) for z on straight lines through mu(x) of the first test image of each class, 0, 1, ...,
+    9 and back to 0 (per_segment frames a line): (10 per_segment + 1, 1, 28, 28). Frame 0 and the last are g(mu(x)) of
+    the first 0: its reconstruction."""
+    firsts = torch.stack([x_test[y_test == c][0] for c in range(10)]).to(device)
+    mu = model.encode(firsts)[0]
+    mu = torch.cat([mu, mu[:1]])                                         # (11, J): back to the start
+    t = torch.arange(per_segment, device=device)[:, None] / per_segment
+    z = torch.cat([(1 - t) * mu[c] + t * mu[c + 1] for c in range(10)] + [mu[:1]])
+    return model.mean(z).cpu()
+
+
 # ----------------------------------------------------------------------------- training
 def train(model, cfg, x_train, device, state=None):
     """Adam on the -ELBO (or the beta-VAE loss) for cfg.steps steps; state: a saved run to continue (--resume)."""
@@ -243,6 +257,9 @@ def main(argv=None):
         x_hat = model.mean(model.encode(x_eval.to(device))[0]).cpu()
     scores["test_mse"] = float((x_eval - x_hat).pow(2).flatten(1).sum(1).mean())   # |x - x_hat|^2 per image
     pictures(model, cfg, x_test, y_test, device)
+    if cfg.gif:
+        frames = [common.image_frame(x[None], nrow=1, scale=6) for x in latent_walk(model, x_test, y_test, device)]
+        common.save_gif(frames, os.path.join(cfg.out, "latent_walk.gif"))
 
     # score the samples and write the outputs
     scores.update(metrics.image_metrics(samples, cfg.data, data_dir=cfg.data_dir, out=cfg.out))

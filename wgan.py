@@ -52,6 +52,7 @@ class Config(common.Config):
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
     decay: bool = common.arg(True, "decay both learning rates linearly to 0 over the run")
     exact_every: int = common.arg(500, "2-D: compute the exact W_1 every this many steps (0: never)")
+    gif: bool = common.arg(False, "2-D: also write training.gif, G's samples over the critic at 50 steps of training")
     MODEL_FLAGS = ("data", "z_dim", "width")
 
     def defaults(self, given):
@@ -157,6 +158,7 @@ def train(cfg, G, critic, z_dim, device, state=None):
     snapshots = []
     points = cfg.data in common.POINT_DATA
     snap_at = {round(cfg.steps * f) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    film, film_at = [], {round(cfg.steps * k / 50) for k in range(1, 51)} if cfg.gif else set()   # --gif's frames
     z_look = torch.randn(1000, z_dim, generator=torch.Generator().manual_seed(1))    # the same z in every snapshot
     x_look = common.sample_2d(cfg.data, 1000, torch.Generator().manual_seed(2)) if points else None
     noise = lambda n: torch.randn(n, z_dim, device=device)
@@ -164,7 +166,7 @@ def train(cfg, G, critic, z_dim, device, state=None):
     if state:                                                            # --resume: continue the saved run
         history, start = common.resume(state, gen, opt_g=opt_g, opt_c=opt_c, sched_g=scheds[0], sched_c=scheds[1])
         exact = state["exact"]
-        snapshots = state["snapshots"]
+        snapshots, film = state["snapshots"], state.get("film", [])
     progress = common.Progress(cfg.steps, start)
     with common.Checkpoints(cfg, "wgan", every=500) as save:
         for step in range(start + 1, cfg.steps + 1):
@@ -206,17 +208,22 @@ def train(cfg, G, critic, z_dim, device, state=None):
                 with torch.no_grad():
                     fake = G(z_look[:500].to(device)).cpu()                 # fixed z and x: --exact-every
                 exact.append((step, metrics.w_exact(fake, x_look[:500], p=1)))  # leaves the training stream alone
-            if points and step in snap_at:
+            if points and (step in snap_at or step in film_at):
                 with torch.no_grad():
                     fake = G(z_look.to(device)).cpu()
                 values = common.surface(lambda p: critic(p.to(device)).cpu())   # the critic as it is at this step
-                snapshots.append((values, fake, x_look, f"step {step}"))
+                if step in snap_at:
+                    snapshots.append((values, fake, x_look, f"step {step}"))
+                if step in film_at:
+                    film.append((values, fake))
             save(step, lambda: dict(G=G.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
                                     opt_c=opt_c.state_dict(), sched_g=scheds[0].state_dict(),
                                     sched_c=scheds[1].state_dict(), history=history, exact=exact,
-                                    snapshots=snapshots, rng=common.rng_states(gen)))
+                                    snapshots=snapshots, film=film, rng=common.rng_states(gen)))
     if snapshots:
         common.save_progress(snapshots, os.path.join(cfg.out, "progress.png"))
+    if film:                                                             # the last frame: progress.png's last panel
+        common.save_gif([common.points_frame(f, x_look, v) for v, f in film], os.path.join(cfg.out, "training.gif"))
     save_w_estimate(history, exact, os.path.join(cfg.out, "wasserstein.png"))
     return history, exact
 
@@ -226,6 +233,8 @@ def main(argv=None):
     common.check(cfg.n_critic > 0 and cfg.width > 0 and cfg.z_dim >= 0 and cfg.n_samples > 1 and cfg.exact_every >= 0,
                  "--n-critic and --width must be positive, --z-dim and --exact-every non-negative, --n-samples >= 2")
     common.check(cfg.clip > 0 and cfg.lambda_gp >= 0, "--clip must be positive and --lambda-gp non-negative")
+    common.check(not cfg.gif or (cfg.data in common.POINT_DATA and not cfg.sample_only), "--gif films the training on "
+                 "2-D data: train a run with it (e.g. --data ring8 --gif), without --sample-only")
     state = common.load_run(cfg, "wgan") if cfg.sample_only or cfg.resume else None  # flags from the checkpoint
 
     # the generator and the critic

@@ -302,7 +302,7 @@ def test_likelihood_and_gif_of_a_run(tmp_path):
 
 
 def test_bits_per_dim_of_the_exact_field_for_independent_pixels():
-    cfg = fm.Config(data="digits", nll_steps=40)
+    cfg = fm.Config(data="digits", nll_steps=40, n_samples=20)
     x = torch.round(common.load_images("digits", "test")[0][:20] * 255)
     y = 2 * (x + torch.rand(x.shape, generator=torch.Generator().manual_seed(2))) / 256 - 1
     m, s = torch.tensor(-0.3), torch.tensor(0.8)
@@ -311,8 +311,9 @@ def test_bits_per_dim_of_the_exact_field_for_independent_pixels():
     class Model(torch.nn.Module):                                          # v(x, t) of N(m, s^2 I) on every pixel
         def forward(self, x, t, y=None):
             return field(x, float(t[0]))
-    out = fm.bits_per_dim(cfg, Model(), torch.device("cpu"), n=20)
+    out = fm.bits_per_dim(cfg, Model(), torch.device("cpu"))
     d = 784
     log_p = torch.distributions.Normal(m, s).log_prob(y).flatten(1).sum(1)
     expected = -(log_p + d * math.log(2 / 256)) / (d * math.log(2))
     assert out["bpd"] == pytest.approx(float(expected.mean()), abs=2e-3) and out["bpd_probe_sd"] < 1e-3
+    assert out["bpd_images"] == 20

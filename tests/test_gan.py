@@ -105,3 +105,17 @@ def test_bad_input(tmp_path):
         gan.main(["--k", "0", "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--g-steps"):
         gan.main(["--g-steps", "0", "--out", str(tmp_path)])
+
+
+def test_gif_films_training_and_ends_on_the_last_progress_panel(tmp_path):
+    from PIL import Image
+    import numpy as np
+    gan.main(["--steps", "50", "--out", str(tmp_path), "--n-samples", "100", "--width", "16", "--gif"])
+    gif = Image.open(tmp_path / "training.gif")
+    assert gif.n_frames == 50
+    values, fake, x_look, title = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["snapshots"][-1]
+    assert title == "step 50"
+    gif.seek(49)
+    assert np.array_equal(np.array(gif.convert("RGB")), common.points_frame(fake, x_look, values))
+    with pytest.raises(common.UserError, match="--gif films the training on 2-D data"):
+        gan.main(["--data", "digits", "--gif", "--out", str(tmp_path / "d")])

@@ -209,6 +209,34 @@ def test_demos_run(demo, tmp_path):
         assert torch.load(tmp_path / "samples.pt").shape[-1] == 3
 
 
+def test_displacement_interpolation_is_a_w2_geodesic():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(60, 2, generator=g).double(), common.sample_2d("moons", 60, g).double()
+    sigma = metrics.assignment(torch.cdist(x, y) ** 2)
+    total = metrics.w_exact(x, y)
+    for s in (0.25, 0.6):
+        mid = sk.displacement_interpolation(x, y, sigma, s)
+        assert metrics.w_exact(x, mid) == pytest.approx(s * total, rel=1e-6)           # W_2(mu_0, mu_s) = s W_2
+        assert metrics.w_exact(mid, y) == pytest.approx((1 - s) * total, rel=1e-6)
+    assert torch.equal(sk.displacement_interpolation(x, y, sigma, 1.0), y[sigma])
+
+
+def test_gif_moves_the_source_onto_the_target(tmp_path):
+    from PIL import Image
+    import numpy as np
+    sk.main(["--out", str(tmp_path), "--batch-size", "40", "--eps", "1", "--gif"])
+    gif = Image.open(tmp_path / "interpolation.gif")
+    assert gif.n_frames == 41
+    gen = torch.Generator().manual_seed(0)                                 # the demo's clouds
+    x = (common.sample_2d("gaussian", 40, gen) - torch.tensor([2.0, 0])).double()
+    y = common.sample_2d("moons", 40, gen).double()
+    for k, points in ((0, x), (40, y)):
+        gif.seek(k)
+        assert np.array_equal(np.array(gif.convert("RGB")), common.points_frame(points, y))
+    with pytest.raises(common.UserError, match="--gif films the plan demo"):
+        sk.main(["--demo", "color", "--gif", "--out", str(tmp_path)])
+
+
 def test_cli_errors_are_one_line(tmp_path):
     with pytest.raises(common.UserError, match="--eps must be comma-separated positive numbers"):
         sk.main(["--eps", "1,x", "--out", str(tmp_path)])

@@ -225,3 +225,20 @@ def test_each_net_has_its_own_optimizer_settings_and_d_its_width(tmp_path):
     assert sg.discriminator()(torch.randn(3, 1, 28, 28)).shape == (3, 1)
     with pytest.raises(common.UserError, match="--ndf must be positive"):
         sg.main(["--ndf", "0", "--out", str(tmp_path)])
+
+
+def test_style_walk_goes_from_the_sources_a_to_b_and_crosses_over_back(tmp_path):
+    from PIL import Image
+    torch.manual_seed(0)
+    G = sg.Generator(z_dim=16, map_layers=2, ch=8).eval()                 # noise_scale 0 at init: no noise effect
+    walk = sg.style_walk(G, n=5, seed=1, steps=24)
+    grid = sg.style_mixing_grid(G, n=5, seed=1, coarse=2)[0].view(6, 6, 1, 28, 28)
+    A, B = grid[0, 1:], grid[1:, 0]
+    assert walk.shape == (31, 5, 1, 28, 28)
+    assert torch.allclose(walk[0], A, atol=1e-5) and torch.allclose(walk[-1], A, atol=1e-5)
+    assert torch.allclose(walk[24], B, atol=1e-5)
+    assert torch.allclose(walk[28], torch.stack([grid[1 + i, 1 + i] for i in range(5)]), atol=1e-5)   # c = 2
+    assert not torch.allclose(walk[12], A, atol=1e-3) and not torch.allclose(walk[12], B, atol=1e-3)
+    sg.main(["--steps", "2", "--batch-size", "4", "--width", "8", "--z-dim", "16", "--n-samples", "20",
+             "--out", str(tmp_path), "--gif"])
+    assert Image.open(tmp_path / "style_walk.gif").n_frames == 31

@@ -134,3 +134,24 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "invalid choice: 'poisson'" in capsys.readouterr().err
     with pytest.raises(common.UserError, match="no checkpoint"):
         vae.main(["--sample-only", "--out", str(tmp_path / "empty")])
+
+
+def test_latent_walk_passes_through_each_digits_reconstruction(tmp_path):
+    from PIL import Image
+    import numpy as np
+    vae.main(["--out", str(tmp_path), "--steps", "2", "--width", "16", "--n-eval", "20", "--iw-k", "2",
+              "--n-samples", "20", "--gif"])
+    model = vae.VAE(10, 16)
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])
+    model.eval()
+    x, y = common.load_images("digits", "test")
+    walk = vae.latent_walk(model, x, y, torch.device("cpu"))
+    assert walk.shape == (81, 1, 28, 28) and torch.equal(walk[0], walk[-1])
+    with torch.no_grad():
+        mu = model.encode(torch.stack([x[y == c][0] for c in (0, 1, 7)]))[0]
+        assert torch.allclose(walk[[0, 8, 56]], model.mean(mu), atol=1e-6)                  # on each mu(x)
+        assert torch.allclose(walk[4], model.mean((mu[:1] + mu[1:2]) / 2)[0], atol=1e-6)     # half way 0 -> 1
+    gif = Image.open(tmp_path / "latent_walk.gif")
+    assert gif.n_frames == 81
+    gif.seek(8)
+    assert np.array_equal(np.array(gif.convert("RGB")), common.image_frame(walk[8:9], nrow=1, scale=6))

@@ -102,3 +102,15 @@ def test_the_critic_gets_a_gradient_only_in_its_own_steps(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(common.UserError, match="--n-critic"):
         wgan.main(["--n-critic", "0", "--out", str(tmp_path)])
+
+
+def test_gif_films_training_and_ends_on_the_last_progress_panel(tmp_path):
+    from PIL import Image
+    import numpy as np
+    wgan.main(["--steps", "50", "--out", str(tmp_path), "--n-samples", "100", "--width", "16", "--gif"])
+    gif = Image.open(tmp_path / "training.gif")
+    assert gif.n_frames == 50
+    values, fake, x_look, title = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["snapshots"][-1]
+    assert title == "step 50"
+    gif.seek(49)
+    assert np.array_equal(np.array(gif.convert("RGB")), common.points_frame(fake, x_look, values))
