@@ -164,25 +164,6 @@ def sample_2d(name, n, gen=None):
     a = math.pi / 5
     return torch.stack([x * math.cos(a) - y * math.sin(a), x * math.sin(a) + y * math.cos(a)], 1)
 
-def log_density_2d(name, x):
-    """log p(x) (N,) of the built-in 2-D distribution `name` where it has a closed form (ring8, grid25, checkerboard,
-    gaussian, banana), else None (moons, swissroll: their noise is added after a curve, no closed form)."""
-    log_normal = lambda z, std: -0.5 * (z / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))   # per axis
-    if name in MODES:
-        means, std = MODES[name]
-        per_mode = log_normal(x[:, None, :] - means[None], std).sum(-1)  # (N, K)
-        return torch.logsumexp(per_mode, 1) - math.log(len(means))
-    if name == "checkerboard":
-        inside = (x.abs() <= 4).all(1) & ((torch.floor(x[:, 0] / 2) + torch.floor(x[:, 1] / 2)) % 2 == 0)
-        return torch.where(inside, -math.log(32.0), -math.inf)
-    if name == "gaussian":
-        return log_normal(x, 1.0).sum(1)
-    if name == "banana":                                   # undo the rotation, then y - x^2 + 0.5 ~ N(0, 1)
-        a = math.pi / 5
-        u, w = x[:, 0] * math.cos(a) + x[:, 1] * math.sin(a), -x[:, 0] * math.sin(a) + x[:, 1] * math.cos(a)
-        return log_normal(u, 1.0) + log_normal(w - u ** 2 + 0.5, 1.0)   # both maps preserve area
-    return None
-
 # ----------------------------------------------------------------------------- image data
 IMAGE_DATA = ("digits", "mnist", "fashion", "mnist10k")
 DIGIT_NAMES = "zero one two three four five six seven eight nine".split()

@@ -1,9 +1,11 @@
 r"""flow_matching.py - conditional flow matching: Gaussian probability paths, the CFM loss, Euler and midpoint
-sampling, independent / minibatch-OT / data coupling, classifier-free guidance, and the marginalization trick.
+sampling, independent / minibatch-OT / data coupling, classifier-free guidance, the marginalization trick, and
+the model's likelihood by the continuity equation.
 
 Lecture: 002 "Flow Matching" (ODE, flow, Euler's scheme, probability path, conditional and marginal paths,
 "Example: Gaussian conditional probability path", CFM loss, "The marginalization trick", "Data coupling",
-"Guidance", "Classifier-free guidance"). The diffusion side of 002 (SDE, score, Langevin): score_matching.py.
+"Guidance", "Classifier-free guidance", "Continuity equation"). The diffusion side of 002 (SDE, score,
+Langevin): score_matching.py.
 Run: `python flow_matching.py` (checkerboard), `--coupling ot`, `--data digits`, `--data digits --cond --guidance 2`,
 `--data digits --coupling corrupt` (inpainting), `--demo marginal` (the exact marginal field of 8 points).
 
@@ -20,6 +22,8 @@ Run: `python flow_matching.py` (checkerboard), `--coupling ot`, `--data digits`,
                v~ = (1 - w) v_theta(x | null) + w v_theta(x | y)  (002, "Classifier-free guidance"; w = 1: conditional)
     marginal   --demo marginal: for data made of 8 points the marginal field u_t is exact (002, "The
                marginalization trick"): Euler on it carries N(0, I) onto the points; a trained v_theta beside it
+    likelihood log p_1(x_1) = log N(x_0; 0, I) - int_0^1 div v_t(x_t) dt along the ODE run backwards from x_1 (002,
+               "Continuity equation"); div exact in 2-D, Hutchinson's estimate on images (bits per dimension)
 Notation: x_0 is the noise and x_1 the data (ddpm.py writes x_0 for the data). ddpm's --guidance w is this w - 1.
 Slip on the CFG slide: its loss |v - alpha'_t eps + beta'_t x_1|^2 has the coefficients exchanged and the x_1 term's
 sign flipped (on the linear path it reads |v - eps - x_1|^2); the target is the derivative of x_t,
@@ -262,26 +266,20 @@ def log_likelihood(v, x1, steps, solver="midpoint", probes=0, gen=None):
 
 
 def likelihood_2d(cfg, model, device):
-    """Test NLL (nats) of --n-samples fresh data points by the midpoint rule (--nll-steps) and by Euler
-    (--sample-steps); where the data's density is known, its entropy H(p) (Monte Carlo, 10^5 points) and
-    KL(p || p_theta) = E_p[log p - log p_theta] = NLL - H, with its standard error."""
+    """metrics.likelihood_metrics (test NLL, H(p), KL(p || p_theta) in nats) with log p_theta by the midpoint rule
+    (--nll-steps), and nll_euler: the test NLL by the sampler's Euler steps (--sample-steps)."""
     field = lambda x, t: velocity(model, x, t)
-    x = common.sample_2d(cfg.data, cfg.n_samples, torch.Generator().manual_seed(2)).to(device)
-    nll = -log_likelihood(field, x, cfg.nll_steps).cpu()
-    m = dict(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(len(nll))),
-             nll_euler=float(-log_likelihood(field, x, cfg.sample_steps, "euler").mean()))
-    log_p = common.log_density_2d(cfg.data, x.cpu())
-    if log_p is not None:                                                # KL = E_p[log p - log p_theta], per point
-        ratio = log_p + nll
-        h = -common.log_density_2d(cfg.data, common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(3)))
-        m.update(data_entropy=float(h.mean()), kl=float(ratio.mean()), kl_se=float(ratio.std() / math.sqrt(len(x))))
-    return m
+    midpoint = lambda x: log_likelihood(field, x.to(device), cfg.nll_steps)
+    euler = lambda x: log_likelihood(field, x.to(device), cfg.sample_steps, "euler")
+    m = metrics.likelihood_metrics(midpoint, cfg.data, cfg.n_samples)
+    return dict(m, nll_euler=metrics.likelihood_metrics(euler, cfg.data, cfg.n_samples)["nll"])
 
 
 def bits_per_dim(cfg, model, device):
-    """Bits per dimension of n = min(--n-samples, 200) 8-bit test images x in {0..255}^D under uniform dequantisation, y = 2 (x + u)/256 - 1,
-    u ~ U[0, 1)^D: -log2 P(x) <= E_u[-log2 p(y)] - D log2(2/256). Returns the mean, its standard error over the
-    images, and the standard deviation of one image's estimate from two Hutchinson runs a, b: sqrt(E[(a - b)^2] / 2)."""
+    """Bits per dimension of n = min(--n-samples, 200) 8-bit test images x in {0..255}^D under uniform
+    dequantisation, y = 2 (x + u)/256 - 1, u ~ U[0, 1)^D: -log2 P(x) <= E_u[-log2 p(y)] - D log2(2/256). Returns the
+    mean, its standard error over the images, and the standard deviation of one image's estimate from two
+    Hutchinson runs a, b: sqrt(E[(a - b)^2] / 2)."""
     gen, n = torch.Generator().manual_seed(2), min(cfg.n_samples, 200)
     x = torch.round(common.load_images(cfg.data, "test", cfg.data_dir)[0][:n] * 255)
     y = (2 * (x + torch.rand(x.shape, generator=gen)) / 256 - 1).to(device)
@@ -299,7 +297,7 @@ def save_density(cfg, model, device):
     g = torch.linspace(-5, 5, 100)
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)
     learned = log_likelihood(lambda x, t: velocity(model, x, t), grid.to(device), cfg.nll_steps).exp().cpu()
-    true = common.log_density_2d(cfg.data, grid)
+    true = metrics.log_density_2d(cfg.data, grid)
     panels = ([("p_data", true.exp())] if true is not None else []) + [("p_theta (continuity equation)", learned)]
     fig = Figure(figsize=(4.5 * len(panels), 4.5))
     top = max(float(p.max()) for _, p in panels)                          # one colour scale for both

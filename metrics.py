@@ -341,6 +341,40 @@ def point_metrics(x, name, seed=12345):
     return out
 
 
+def log_density_2d(name, x):
+    """log p(x) (N,) of the built-in 2-D distribution `name` where it has a closed form (ring8, grid25, checkerboard,
+    gaussian, banana), else None (moons, swissroll: their noise is added after a curve, no closed form)."""
+    log_normal = lambda z, std: -0.5 * (z / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))   # per axis
+    if name in common.MODES:
+        means, std = common.MODES[name]
+        per_mode = log_normal(x[:, None, :] - means[None], std).sum(-1)  # (N, K)
+        return torch.logsumexp(per_mode, 1) - math.log(len(means))
+    if name == "checkerboard":
+        inside = (x.abs() <= 4).all(1) & ((torch.floor(x[:, 0] / 2) + torch.floor(x[:, 1] / 2)) % 2 == 0)
+        return torch.where(inside, -math.log(32.0), -math.inf)
+    if name == "gaussian":
+        return log_normal(x, 1.0).sum(1)
+    if name == "banana":                                   # undo the rotation, then y - x^2 + 0.5 ~ N(0, 1)
+        a = math.pi / 5
+        u, w = x[:, 0] * math.cos(a) + x[:, 1] * math.sin(a), -x[:, 0] * math.sin(a) + x[:, 1] * math.cos(a)
+        return log_normal(u, 1.0) + log_normal(w - u ** 2 + 0.5, 1.0)   # both maps preserve area
+    return None
+
+def likelihood_metrics(log_p_theta, name, n):
+    """Test NLL (nats) of n fresh points of the 2-D set `name` (seed 2) under a model's log-density log_p_theta
+    (x -> (n,)); where the data's density is known, its entropy H(p) (Monte Carlo, 10^5 points, seed 3) and
+    KL(p || p_theta) = E_p[log p - log p_theta] = NLL - H, with standard errors over the n points."""
+    x = common.sample_2d(name, n, torch.Generator().manual_seed(2))
+    nll = -log_p_theta(x).cpu().double()
+    out = dict(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(n)))
+    log_p = log_density_2d(name, x.double())
+    if log_p is not None:
+        ratio = log_p + nll                                              # log p - log p_theta, per point
+        h = -log_density_2d(name, common.sample_2d(name, 100000, torch.Generator().manual_seed(3)).double())
+        out.update(data_entropy=float(h.mean()), kl=float(ratio.mean()), kl_se=float(ratio.std() / math.sqrt(n)))
+    return out
+
+
 # ----------------------------------------------------------------------------- exact optimal transport
 def w1_sorted(x, y):
     """W_1 between equal-size uniform 1-D samples, per column of (n, d) inputs: sort both, mean |x_(i) - y_(i)|

@@ -19,6 +19,8 @@ Run: `python score_matching.py` (checkerboard), `--weight none` (the slide's los
               X_{t+h} = X_t + h [v + sigma^2/2 s] + sqrt(h) sigma eps_t; --sampler ode: the same with sigma = 0
     start     t_0 = --t0 > 0 (v from s divides by alpha_t, 0 at t = 0), X_{t_0} = beta_{t_0} eps + alpha_{t_0} E[x_1]:
               p_{t_0}'s mean and scale (exact for Gaussian data), E[x_1] the data's mean
+    NLL       log p_1(x_1) = log p_t0(x_t0) - int_t0^1 div v_t(x_t) dt, the probability-flow ODE run backwards (002,
+              "Continuity equation"), p_t0 taken as the Gaussian with its moments (2-D)
     Langevin  X_{i+1} = X_i + eps grad log p(X_i) + sqrt(2 eps) xi_i, xi_i ~ N(0, I) (002, "Langevin dynamics"),
               beside the naive ascent X + grad log p(X) (002, "Score function") and annealed Langevin (beyond the
               slides: Song & Ermon 2019, with our step rule eps (var + sigma^2)/var; theirs is eps sigma_i^2/sigma_L^2)
@@ -198,47 +200,6 @@ def sample(s_theta, x, steps, kind="linear", sigma=0.5, t0=0.05, gen=None, traje
     return x
 
 
-# ----------------------------------------------------------------------------- likelihood (2-D)
-def log_likelihood(kind, s_theta, x1, steps, t0, mean, cov):
-    r"""log p_1(x_1) (N,) of the probability-flow ODE dx/dt = v_t(x), v from s_theta, for 2-D x_1 (002, "Continuity
-    equation": d/dt log p_t(x_t) = -div v_t(x_t)), by the midpoint rule from t = 1 back to t_0, div by autograd:
-        log p_1(x_1) = log p_{t_0}(x_{t_0}) - int_{t_0}^1 div v_t(x_t) dt,
-    p_{t_0} taken as N(alpha mean, beta^2 I + alpha^2 cov), the Gaussian with p_{t_0}'s moments (exact for Gaussian
-    data; v from s is singular at t = 0)."""
-    def v_and_div(x, t):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            v = velocity_from_score(kind, x, t, s_theta(x, torch.full((len(x),), float(t), device=x.device)))
-            div = sum(torch.autograd.grad(v[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(2))
-        return v.detach().float(), div.detach()
-
-    h, x, integral = (1.0 - t0) / steps, x1, 0.0
-    for k in range(steps, 0, -1):
-        t = t0 + k * h
-        v, div = v_and_div(x - h / 2 * v_and_div(x, t)[0], t - h / 2)    # the slope at the midpoint t - h/2
-        x = x - h * v
-        integral = integral + h * div
-    a, b, _, _ = path_coefficients(kind, torch.tensor(t0, dtype=torch.float64))
-    p_t0 = torch.distributions.MultivariateNormal(float(a) * mean, float(b) ** 2 * torch.eye(2) + float(a) ** 2 * cov)
-    return p_t0.log_prob(x.cpu()) - integral.cpu()
-
-
-def likelihood_2d(cfg, model):
-    """Test NLL (nats) of --n-samples fresh data points; where the data's density is known, its entropy H(p) (Monte
-    Carlo, 10^5 points) and KL(p || p_theta) = E_p[log p - log p_theta] = NLL - H, with its standard error."""
-    data = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0))
-    x = common.sample_2d(cfg.data, cfg.n_samples, torch.Generator().manual_seed(2))
-    device = next(model.parameters()).device
-    nll = -log_likelihood(cfg.path, model, x.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov())
-    m = dict(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(len(x))))
-    log_p = common.log_density_2d(cfg.data, x)
-    if log_p is not None:
-        ratio = log_p + nll
-        h = -common.log_density_2d(cfg.data, common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(3)))
-        m.update(data_entropy=float(h.mean()), kl=float(ratio.mean()), kl_se=float(ratio.std() / math.sqrt(len(x))))
-    return m
-
-
 def evaluate(cfg, model, device):
     """--n-samples samples (2-D points, or images in [0, 1]) by --sampler from --t0, and their metrics."""
     gen, points = torch.Generator().manual_seed(1), cfg.data in common.POINT_DATA
@@ -281,6 +242,40 @@ def save_gif(cfg, field, x0, path):
         to01 = lambda x: (x[:32].clamp(-1, 1) + 1) / 2
         frames = [common.image_frame(torch.cat([to01(a), to01(b)]), nrow=8) for a, b in zip(sde, ode)]
     common.save_gif(frames, path, ms=150)
+
+
+# ----------------------------------------------------------------------------- likelihood (2-D)
+def log_likelihood(kind, s_theta, x1, steps, t0, mean, cov):
+    r"""log p_1(x_1) (N,) of the probability-flow ODE dx/dt = v_t(x), v from s_theta, for 2-D x_1 (002, "Continuity
+    equation": d/dt log p_t(x_t) = -div v_t(x_t)), by the midpoint rule from t = 1 back to t_0, div by autograd:
+        log p_1(x_1) = log p_{t_0}(x_{t_0}) - int_{t_0}^1 div v_t(x_t) dt,
+    p_{t_0} taken as N(alpha mean, beta^2 I + alpha^2 cov), the Gaussian with p_{t_0}'s moments (exact for Gaussian
+    data; v from s is singular at t = 0)."""
+    def v_and_div(x, t):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            v = velocity_from_score(kind, x, t, s_theta(x, torch.full((len(x),), float(t), device=x.device)))
+            div = sum(torch.autograd.grad(v[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(2))
+        return v.detach().float(), div.detach()
+
+    h, x, integral = (1.0 - t0) / steps, x1, 0.0
+    for k in range(steps, 0, -1):
+        t = t0 + k * h
+        v, div = v_and_div(x - h / 2 * v_and_div(x, t)[0], t - h / 2)    # the slope at the midpoint t - h/2
+        x = x - h * v
+        integral = integral + h * div
+    a, b, _, _ = path_coefficients(kind, torch.tensor(t0, dtype=torch.float64))
+    p_t0 = torch.distributions.MultivariateNormal(float(a) * mean, float(b) ** 2 * torch.eye(2) + float(a) ** 2 * cov)
+    return p_t0.log_prob(x.cpu()) - integral.cpu()
+
+
+def likelihood_2d(cfg, model):
+    """metrics.likelihood_metrics (test NLL, H(p), KL(p || p_theta) in nats) of the probability-flow ODE, p_t0's
+    moments from 10^5 fresh points."""
+    data = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    log_p = lambda x: log_likelihood(cfg.path, model, x.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov())
+    return metrics.likelihood_metrics(log_p, cfg.data, cfg.n_samples)
 
 
 # ----------------------------------------------------------------------------- Langevin dynamics (--demo langevin)

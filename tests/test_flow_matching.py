@@ -278,8 +278,9 @@ def test_kl_of_a_gaussian_flow_to_gaussian_data_is_the_closed_form_and_nonnegati
     m, s = torch.tensor([1.5, -0.7]), torch.tensor([0.6, 1.3])            # the model's Gaussian
     for m2, s2 in ((m, s), (torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.8]))):   # the data's
         x = m2 + s2 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))
-        log_ratio = torch.distributions.Normal(m2, s2).log_prob(x).sum(1) - fm.log_likelihood(gaussian_field(m, s), x, 100)
-        kl = torch.distributions.kl_divergence(torch.distributions.Normal(m2, s2), torch.distributions.Normal(m, s)).sum()
+        data, model = torch.distributions.Normal(m2, s2), torch.distributions.Normal(m, s)
+        log_ratio = data.log_prob(x).sum(1) - fm.log_likelihood(gaussian_field(m, s), x, 100)
+        kl = torch.distributions.kl_divergence(data, model).sum()
         se = float(log_ratio.std()) / math.sqrt(4000)
         assert abs(float(log_ratio.mean() - kl)) < 4 * se + 1e-3 and float(log_ratio.mean()) > -4 * se - 1e-3
 

@@ -309,3 +309,29 @@ def test_support_frac_counts_the_checkerboard_squares():
 def brute_force_assignment(C):
     n = len(C)
     return min(sum(float(C[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n))) / n
+
+
+@pytest.mark.parametrize("name", ["checkerboard", "banana", "grid25", "ring8", "gaussian"])
+def test_log_density_2d_is_the_density_the_sampler_draws(name):
+    """The closed form integrates to 1 and gives each cell of a coarse grid the share of samples that falls in it."""
+    x = common.sample_2d(name, 200000, torch.Generator().manual_seed(0))
+    edges = torch.linspace(-6, 6, 13)                                     # 12 x 12 cells of side 1
+    counts = torch.histogramdd(x.double(), bins=[edges.double(), edges.double()])[0] / len(x)
+    fine = (torch.arange(600, dtype=torch.float64) + 0.5) / 50 - 6       # midpoints, h = 1/50 (ring8's std: 0.02)
+    grid = torch.stack(torch.meshgrid(fine, fine, indexing="ij"), -1).view(-1, 2)
+    mass = metrics.log_density_2d(name, grid).exp().view(600, 600) / 50 ** 2
+    cells = mass.view(12, 50, 12, 50).sum((1, 3))
+    assert float(mass.sum()) == pytest.approx(1.0, abs=0.015)             # banana's tails leave [-6, 6]^2
+    assert float((cells - counts).abs().sum()) < 0.02                      # total variation on the cells
+    assert metrics.log_density_2d("moons", x) is None
+
+
+def test_likelihood_metrics_kl_is_zero_for_the_true_density_and_the_closed_form_for_a_gaussian():
+    exact = metrics.likelihood_metrics(lambda x: metrics.log_density_2d("banana", x.double()), "banana", 3000)
+    assert exact["kl"] == pytest.approx(0.0, abs=1e-9) and exact["nll"] == pytest.approx(exact["data_entropy"], abs=0.1)
+    assert exact["data_entropy"] == pytest.approx(math.log(2 * math.pi * math.e), abs=0.01)   # area-preserving maps
+    wide = torch.distributions.Normal(0.0, 2.0)                            # a model N(0, 4 I) of the data N(0, I)
+    m = metrics.likelihood_metrics(lambda x: wide.log_prob(x).sum(1), "gaussian", 20000)
+    kl = 2 * float(torch.distributions.kl_divergence(torch.distributions.Normal(0.0, 1.0), wide))
+    assert m["kl"] == pytest.approx(kl, abs=4 * m["kl_se"])
+    assert m["nll"] - m["data_entropy"] == pytest.approx(m["kl"], abs=0.02)
