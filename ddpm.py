@@ -72,8 +72,8 @@ class Config(common.Config):
     compare: bool = common.arg(False, "also evaluate ddpm-1000, ddim-50, ddim-10 and naive ancestral-50")
     bf16: bool = common.arg(False, "bf16 autocast for training (CUDA)")
     compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
-    gif: bool = common.arg(False, "also write denoising.gif: 16 chains from x_T to x_0, Algorithm 2 (left) beside "
-                                  "DDIM-50 (right) from the same x_T")
+    gif: bool = common.arg(False, "also write denoising.gif: 8 chains from x_T to x_0, Algorithm 2 (top row) and "
+                                  "DDIM-50 (bottom row) from the same x_T")
     MODEL_FLAGS = ("data", "T", "schedule", "width", "attn", "param", "cond")
 
     def defaults(self, given):
@@ -285,14 +285,14 @@ def save_forward(sch, x0, path):
 
 
 def save_chains_gif(ema, sch, cfg, device, path):
-    """16 chains x_T -> x_0 of Algorithm 2 (every T/50-th x_t: 51 frames) beside DDIM-50's 51 x_t, both from the
-    same x_T (seeded by --seed). Returns the two runs' x_0 (the last frame), in [-1, 1]."""
+    """8 chains x_T -> x_0 of Algorithm 2 (every T/50-th x_t: 51 frames, top row) above DDIM-50's 51 x_t, both from
+    the same x_T (seeded by --seed). Returns the two runs' x_0 (the last frame), in [-1, 1]."""
     chains = []
-    y = torch.arange(16, device=device) % 10 if cfg.cond else None
+    y = torch.arange(8, device=device) if cfg.cond else None
     for sampler, steps in (("ddpm", cfg.T), ("ddim", 50)):
         torch.manual_seed(cfg.seed)                                       # the same x_T for both samplers
         trajectory = []
-        sample(ema, sch, 16, cfg, device, y, sampler, steps, trajectory)
+        sample(ema, sch, 8, cfg, device, y, sampler, steps, trajectory)
         chains.append([trajectory[round(k * steps / 50)][1] for k in range(51)])   # t = T, ..., 0
     frames = [common.image_frame((torch.cat([a, b]).clamp(-1, 1) + 1) / 2, nrow=8) for a, b in zip(*chains)]
     common.save_gif(frames, path)

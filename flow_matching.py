@@ -358,12 +358,12 @@ def evaluate_restoration(cfg, model, device, traj):
 
 def save_gif(cfg, trajectory, path):
     """flow.gif: one frame per ODE step, x_0 first and the samples x_1 last (the first 500 points over the data,
-    or the first 64 images)."""
+    or the first 32 images)."""
     if cfg.data in common.POINT_DATA:
         ref = common.sample_2d(cfg.data, 2500, torch.Generator().manual_seed(0))
         frames = [common.points_frame(x, ref) for x in trajectory]
     else:
-        frames = [common.image_frame((x[:64].clamp(-1, 1) + 1) / 2, nrow=8) for x in trajectory]
+        frames = [common.image_frame((x[:32].clamp(-1, 1) + 1) / 2, nrow=8) for x in trajectory]
     common.save_gif(frames, path, ms=150)
 
 

@@ -239,7 +239,7 @@ def save_gif(cfg, field, x0, path):
         frames = [np.concatenate([common.points_frame(a, ref), common.points_frame(b, ref)], 1)
                   for a, b in zip(sde, ode)]
     else:
-        to01 = lambda x: (x[:32].clamp(-1, 1) + 1) / 2
+        to01 = lambda x: (x[:16].clamp(-1, 1) + 1) / 2
         frames = [common.image_frame(torch.cat([to01(a), to01(b)]), nrow=8) for a, b in zip(sde, ode)]
     common.save_gif(frames, path, ms=150)
 
