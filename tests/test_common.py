@@ -1,6 +1,7 @@
 """Tests of common.py: CLI, device, seeding, the 2-D distributions, digits, the IDX loader, outputs, checkpoints."""
 import dataclasses, gzip, json, math, os, shutil, time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -427,3 +428,21 @@ def test_torch_jit_script_deprecation_is_silenced_whatever_its_category():
                 warnings.filterwarnings(action, message=message, category=category_named)
             warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", category)
         assert not caught, category
+
+
+def test_gif_frames_are_drawn_upright_and_stored_losslessly(tmp_path):
+    from PIL import Image
+    values = common.surface(lambda g: g[:, 1])                              # the height y: high at the top
+    frame = common.points_frame(torch.tensor([[4.0, 4.0]]), torch.tensor([[-4.0, -4.0]]), values)
+    top, bottom = frame[0, 120].astype(int), frame[-1, 120].astype(int)
+    assert top[0] > top[2] and bottom[2] > bottom[0]                       # coolwarm: red on top, blue below
+    assert (frame[:120, 120:] == (255, 220, 0)).all(-1).any()              # the sample (4, 4): upper right
+    assert (frame[120:, :120] == (0, 0, 0)).all(-1).any()                  # the reference (-4, -4): lower left
+    assert not (frame[:120, 120:] == (0, 0, 0)).all(-1).any()
+    grid = common.image_frame(torch.rand(6, 1, 28, 28), nrow=3, scale=2)
+    assert grid.shape == (2 * (2 * 30 + 2), 2 * (3 * 30 + 2), 3)
+    common.save_gif([frame, frame[::-1].copy()], str(tmp_path / "a.gif"))
+    gif = Image.open(tmp_path / "a.gif")
+    assert gif.n_frames == 2
+    gif.seek(1)
+    assert np.array_equal(np.array(gif.convert("RGB")), frame[::-1])
