@@ -2,9 +2,9 @@ r"""mgn.py - monotone gradient networks (Chaudhari, Pranav & Moura 2023, 2025): 
 convex by construction, used to learn gradients of convex functions and optimal transport (Brenier) maps.
 
 Lecture: 001 "Final project - Learning Gradients of Convex Functions with Monotone Gradient Networks": its
-experiments 1, 2, 3 and 5 are the --task values (docs/mgn.md sets its numbers beside ours); experiment 4,
-colorization of CIFAR-10 (grey -> RGB), is not implemented. 000 Part B section 2 (optimal transport).
-Run: `python mgn.py --task gradient|ot-gaussian|ot-banana|generate|recolor [--net cmgn|mmgn]`.
+experiments are the --task values (docs/mgn.md sets its numbers beside ours); experiment 4, colorization (001:
+CIFAR-10, grey -> RGB), is --task colorize on a photograph's pixels. 000 Part B section 2 (optimal transport).
+Run: `python mgn.py --task gradient|ot-gaussian|ot-banana|generate|recolor|colorize [--net cmgn|mmgn]`.
 
 C-MGN (cascaded), one weight W (h, d) shared by all layers, sigma = tanh (nondecreasing) everywhere:
     z_0 = W x + b_0,   z_l = W x + sigma(z_{l-1}) + b_l  (l = 1..L-1),   g(x) = W^T sigma(z_{L-1}) + V^T V x + b_L
@@ -37,13 +37,15 @@ from matplotlib.figure import Figure
 import common
 import metrics
 
-TASKS = ("gradient", "ot-gaussian", "ot-banana", "generate", "recolor")
+TASKS = ("gradient", "ot-gaussian", "ot-banana", "generate", "recolor", "colorize")
 TASK_DEFAULTS = {  # width h, layers L (C-MGN) or modules K (M-MGN), eps in standardised units
     "gradient": dict(steps=20000, batch_size=1024, lr=1e-2, width=32, depth=3, eps=0.01),
     "ot-gaussian": dict(steps=2000, batch_size=512, lr=3e-3, width=16, depth=3, eps=0.05),
     "ot-banana": dict(steps=1000, batch_size=512, lr=3e-3, width=32, depth=4, eps=0.1),
     "generate": dict(steps=1500, batch_size=128, lr=1e-3, width=256, depth=10, eps=100.0),
-    "recolor": dict(steps=600, batch_size=512, lr=3e-3, width=16, depth=3, eps=0.1)}
+    "recolor": dict(steps=600, batch_size=512, lr=3e-3, width=16, depth=3, eps=0.1),
+    "colorize": dict(steps=600, batch_size=512, lr=3e-3, width=16, depth=3, eps=0.1)}
+LUMA = torch.tensor([0.299, 0.587, 0.114])                               # grey = luminance (ITU-R BT.601)
 
 
 @dataclasses.dataclass
@@ -59,8 +61,9 @@ class Config(common.Config):
     eps: float = common.arg(0.0, "Sinkhorn epsilon in standardised units, cost |x - y|^2 (0: the task's default)")
     n_eval: int = common.arg(10000, "held-out points for the metrics (recolor: n_eval / 5 pixels for each S_eps)")
     MODEL_FLAGS = ("task", "net", "width", "depth")
-    source: str = common.arg("", "recolor: source image (default matplotlib's grace_hopper.jpg)")
-    target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png)")
+    source: str = common.arg("", "recolor, colorize: source image (default matplotlib's grace_hopper.jpg)")
+    target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png); "
+                                 "colorize: the image whose colours are learned (default: the source itself)")
 
     def defaults(self, given):
         for name, value in TASK_DEFAULTS[self.task].items():            # 0: the task's default
@@ -235,10 +238,14 @@ def task_data(cfg):
         y = common.load_images(cfg.data, "train", cfg.data_dir)[0].flatten(1)            # (N, 784)
         return (lambda gen: torch.randn(b, 784, generator=gen)), \
             (lambda gen: y[torch.randint(len(y), (b,), generator=gen)]), torch.randn(n, 784, generator=gen_test), y
-    data = os.path.join(matplotlib.get_data_path(), "sample_data")       # recolor: pixels as points in RGB
+    data = os.path.join(matplotlib.get_data_path(), "sample_data")       # recolor, colorize: pixels as RGB points
     x, xs = common.read_rgb(cfg.source or os.path.join(data, "grace_hopper.jpg"))
-    y_image, y = common.read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
     pick = lambda z, gen: z[torch.randint(len(z), (b,), generator=gen)]
+    if cfg.task == "colorize":                                           # grey pixels (l, l, l) -> colours
+        y = common.read_rgb(cfg.target)[1] if cfg.target else xs
+        grey = (x @ LUMA)[..., None].expand(-1, -1, 3)                   # (H, W, 3), l = the luminance
+        return (lambda gen: pick(xs @ LUMA, gen)[:, None].expand(-1, 3)), (lambda gen: pick(y, gen)), grey, (x, y)
+    y_image, y = common.read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
     return (lambda gen: pick(xs, gen)), (lambda gen: pick(y, gen)), x, (y_image, y)
 
 
@@ -349,6 +356,41 @@ def recolor_metrics(cfg, T, x, target):
     return out.view(x.shape), scores
 
 
+def colorize_metrics(cfg, T, grey, target):
+    """001 experiment 4: the colourised photograph against its true colours (RMSE per channel, in [0, 1]) and
+    S_eps of its colours to the learned ones, beside the grey input and the best fixed colour map E[rgb | l]: each
+    of 256 grey levels l coloured with its pixels' mean true colour, the least-squares best of any map of l alone."""
+    (x, y), gs, truth = target, grey.reshape(-1, 3), target[0].reshape(-1, 3)
+    with torch.no_grad():
+        out = torch.cat([T(c) for c in gs.split(65536)]).clamp(0, 1)
+    level = (gs[:, 0] * 255).round().long()
+    count = torch.bincount(level, minlength=256)
+    level_mean = torch.zeros(256, 3).index_add_(0, level, truth) / count.clamp(min=1)[:, None]   # E[rgb | l]
+    best = level_mean[level]
+    gen = torch.Generator().manual_seed(cfg.seed + 3000)
+    i = torch.randint(len(truth), (cfg.n_eval // 5,), generator=gen)
+    j = torch.randint(len(y), (cfg.n_eval // 5,), generator=gen)
+    scores = {"monotone_violations": monotone_violations(T, gs[::7])}
+    for name, c in (("grey", gs), ("colorized", out), ("best_fixed_map", best)):
+        scores[f"rmse_{name}"] = float((c - truth).pow(2).mean().sqrt())
+        scores[f"S_eps_{name}"] = float(sinkhorn_divergence(c[i].double(), y[j].double(), 0.01, tol=1e-4))
+    fig = Figure(figsize=(20, 4))
+    axes = fig.subplots(1, 5)
+    titles = ("grey input", "colorized by T", "best fixed map E[rgb | l]", "true colours")
+    for ax, c, title in zip(axes, (gs, out, best, truth), titles):
+        ax.imshow(c.view(x.shape).numpy())
+        ax.set(title=title, xticks=[], yticks=[])
+    l = torch.linspace(0, 1, 256)
+    with torch.no_grad():
+        curve = T(l[:, None].expand(-1, 3)).clamp(0, 1)
+    for k, colour in enumerate(("red", "green", "blue")):
+        axes[4].plot(l, curve[:, k], c=colour)
+        axes[4].plot(l[count > 0], level_mean[count > 0, k], c=colour, ls=":")
+    axes[4].set(xlabel="grey level l", title="T(l) (solid) and E[rgb | l] (dotted)")
+    fig.savefig(os.path.join(cfg.out, "samples.png"), dpi=80, bbox_inches="tight")
+    return out.view(x.shape), scores
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, argv, "mgn", __doc__)
     common.check(cfg.width > 0 and cfg.depth > 0 and cfg.eps > 0 and cfg.n_eval >= 200,
@@ -387,9 +429,11 @@ def main(argv=None):
         common.save_images(result[:100], os.path.join(cfg.out, "samples.png"))
     elif cfg.task == "recolor":
         result, scores = recolor_metrics(cfg, T, x_test, y_test)
+    elif cfg.task == "colorize":
+        result, scores = colorize_metrics(cfg, T, x_test, y_test)
     else:
         result, scores = ot_metrics(cfg, T, x_test, y_test)
-    if cfg.task != "recolor":
+    if cfg.task not in ("recolor", "colorize"):
         scores["monotone_violations"] = monotone_violations(T, x_test)
     scores["parameters"] = sum(p.numel() for p in T.parameters())
     return common.finish(cfg, scores, t0, device, samples=result,

@@ -85,16 +85,32 @@ def test_short_gradient_run_lowers_the_error_tenfold(tmp_path):
     assert longer["test_mse"] < short["test_mse"] / 10
 
 
-@pytest.mark.parametrize("task", ["ot-gaussian", "generate", "recolor"])
+@pytest.mark.parametrize("task", ["ot-gaussian", "generate", "recolor", "colorize"])
 def test_smoke_runs(task, tmp_path):
     args = ["--task", task, "--steps", "3", "--n-eval", "200", "--out", str(tmp_path)]
     rec = mgn.main(args + (["--batch-size", "32", "--width", "16", "--depth", "2"] if task == "generate" else []))
     keys = {"ot-gaussian": ("map_error", "w2", "coord_w1"), "generate": ("fd", "digit_confidence", "class_entropy"),
-            "recolor": ("monotone_violations", "S_eps_after")}[task]
+            "recolor": ("monotone_violations", "S_eps_after"),
+            "colorize": ("rmse_colorized", "rmse_best_fixed_map", "S_eps_colorized")}[task]
     assert all(k in rec for k in keys) and rec["monotone_violations"] == 0
     for name in ("samples.png", "samples.pt", "loss.png", "checkpoint.pt", "metrics.json"):
         assert os.path.exists(tmp_path / name)
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["task"] == task
+
+
+def test_colorize_metrics_best_fixed_map_is_each_grey_levels_mean_colour(tmp_path):
+    """E[rgb | l] by brute force over the grey levels; the identity map leaves the grey input unchanged."""
+    x = torch.rand(6, 5, 3, generator=torch.Generator().manual_seed(0))
+    x[0, :2] = torch.tensor([[0.9, 0.1, 0.5], [0.1, 0.5, 0.8]])            # two colours ...
+    x[0, 1] *= (x[0, 0] @ mgn.LUMA) / (x[0, 1] @ mgn.LUMA)                  # ... of the same grey level
+    grey = (x @ mgn.LUMA)[..., None].expand(-1, -1, 3)
+    cfg = mgn.Config(task="colorize", n_eval=200, out=str(tmp_path))
+    _, scores = mgn.colorize_metrics(cfg, lambda z: z, grey, (x, x.reshape(-1, 3)))
+    truth, level = x.reshape(-1, 3), (grey.reshape(-1, 3)[:, 0] * 255).round()
+    best = torch.stack([truth[level == level[p]].mean(0) for p in range(len(truth))])
+    assert scores["rmse_best_fixed_map"] == pytest.approx(float((best - truth).pow(2).mean().sqrt()), rel=1e-5)
+    assert scores["rmse_colorized"] == scores["rmse_grey"] > scores["rmse_best_fixed_map"]
+    assert scores["monotone_violations"] == 0
 
 
 def test_bad_input_is_a_user_error(tmp_path):
