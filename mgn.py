@@ -63,7 +63,7 @@ class Config(common.Config):
     MODEL_FLAGS = ("task", "net", "width", "depth")
     source: str = common.arg("", "recolor, colorize: source image (default matplotlib's grace_hopper.jpg)")
     target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png); "
-                                 "colorize: the image whose colours are learned (default: the source itself)")
+                                 "colorize: the image whose colours are learned, empty: the source's own")
 
     def defaults(self, given):
         for name, value in TASK_DEFAULTS[self.task].items():            # 0: the task's default
