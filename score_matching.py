@@ -278,6 +278,23 @@ def likelihood_2d(cfg, model):
     return metrics.likelihood_metrics(log_p, cfg.data, cfg.n_samples)
 
 
+def save_density(cfg, model):
+    """density.png: the data's density (where known) beside the ODE's p_theta = exp(log p_1), on [-5, 5]^2."""
+    data = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0))
+    g = torch.linspace(-5, 5, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)
+    device = next(model.parameters()).device
+    learned = log_likelihood(cfg.path, model, grid.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov()).exp()
+    true = metrics.log_density_2d(cfg.data, grid)
+    panels = ([("p_data", true.exp())] if true is not None else []) + [("p_theta (probability-flow ODE)", learned)]
+    fig = Figure(figsize=(4.5 * len(panels), 4.5))
+    top = max(float(p.max()) for _, p in panels)                          # one colour scale for both
+    for ax, (title, p) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.imshow(p.view(100, 100).numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="magma", vmin=0, vmax=top)
+        ax.set(title=title, xticks=[], yticks=[])
+    fig.savefig(os.path.join(cfg.out, "density.png"), dpi=100, bbox_inches="tight")
+
+
 # ----------------------------------------------------------------------------- Langevin dynamics (--demo langevin)
 def mixture_score(x, means, var, weights):
     """grad log p(x) of the mixture p = sum_k w_k N(mu_k, var I) (002, "Score function"): sum_k r_k(x) (mu_k - x) / var,
@@ -459,6 +476,7 @@ def main(argv=None):
     x, scores = evaluate(cfg, model, device)
     if points and cfg.nll_steps:
         scores.update(likelihood_2d(cfg, model))
+        save_density(cfg, model)
     if points:
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
                            title=f"{cfg.sampler}, {cfg.sample_steps} steps from t = {cfg.t0:g}")

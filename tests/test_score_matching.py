@@ -239,7 +239,7 @@ def test_gif_and_likelihood_of_a_run(tmp_path):
                    "--sample-steps", "3", "--nll-steps", "5"])
     assert rec["kl"] > -4 * rec["kl_se"] and rec["nll"] - rec["data_entropy"] == pytest.approx(rec["kl"], abs=1e-3)
     gif = Image.open(tmp_path / "sde_ode.gif")
-    assert gif.n_frames == 4
+    assert gif.n_frames == 4 and (tmp_path / "density.png").exists()
     gif.seek(3)
     last = np.array(gif.convert("RGB"))
     ref = common.sample_2d("checkerboard", 2500, torch.Generator().manual_seed(0))
