@@ -528,6 +528,20 @@ def save_progress(snapshots, path):
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
+def save_density(log_p, log_p_data, title, path):
+    """exp(log_p) on a 100 x 100 grid of [-5, 5]^2, titled `title`, beside the data's exp(log_p_data) where that is
+    known (log_p_data returns None otherwise), on one colour scale. log_p, log_p_data: points (N, 2) -> (N,)."""
+    g = torch.linspace(-5, 5, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)
+    true = log_p_data(grid)
+    panels = ([("p_data", true.exp())] if true is not None else []) + [(title, log_p(grid).exp().cpu())]
+    top = max(float(p.max()) for _, p in panels)
+    fig = Figure(figsize=(4.5 * len(panels), 4.5))
+    for ax, (name, p) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.imshow(p.view(100, 100).numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="magma", vmin=0, vmax=top)
+        ax.set(title=name, xticks=[], yticks=[])
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
 # ----------------------------------------------------------------------------- animations (--gif)
 def image_frame(x, nrow=10, scale=2):
     """A GIF frame: the image grid of x (N, C, H, W) in [0, 1] as uint8 RGB (H', W', 3), each pixel scale x scale."""

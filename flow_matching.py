@@ -292,21 +292,6 @@ def bits_per_dim(cfg, model, device):
                 bpd_probe_sd=float(((bpd[0] - bpd[1]) ** 2 / 2).mean().sqrt()), bpd_images=n)
 
 
-def save_density(cfg, model, device):
-    """density.png: the data's density (where known) beside the learned p_theta = exp(log p_1), on [-5, 5]^2."""
-    g = torch.linspace(-5, 5, 100)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)
-    learned = log_likelihood(lambda x, t: velocity(model, x, t), grid.to(device), cfg.nll_steps).exp().cpu()
-    true = metrics.log_density_2d(cfg.data, grid)
-    panels = ([("p_data", true.exp())] if true is not None else []) + [("p_theta (continuity equation)", learned)]
-    fig = Figure(figsize=(4.5 * len(panels), 4.5))
-    top = max(float(p.max()) for _, p in panels)                          # one colour scale for both
-    for ax, (title, p) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        ax.imshow(p.view(100, 100).numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="magma", vmin=0, vmax=top)
-        ax.set(title=title, xticks=[], yticks=[])
-    fig.savefig(os.path.join(cfg.out, "density.png"), dpi=100, bbox_inches="tight")
-
-
 # ----------------------------------------------------------------------------- metrics and pictures
 def evaluate(cfg, model, device, trajectory=None):
     """Samples x_1 (2-D points, or images in [0, 1]) and their metrics, by --solver with --sample-steps steps;
@@ -550,8 +535,10 @@ def main(argv=None):
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
                            title=f"{cfg.solver}, {cfg.sample_steps} steps")
         save_trajectories(cfg, model, device)
-        if cfg.nll_steps and cfg.coupling != "corrupt":
-            save_density(cfg, model, device)
+        if cfg.nll_steps and cfg.coupling != "corrupt":                   # density.png: p_theta beside p_data
+            log_p = lambda x: log_likelihood(lambda z, t: velocity(model, z, t), x.to(device), cfg.nll_steps)
+            common.save_density(log_p, lambda x: metrics.log_density_2d(cfg.data, x), "p_theta (continuity equation)",
+                                os.path.join(cfg.out, "density.png"))
     if cfg.gif:
         save_gif(cfg, trajectory, os.path.join(cfg.out, "flow.gif"))
     scores["train_seconds"] = round(train_seconds, 2)

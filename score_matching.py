@@ -269,30 +269,12 @@ def log_likelihood(kind, s_theta, x1, steps, t0, mean, cov):
     return p_t0.log_prob(x.cpu()) - integral.cpu()
 
 
-def likelihood_2d(cfg, model):
-    """metrics.likelihood_metrics (test NLL, H(p), KL(p || p_theta) in nats) of the probability-flow ODE, p_t0's
-    moments from 10^5 fresh points."""
+def model_log_density(cfg, model):
+    """x -> log p_theta(x) (2-D) of the probability-flow ODE by log_likelihood (--nll-steps), p_t0's moments from
+    10^5 fresh points of the data."""
     data = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
-    log_p = lambda x: log_likelihood(cfg.path, model, x.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov())
-    return metrics.likelihood_metrics(log_p, cfg.data, cfg.n_samples)
-
-
-def save_density(cfg, model):
-    """density.png: the data's density (where known) beside the ODE's p_theta = exp(log p_1), on [-5, 5]^2."""
-    data = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0))
-    g = torch.linspace(-5, 5, 100)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).view(-1, 2)
-    device = next(model.parameters()).device
-    learned = log_likelihood(cfg.path, model, grid.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov()).exp()
-    true = metrics.log_density_2d(cfg.data, grid)
-    panels = ([("p_data", true.exp())] if true is not None else []) + [("p_theta (probability-flow ODE)", learned)]
-    fig = Figure(figsize=(4.5 * len(panels), 4.5))
-    top = max(float(p.max()) for _, p in panels)                          # one colour scale for both
-    for ax, (title, p) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        ax.imshow(p.view(100, 100).numpy(), extent=(-5, 5, -5, 5), origin="lower", cmap="magma", vmin=0, vmax=top)
-        ax.set(title=title, xticks=[], yticks=[])
-    fig.savefig(os.path.join(cfg.out, "density.png"), dpi=100, bbox_inches="tight")
+    return lambda x: log_likelihood(cfg.path, model, x.to(device), cfg.nll_steps, cfg.t0, data.mean(0), data.T.cov())
 
 
 # ----------------------------------------------------------------------------- Langevin dynamics (--demo langevin)
@@ -475,8 +457,10 @@ def main(argv=None):
     # samples, their metrics and pictures; on 2-D data the likelihood by the probability-flow ODE
     x, scores = evaluate(cfg, model, device)
     if points and cfg.nll_steps:
-        scores.update(likelihood_2d(cfg, model))
-        save_density(cfg, model)
+        log_p = model_log_density(cfg, model)
+        scores.update(metrics.likelihood_metrics(log_p, cfg.data, cfg.n_samples))
+        common.save_density(log_p, lambda x: metrics.log_density_2d(cfg.data, x), "p_theta (probability-flow ODE)",
+                            os.path.join(cfg.out, "density.png"))
     if points:
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),
                            title=f"{cfg.sampler}, {cfg.sample_steps} steps from t = {cfg.t0:g}")
