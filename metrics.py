@@ -14,6 +14,8 @@ Lecture: 004 "Evaluation measures" (Borji's table: IS, FID, MMD, nearest neighbo
     nn_ratio         nearest training image distance over the same for held-out images (< 1: copying)
     mmd              unbiased MMD^2 with a sum of Gaussian kernels (2-D data)
     modes            a 2-D sample is good within 3 std of its nearest mode; a mode is covered by one good sample
+    likelihood       a 2-D model's test NLL, and where the data's density is known in closed form (log_density_2d)
+                     its entropy H(p) and KL(p || p_theta) = NLL - H (nats)
     assignment       exact min-cost assignment by Bertsekas' auction; w_exact = W_p of two equal clouds by it
 The evaluator of the built-in digits ships in evaluators/ (its training is chaotic: every machine must score with
 the same net); for mnist, fashion and mnist10k it is trained once by the same recipe and cached.
