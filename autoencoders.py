@@ -11,7 +11,7 @@ Run: `python autoencoders.py` (--kind ae), `--kind dae`, `--kind sae`, `--kind c
     contractive    L(x, g(h(x))) + lambda sum_i |grad_x h(x)_i|^2                                     (004)
     PCA            a linear AE with the squared error spans the top-J principal subspace of the data: --linear
                    reports the largest principal angle between the decoder's columns and that subspace
-Networks: MLPs 784 -> width -> width -> J and back, ReLU, a sigmoid on the output (pixels in [0, 1]); cae's
+Networks: MLPs D -> width -> width -> J and back, ReLU, a sigmoid on the output (pixels in [0, 1]); cae's
 encoder is one layer h(x) = sigmoid(W x + b), so its Jacobian has a closed form; sae has a ReLU on the code, so
 code units can be exactly 0. These models do not sample: samples.png/.pt hold the test reconstructions.
 test_mse: |x - x_hat|^2 per image (summed over pixels); test_mse_noisy: the same from the corrupted input x~.
@@ -43,7 +43,9 @@ class Config(common.Config):
     lambda_sparse: float = common.arg(0.05, "sae: lambda, the weight of the L1 penalty |z|_1")
     lambda_contractive: float = common.arg(0.5, "cae: lambda, the weight of the penalty sum_i |grad_x h_i|^2")
     n_eval: int = common.arg(2000, "test images for the metrics")
-    MODEL_FLAGS = ("data", "kind", "latent_dim", "width", "linear")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "kind", "latent_dim", "width", "linear", "image_size", "grey")
 
     def defaults(self, given):
         if self.linear:                                  # the PCA comparison needs an accurate subspace
@@ -59,19 +61,19 @@ def mlp(d_in, width, d_out):
 
 class AE(nn.Module):
     r"""Encoder h_{theta_e}: x -> z and decoder g_{theta_d}: z -> x (004 "Autoencoder"). --linear: one linear map
-    each (no sigmoid). cae: h(x) = sigmoid(W x + b), one layer. sae: a ReLU on the code."""
-    def __init__(self, kind, latent_dim, width, linear=False):
+    each (no sigmoid). cae: h(x) = sigmoid(W x + b), one layer. sae: a ReLU on the code. d: pixels per image."""
+    def __init__(self, kind, latent_dim, width, linear=False, d=784):
         super().__init__()
         if linear:
-            self.h = nn.Linear(784, latent_dim)
-            self.g = nn.Linear(latent_dim, 784)
+            self.h = nn.Linear(d, latent_dim)
+            self.g = nn.Linear(latent_dim, d)
             return
-        self.h = mlp(784, width, latent_dim)
+        self.h = mlp(d, width, latent_dim)
         if kind == "cae":
-            self.h = nn.Sequential(nn.Linear(784, latent_dim), nn.Sigmoid())
+            self.h = nn.Sequential(nn.Linear(d, latent_dim), nn.Sigmoid())
         if kind == "sae":
             self.h.append(nn.ReLU())
-        self.g = nn.Sequential(mlp(latent_dim, width, 784), nn.Sigmoid())
+        self.g = nn.Sequential(mlp(latent_dim, width, d), nn.Sigmoid())
 
     def forward(self, x):
         return self.g(self.h(x.flatten(1))).view_as(x)
@@ -137,8 +139,8 @@ def pca_comparison(model, x_train, x_test):
     X = x_train.flatten(1).double()
     m = X.mean(0)
     J = model.g.weight.shape[1]
-    U = torch.linalg.eigh((X - m).T @ (X - m))[1][:, -J:]                # (784, J) top-J eigenvectors
-    Q = torch.linalg.qr(model.g.weight.double().cpu())[0]               # (784, J) basis of the decoder's columns
+    U = torch.linalg.eigh((X - m).T @ (X - m))[1][:, -J:]                # (D, J) top-J eigenvectors
+    Q = torch.linalg.qr(model.g.weight.double().cpu())[0]               # (D, J) basis of the decoder's columns
     cos = torch.linalg.svdvals(U.T @ Q).clamp(max=1)                    # cosines of the principal angles
     Xt = x_test.flatten(1).double() - m
     pca_mse = float((Xt - Xt @ U @ U.T).pow(2).sum(1).mean())
@@ -217,10 +219,10 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    x_train, _ = common.load_images(cfg.data, "train", cfg.data_dir)
-    x_test, y_test = common.load_images(cfg.data, "test", cfg.data_dir)
+    x_train, _ = common.load_data(cfg, "train")
+    x_test, y_test = common.load_data(cfg, "test")
     x_eval = x_test[:cfg.n_eval]
-    model = AE(cfg.kind, cfg.latent_dim, cfg.width, cfg.linear).to(device)
+    model = AE(cfg.kind, cfg.latent_dim, cfg.width, cfg.linear, x_train[0].numel()).to(device)
 
     # train, or load the trained model
     t0 = time.time()

@@ -48,13 +48,15 @@ class Config(common.Config):
                                       "(label maps at every layer), projection (input + a projection term)",
                              ["input", "every", "projection"])
     ndf: int = common.arg(32, "D's width: ndf channels at 14x14, 2 ndf at 7x7 (DCGAN's: 64)")
-    MODEL_FLAGS = ("data", "z_dim", "emb_dim", "d_cond", "ndf")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "z_dim", "emb_dim", "d_cond", "ndf", "image_size", "grey")
 
 
 # ----------------------------------------------------------------------------- data
 def batch_sampler(cfg, gen):
-    """() -> (images in [-1, 1] (B, 1, 28, 28), labels (B,)), drawn with replacement from the train split by gen."""
-    x, y = common.load_images(cfg.data, "train", cfg.data_dir)
+    """() -> (images in [-1, 1] (B, C, S, S), labels (B,)), drawn with replacement from the train split by gen."""
+    x, y = common.load_data(cfg, "train")
 
     def sample():
         i = torch.randint(len(x), (cfg.batch_size,), generator=gen)
@@ -64,14 +66,17 @@ def batch_sampler(cfg, gen):
 
 # ----------------------------------------------------------------------------- models
 class Generator(nn.Module):
-    """G(z|y) = DCGAN generator of [z, e_G(y)]: (B, z_dim), (B,) -> 128x7x7 -> 64x14x14 -> (B, 1, 28, 28) in [-1, 1]."""
-    def __init__(self, z_dim, emb_dim, n_classes=10):
+    """G(z|y) = DCGAN generator of [z, e_G(y)]: (B, z_dim), (B,) -> 128x7x7 -> 64x14x14 -> (B, 1, 28, 28) in [-1, 1];
+    C x 32 x 32 from 8x8, and 64x64 through one more 64-channel level."""
+    def __init__(self, z_dim, emb_dim, n_classes=10, channels=1, size=28):
         super().__init__()
+        s0 = size // 8 if size == 64 else size // 4
+        extra = [nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU()] if size == 64 else []
         self.embed = nn.Embedding(n_classes, emb_dim)
-        self.net = nn.Sequential(nn.Linear(z_dim + emb_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)),
+        self.net = nn.Sequential(nn.Linear(z_dim + emb_dim, 128 * s0 * s0), nn.Unflatten(1, (128, s0, s0)),
                                  nn.BatchNorm2d(128), nn.ReLU(),
-                                 nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
-                                 nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
+                                 nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(), *extra,
+                                 nn.ConvTranspose2d(64, channels, 4, 2, 1), nn.Tanh())
 
     def forward(self, z, y):
         return self.net(torch.cat([z, self.embed(y)], 1))               # (B, z_dim + emb_dim)
@@ -81,28 +86,33 @@ class Discriminator(nn.Module):
     """D(x|y) as a logit: a DCGAN discriminator ((2, 28, 28) -> (ndf, 14, 14) -> (2 ndf, 7, 7) -> 1, no BatchNorm on
     the input layer) on [x, e_D(y)], e_D(y) a learned 1x28x28 label map. cond "every" also joins a 14x14 label
     map to the second layer's input and one-hot y to the last; "projection" adds <V e(y), phi(x)> to the logit,
-    phi(x) the last features (Miyato & Koyama 2018; not in the lecture)."""
-    def __init__(self, n_classes=10, cond="input", ndf=32):
+    phi(x) the last features (Miyato & Koyama 2018; not in the lecture). C x 32 x 32 images end at 8x8; 64x64 ones
+    pass one more 2 ndf level to 8x8."""
+    def __init__(self, n_classes=10, cond="input", ndf=32, channels=1, size=28):
         super().__init__()
         self.cond = cond
         self.n_classes = n_classes
+        self.size = size
         every = cond == "every"
         extra_map = 1 if every else 0                                    # the 14x14 label map, one more channel
         extra_y = n_classes if every else 0                              # one-hot y beside the last features
-        self.label_map = nn.Embedding(n_classes, 28 * 28)
-        self.conv1 = nn.Sequential(nn.Conv2d(2, ndf, 4, 2, 1), nn.LeakyReLU(0.2))   # two channels: image, label map
+        s0 = size // 8 if size == 64 else size // 4                      # the last feature map's side
+        extra = [nn.Conv2d(2 * ndf, 2 * ndf, 4, 2, 1), nn.BatchNorm2d(2 * ndf), nn.LeakyReLU(0.2)] if size == 64 else []
+        self.label_map = nn.Embedding(n_classes, size * size)
+        self.conv1 = nn.Sequential(nn.Conv2d(channels + 1, ndf, 4, 2, 1), nn.LeakyReLU(0.2))   # image, label map
         self.conv2 = nn.Sequential(nn.Conv2d(ndf + extra_map, 2 * ndf, 4, 2, 1), nn.BatchNorm2d(2 * ndf),
-                                   nn.LeakyReLU(0.2), nn.Flatten())
-        self.linear = nn.Linear(2 * ndf * 7 * 7 + extra_y, 1)
+                                   nn.LeakyReLU(0.2), *extra, nn.Flatten())
+        self.linear = nn.Linear(2 * ndf * s0 * s0 + extra_y, 1)
         if every:
-            self.label_map_14 = nn.Embedding(n_classes, 14 * 14)
+            self.label_map_14 = nn.Embedding(n_classes, (size // 2) ** 2)
         if cond == "projection":
-            self.project = nn.Embedding(n_classes, 2 * ndf * 7 * 7)
+            self.project = nn.Embedding(n_classes, 2 * ndf * s0 * s0)
 
     def forward(self, x, y):
-        h = self.conv1(torch.cat([x, self.label_map(y).view(-1, 1, 28, 28)], 1))   # (B, 2, 28, 28) -> (B, ndf, 14, 14)
+        s = self.size
+        h = self.conv1(torch.cat([x, self.label_map(y).view(-1, 1, s, s)], 1))   # (B, 2, 28, 28) -> (B, ndf, 14, 14)
         if self.cond == "every":
-            h = torch.cat([h, self.label_map_14(y).view(-1, 1, 14, 14)], 1)       # (B, ndf + 1, 14, 14)
+            h = torch.cat([h, self.label_map_14(y).view(-1, 1, s // 2, s // 2)], 1)   # (B, ndf + 1, 14, 14)
         phi = self.conv2(h)                                                      # (B, 2 ndf * 7 * 7)
         if self.cond == "every":
             phi = torch.cat([phi, F.one_hot(y, self.n_classes).float()], 1)     # (B, 2 ndf * 7 * 7 + 10)
@@ -158,17 +168,19 @@ def sample(G, z, y, batch_size=1000):
 
 
 def class_grid(G, z_dim, seed=0):
-    """10 rows (class y = 0..9) x 10 columns (one fixed z per column): (100, 1, 28, 28)."""
+    """10 rows (class y = 0..9; K rows for K classes) x 10 columns (one fixed z per column): (100, C, S, S)."""
     z = torch.randn(10, z_dim, generator=torch.Generator().manual_seed(seed))
-    return sample(G, z.repeat(10, 1), torch.arange(10).repeat_interleave(10))   # row y, column z
+    k = G.embed.num_embeddings
+    return sample(G, z.repeat(k, 1), torch.arange(k).repeat_interleave(10))   # row y, column z
 
 
 def interpolation_grid(G, z_dim, seed=1, n=10):
     """Row y: G((1 - t) z_0 + t z_1 | y) for t in [0, 1], the same z_0, z_1 for every row."""
     z0, z1 = torch.randn(2, z_dim, generator=torch.Generator().manual_seed(seed))
     t = torch.linspace(0, 1, n)[:, None]
-    z = ((1 - t) * z0 + t * z1).repeat(10, 1)                           # (10 n, z_dim)
-    return sample(G, z, torch.arange(10).repeat_interleave(n)), n
+    k = G.embed.num_embeddings
+    z = ((1 - t) * z0 + t * z1).repeat(k, 1)                            # (10 n, z_dim)
+    return sample(G, z, torch.arange(k).repeat_interleave(n)), n
 
 
 # ----------------------------------------------------------------------------- training
@@ -192,7 +204,7 @@ def train(cfg, G, D, G_ema, device, state=None):
             # real pairs (x, y) ~ p_data; fake pairs (G(z|y), y), z ~ N(0, I), y ~ p(y) uniform
             x, y = (t.to(device) for t in real())
             z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
-            y_fake = torch.randint(10, (cfg.batch_size,), device=device)
+            y_fake = torch.randint(D.n_classes, (cfg.batch_size,), device=device)
             x_fake = G(z, y_fake)
 
             # one discriminator step: real -> 1, fake -> 0 (002, the conditional value)
@@ -234,8 +246,12 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    G = Generator(cfg.z_dim, cfg.emb_dim).to(device)
-    D = Discriminator(cond=cfg.d_cond, ndf=cfg.ndf).to(device)
+    x_train, y_train = common.load_data(cfg, "train")
+    common.check(common.labelled(y_train), f"cgan needs labelled data: {cfg.data_dir} has no class subfolders (put "
+                 f"each class's images in a subfolder of its own)")
+    k, c, size = int(y_train.max()) + 1, x_train.shape[1], x_train.shape[-1]      # classes, channels, side
+    G = Generator(cfg.z_dim, cfg.emb_dim, k, c, size).to(device)
+    D = Discriminator(k, cfg.d_cond, cfg.ndf, c, size).to(device)
     G_ema = copy.deepcopy(G)
 
     # train, or load the trained networks
@@ -252,13 +268,13 @@ def main(argv=None):
 
     # samples of balanced classes from the average (= G if --ema 0), their scores, the pictures
     G = G_ema
-    y = torch.arange(cfg.n_samples) % 10
+    y = torch.arange(cfg.n_samples) % k
     x = sample(G, torch.randn(cfg.n_samples, cfg.z_dim), y)
     scores = metrics.image_metrics(x, cfg.data, labels=y, data_dir=cfg.data_dir, out=cfg.out)
     common.save_images(class_grid(G, cfg.z_dim), os.path.join(cfg.out, "samples.png"))
     grid, n = interpolation_grid(G, cfg.z_dim)
     common.save_images(grid, os.path.join(cfg.out, "interpolation.png"), nrow=n)
-    return common.finish(cfg, scores, t0, device, samples=x, history=history)   # sample i has class i % 10
+    return common.finish(cfg, scores, t0, device, samples=x, history=history)   # sample i has class i % k
 
 
 if __name__ == "__main__":

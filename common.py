@@ -4,8 +4,8 @@ no loss and no metric lives here (metrics.py scores the samples).
 Image tensors are float32 (N, 1, 28, 28) with pixels in [0, 1]; each script maps to its own model range
 (e.g. [-1, 1]) and back before saving or evaluating. 2-D data are float32 (N, 2).
 """
-import argparse, dataclasses, functools, glob, gzip, hashlib, json, math, os, random, shlex, signal, struct, sys
-import threading, time, urllib.request
+import argparse, dataclasses, functools, glob, gzip, hashlib, json, math, os, pickle, random, shlex, signal, struct
+import sys, tarfile, threading, time, urllib.request
 
 import matplotlib.image
 import numpy as np
@@ -37,7 +37,8 @@ class Config:
     MODEL_FLAGS = ()
     device: str = arg("auto", "auto = cuda, then mps, then cpu", ["auto", "cpu", "cuda", "mps"])
     data: str = arg("digits", "dataset")
-    data_dir: str = arg("", "folder with the IDX files of mnist/fashion; empty: download them into .cache/")
+    data_dir: str = arg("", "folder of the data: mnist/fashion's IDX files, cifar10's batches, --data folder's "
+                            "images; empty: download into .cache/")
     steps: int = arg(1000, "training steps (optimizer updates)")
     batch_size: int = arg(128, "examples per training step")
     lr: float = arg(1e-3, "learning rate")
@@ -165,7 +166,8 @@ def sample_2d(name, n, gen=None):
     return torch.stack([x * math.cos(a) - y * math.sin(a), x * math.sin(a) + y * math.cos(a)], 1)
 
 # ----------------------------------------------------------------------------- image data
-IMAGE_DATA = ("digits", "mnist", "fashion", "mnist10k")
+DIGIT_DATA = ("digits", "mnist", "fashion", "mnist10k")                  # 28x28 grey digit sets
+IMAGE_DATA = DIGIT_DATA + ("color-digits", "cifar10", "folder")
 DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
 
 def digit_fonts():
@@ -283,22 +285,153 @@ def load_idx_dataset(name, split, data_dir=""):
     check(len(x) == len(y), f"{name} {split}: {len(x)} images but {len(y)} labels")
     return torch.from_numpy(x.astype(np.float32) / 255)[:, None], torch.from_numpy(y.astype(np.int64))
 
-@functools.lru_cache(maxsize=8)
-def load_images(name, split="train", data_dir=""):
-    """(x, y): x (N, 1, 28, 28) float32 in [0, 1], y (N,) int64. Cached in memory: do not modify in place.
-    digits    rendered here: train 60000 (seed 0), test 10000 (seed 1); no files, no network
-    mnist, fashion   the standard IDX files (train 60000 / test 10000)
-    mnist10k  only the 10000-image MNIST test files (t10k-*), permuted with seed 0: train 8000 / test 2000"""
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"                           # of the published .tar.gz (163 MB)
+CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+SIZES = (28, 32, 64)                                                     # image sides the networks are built for
+IMAGE_SIZE_HELP = "image side, 28, 32 or 64 (0: the data's own, 28 for the grey digit sets, else 32)"
+
+def load_cifar10(split, data_dir=""):
+    """CIFAR-10's python version (pickled batches of 10000 uint8 32x32 RGB images) from data_dir (the batches, or
+    the cifar-10-batches-py folder in it), else from .cache/cifar10 (downloaded there once, its MD5 checked)."""
+    folder = data_dir or os.path.join(CACHE, "cifar10")
+    if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")):
+        folder = os.path.join(folder, "cifar-10-batches-py")
+    missing = [f for f in CIFAR_FILES["train"] + CIFAR_FILES["test"] if not os.path.exists(os.path.join(folder, f))]
+    check(not missing or not data_dir, f"cifar10: {', '.join(missing)} not found in --data-dir "
+          f"{os.path.abspath(folder)}; give the folder of the python version's batches, or leave --data-dir out to "
+          f"download into {CACHE}")
+    if missing:
+        try:
+            tar = os.path.join(CACHE, "cifar-10-python.tar.gz")
+            os.makedirs(folder, exist_ok=True)
+            urllib.request.urlretrieve(CIFAR_URL, tar)
+            with open(tar, "rb") as f:
+                check(hashlib.md5(f.read()).hexdigest() == CIFAR_MD5, f"{tar}: checksum mismatch; delete it")
+            with tarfile.open(tar) as t:
+                for m in t.getmembers():                                 # the batches only, nothing outside
+                    if m.isfile() and os.path.basename(m.name) in missing:
+                        with open(os.path.join(folder, os.path.basename(m.name)), "wb") as out:
+                            out.write(t.extractfile(m).read())
+        except OSError as e:
+            raise UserError(f"cifar10: the download failed ({e}); put the python version's batches in a folder and "
+                            f"pass --data-dir FOLDER, or use --data color-digits, which needs no files")
+    xs, ys = [], []
+    for name in CIFAR_FILES[split]:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[b"labels"], np.int64))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
+            raise UserError(f"cifar10: {os.path.join(folder, name)} is not a CIFAR-10 batch ({type(e).__name__}); "
+                            f"delete it and fetch it again")
+    return torch.from_numpy(np.concatenate(xs)).float() / 255, torch.from_numpy(np.concatenate(ys))
+
+def square(im, size):
+    """An image (C, H, W) centre-cropped to a square and resized to size x size (antialiased)."""
+    h, w = im.shape[-2:]
+    m = min(h, w)
+    im = im[:, (h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
+    return F.interpolate(im[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+def load_folder(path, size):
+    """Every .png/.jpg under path as (x (N, 3, size, size), y (N,)): y is the class (the subfolder, in sorted order)
+    when every image sits in one of two or more subfolders, else -1 (no labels). Files in sorted path order."""
+    check(path and os.path.isdir(path), f"--data folder needs --data-dir PATH, a folder of .png/.jpg images; got "
+          f"{path!r}")
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names
+                   if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    check(len(files) >= 2, f"{os.path.abspath(path)} holds {len(files)} .png/.jpg images; it needs at least two")
+    classes = sorted({f.split(os.sep)[0] for f in files})
+    labelled = len(classes) >= 2 and all(f.count(os.sep) == 1 for f in files)
+    x = torch.stack([square(read_rgb(os.path.join(path, f), grey_ok=True)[0].permute(2, 0, 1), size) for f in files])
+    y = torch.tensor([classes.index(f.split(os.sep)[0]) if labelled else -1 for f in files])
+    return x.clamp(0, 1), y
+
+def color_digits(n, seed):
+    """n digits (n, 3, 32, 32) in [0, 1] and their labels: render_digits(n, seed) padded by 2 px, the ink in one
+    random colour over a background of another (each RGB uniform; luminances at least 0.4 apart)."""
+    g, y = render_digits(n, seed)
+    return colorize(F.pad(g, (2, 2, 2, 2)), seed), y
+
+def colorize(g, seed):
+    """Grey images g (N, 1, H, W), ink 1 on background 0, drawn as ink colour over background colour."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    fg, bg = torch.rand(len(g), 3, generator=gen), torch.rand(len(g), 3, generator=gen)
+    lum = torch.tensor([0.299, 0.587, 0.114])
+    for _ in range(100):                                                 # redraw the pairs of too close luminance
+        close = ((fg - bg) @ lum).abs() < 0.4
+        if not close.any():
+            break
+        fg[close] = torch.rand(int(close.sum()), 3, generator=gen)
+        bg[close] = torch.rand(int(close.sum()), 3, generator=gen)
+    return bg[:, :, None, None] + (fg - bg)[:, :, None, None] * g
+
+def load_images(name, split="train", data_dir="", size=0, channels=0):
+    """(x, y): x (N, C, S, S) float32 in [0, 1], y (N,) int64 (-1: unlabelled). Cached: do not modify in place.
+    digits    rendered here: train 60000 (seed 0), test 10000 (seed 1); no files, no network (28x28 grey)
+    mnist, fashion   the standard IDX files (train 60000 / test 10000, 28x28 grey)
+    mnist10k  only the 10000-image MNIST test files (t10k-*), permuted with seed 0: train 8000 / test 2000
+    color-digits   the digits at 32x32 in random ink and background colours (train seed 0, test seed 1)
+    cifar10   the pickled batches: train 50000 / test 10000 (32x32 RGB)
+    folder    every .png/.jpg under data_dir (32x32 unless size); a tenth (every tenth after a shuffle) is test
+    size: the side S (0: the data's own); channels: 1 (grey, by luminance) or 3 (0: grey when every image is)."""
     check(name in IMAGE_DATA, f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATA)}")
     check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
+    check(size in (0,) + SIZES, f"--image-size {size} is not supported: the networks are built for "
+          f"{', '.join(map(str, SIZES))} (0: the data's own)")
+    return _load_images(name, split, data_dir, size, channels)
+
+@functools.lru_cache(maxsize=8)
+def _load_images(name, split, data_dir, size, channels):
+    seed, n = (0, 60000) if split == "train" else (1, 10000)
     if name == "digits":
-        return render_digits(60000 if split == "train" else 10000, 0 if split == "train" else 1)
+        x, y = render_digits(n, seed)
+    elif name == "color-digits":
+        x, y = color_digits(n, seed)
+    elif name in DIGIT_DATA:
+        x, y = load_digit_set(name, split, data_dir)
+    elif name == "cifar10":
+        x, y = load_cifar10(split, data_dir)
+    else:
+        x, y = load_folder_split(data_dir, size or 32, split)
+    grey = (x[:, :1] == x).all()
+    if channels == 1 or (channels == 0 and grey):
+        x = x if x.shape[1] == 1 else (x * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+    elif x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if size and size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return x.contiguous(), y
+
+@functools.lru_cache(maxsize=2)
+def load_folder_split(path, size, split):
+    x, y = _read_folder(path, size)
+    is_test = torch.zeros(len(x), dtype=torch.bool)
+    is_test[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[::10]] = True
+    keep = is_test if split == "test" else ~is_test
+    return x[keep], y[keep]
+
+@functools.lru_cache(maxsize=1)
+def _read_folder(path, size):
+    return load_folder(path, size)
+
+def load_digit_set(name, split, data_dir):
     if name == "mnist10k":
         x, y = load_idx_dataset("mnist", "test", data_dir)
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
         keep = keep[:8000] if split == "train" else keep[8000:]
         return x[keep], y[keep]
     return load_idx_dataset(name, split, data_dir)
+
+def load_data(cfg, split):
+    """load_images with a script's --data, --data-dir, --image-size and --grey."""
+    return load_images(cfg.data, split, cfg.data_dir, cfg.image_size, 1 if cfg.grey else 0)
+
+def labelled(y):
+    """Whether every image has a class (a flat folder has none)."""
+    return bool((y >= 0).all())
 
 # ----------------------------------------------------------------------------- outputs
 def image_grid(x, nrow=10):

@@ -38,7 +38,7 @@ import metrics
 
 @dataclasses.dataclass
 class Config(common.Config):
-    data: str = common.arg("digits", "image data the two built-in domains are made from", common.IMAGE_DATA)
+    data: str = common.arg("digits", "image data the two built-in domains are made from", common.DIGIT_DATA)
     data_dir: str = common.arg("", "a folder with trainA/ and trainB/ (then no built-in domains), or mnist's IDX files")
     steps: int = common.arg(2400, "training steps (one G/F update and one D_X/D_Y update each)")
     batch_size: int = common.arg(16, "images per domain per step")

@@ -53,7 +53,7 @@ class Config(common.Config):
     schedule: str = common.arg("cosine", "beta schedule: cosine (000 1.1) or linear (002's slide)",
                                ["linear", "cosine"])
     width: int = common.arg(16, "U-Net base channels, a multiple of 8 for GroupNorm")
-    attn: bool = common.arg(False, "self-attention at the lowest resolution (7x7)")
+    attn: bool = common.arg(False, "self-attention at the lowest resolution (7x7; 8x8 for 32 and 64)")
     sampler: str = common.arg("ddpm", "sampler for samples.png and the metrics: ddpm (Algorithm 2's ancestral step) or "
                               "ddim", ["ddpm", "ddim"])
     sample_steps: int = common.arg(100, "S, sampling steps (ddpm with S < T: naive skipping); at most T unless given")
@@ -74,7 +74,9 @@ class Config(common.Config):
     compile: bool = common.arg(False, "torch.compile the training model (EMA stays uncompiled)")
     gif: bool = common.arg(False, "also write denoising.gif: 8 chains from x_T to x_0, Algorithm 2 (top row) and "
                                   "DDIM-50 (bottom row) from the same x_T")
-    MODEL_FLAGS = ("data", "T", "schedule", "width", "attn", "param", "cond")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "T", "schedule", "width", "attn", "param", "cond", "image_size", "grey")
 
     def defaults(self, given):
         if "--sample-steps" not in given:
@@ -142,14 +144,15 @@ class Attention(nn.Module):
 
 class UNet(nn.Module):
     """28x28 -> 14 -> 7 and back, skip connections by concatenation (000 section 5), ResBlocks with GroupNorm,
-    a sinusoidal time embedding (plus a class embedding with n_classes; index n_classes = the null token)."""
-    def __init__(self, width=16, attn=False, n_classes=0, in_ch=1):
+    a sinusoidal time embedding (plus a class embedding with n_classes; index n_classes = the null token).
+    Images (channels, size, size): 32 -> 16 -> 8 the same way; 64x64 has one more level at the top."""
+    def __init__(self, width=16, attn=False, n_classes=0, channels=1, size=28):
         super().__init__()
         c1, c2, e = width, 2 * width, 4 * width
-        self.width, self.n_classes = width, n_classes
+        self.width, self.n_classes, self.shape = width, n_classes, (channels, size, size)
         self.t_mlp = nn.Sequential(nn.Linear(width, e), nn.SiLU(), nn.Linear(e, e))
         self.label = nn.Embedding(n_classes + 1, e) if n_classes else None
-        self.inp = nn.Conv2d(in_ch, c1, 3, padding=1)
+        self.inp = nn.Conv2d(channels, c1, 3, padding=1)
         self.down1, self.pool1 = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)       # 28 -> 14
         self.down2, self.pool2 = ResBlock(c1, c2, e), nn.Conv2d(c2, c2, 3, 2, 1)       # 14 -> 7
         self.mid1, self.mid2 = ResBlock(c2, c2, e), ResBlock(c2, c2, e)
@@ -157,19 +160,30 @@ class UNet(nn.Module):
         self.up2 = ResBlock(2 * c2, c2, e)                                # 7 -> 14 after it
         self.up1 = ResBlock(c2 + c2, c1, e)                               # 14 -> 28 after it
         self.up0 = ResBlock(c1 + c1, c1, e)
-        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, in_ch, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, channels, 3, padding=1))
+        self.top = size == 64                                            # 64x64: one more level, 64 -> 32 and back
+        if self.top:
+            self.down_top, self.pool_top = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)
+            self.up_top = ResBlock(c1 + c1, c1, e)
 
     def forward(self, x, t, y=None):
         emb = self.t_mlp(time_embedding(t, self.width))
         if self.label is not None:
             emb = emb + self.label(y if y is not None else torch.full_like(t, self.n_classes, dtype=torch.long))
-        h0 = self.down1(self.inp(x), emb)                                 # (B, c1, 28, 28)
+        h = self.inp(x)
+        if self.top:
+            h_top = self.down_top(h, emb)                                 # (B, c1, 64, 64)
+            h = self.pool_top(h_top)
+        h0 = self.down1(h, emb)                                           # (B, c1, 28, 28)
         h1 = self.down2(self.pool1(h0), emb)                              # (B, c2, 14, 14)
         h2 = self.pool2(h1)                                               # (B, c2, 7, 7)
         h = self.mid2(self.attn(self.mid1(h2, emb)), emb)
         h = F.interpolate(self.up2(torch.cat([h, h2], 1), emb), scale_factor=2.0)      # (B, c2, 14, 14)
         h = F.interpolate(self.up1(torch.cat([h, h1], 1), emb), scale_factor=2.0)      # (B, c1, 28, 28)
-        return self.out(self.up0(torch.cat([h, h0], 1), emb))
+        h = self.up0(torch.cat([h, h0], 1), emb)
+        if self.top:
+            h = self.up_top(torch.cat([F.interpolate(h, scale_factor=2.0), h_top], 1), emb)
+        return self.out(h)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -261,7 +275,7 @@ def ddim_step(sch, x, t, s, eps, z, eta=0.0, clip=True):
 def sample(model, sch, n, cfg, device, y=None, sampler=None, steps=None, trajectory=None):
     """n images in [-1, 1] from x_T ~ N(0, I); `trajectory` (a list) collects (t, x_t) from t = T on."""
     sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
-    x = torch.randn(n, 1, 28, 28, device=device)
+    x = torch.randn(n, *model.shape, device=device)
     ts = timesteps(sch.T, steps)
     if trajectory is not None:
         trajectory.append((sch.T, x.cpu()))
@@ -281,14 +295,14 @@ def save_forward(sch, x0, path):
     ts = [0, sch.T // 4, sch.T // 2, 3 * sch.T // 4, sch.T]
     eps = torch.randn_like(x0)
     rows = [q_sample(sch, x0, torch.full((len(x0),), t, device=x0.device), eps) for t in ts]
-    common.save_images((torch.stack(rows, 1).flatten(0, 1) + 1) / 2, path, nrow=len(ts))   # (n * 5, 1, 28, 28)
+    common.save_images((torch.stack(rows, 1).flatten(0, 1) + 1) / 2, path, nrow=len(ts))   # (n * 5, C, S, S)
 
 
 def save_chains_gif(ema, sch, cfg, device, path):
     """8 chains x_T -> x_0 of Algorithm 2 (every T/50-th x_t: 51 frames, top row) above DDIM-50's 51 x_t, both from
     the same x_T (seeded by --seed). Returns the two runs' x_0 (the last frame), in [-1, 1]."""
     chains = []
-    y = torch.arange(8, device=device) if cfg.cond else None
+    y = torch.arange(8, device=device) % ema.n_classes if cfg.cond else None
     for sampler, steps in (("ddpm", cfg.T), ("ddim", 50)):
         torch.manual_seed(cfg.seed)                                       # the same x_T for both samplers
         trajectory = []
@@ -340,7 +354,7 @@ def evaluate(ema, sch, cfg, device, sampler, steps):
     t0 = time.time()
     y = None
     if cfg.cond:
-        y = torch.arange(cfg.n_samples, device=device) % 10
+        y = torch.arange(cfg.n_samples, device=device) % ema.n_classes
     x = torch.cat([sample(ema, sch, len(b), cfg, device, b if y is not None else None, sampler, steps)
                    for b in (y if y is not None else torch.zeros(cfg.n_samples)).split(500)]).cpu()
     x = (x.clamp(-1, 1) + 1) / 2
@@ -369,8 +383,11 @@ def main(argv=None):
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     sch = Schedule(cfg.T, cfg.schedule, device)
-    x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
-    model = UNet(cfg.width, cfg.attn, 10 if cfg.cond else 0).to(device)
+    x_train, y_train = common.load_data(cfg, "train")
+    common.check(not cfg.cond or common.labelled(y_train), "--cond needs labelled data: put each class's images in a "
+                 "subfolder of their own")
+    k = int(y_train.max()) + 1 if cfg.cond else 0                         # classes
+    model = UNet(cfg.width, cfg.attn, k, x_train.shape[1], x_train.shape[-1]).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
 
     # train, or load the trained weights
@@ -393,7 +410,7 @@ def main(argv=None):
     # pictures: the forward process, one chain of Algorithm 2 with all T steps, a row per guidance weight
     save_forward(sch, x_train[:4].to(device) * 2 - 1, os.path.join(cfg.out, "forward.png"))
     trajectory = []
-    y3 = torch.tensor([3], device=device) if cfg.cond else None
+    y3 = torch.tensor([min(3, k - 1)], device=device) if cfg.cond else None
     sample(ema, sch, 1, cfg, device, y3, "ddpm", cfg.T, trajectory)
     T = cfg.T
     keep = [x for t, x in trajectory if t in {0, T // 50, T // 20, T // 10, T // 4, T // 2, 3 * T // 4}]
@@ -402,7 +419,7 @@ def main(argv=None):
         rows = []
         for w in (0.0, 1.0, 2.0, 4.0):
             g = dataclasses.replace(cfg, guidance=w)
-            rows.append(sample(ema, sch, 10, g, device, torch.arange(10, device=device)).cpu())
+            rows.append(sample(ema, sch, min(10, k), g, device, torch.arange(min(10, k), device=device)).cpu())
         common.save_images((torch.cat(rows).clamp(-1, 1) + 1) / 2, os.path.join(cfg.out, "guidance.png"))
 
     # --compare: the other samplers on the same weights

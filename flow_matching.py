@@ -62,7 +62,9 @@ class Config(common.Config):
     nll_steps: int = common.arg(50, "midpoint steps of the likelihood ODE (0: no likelihood)")
     probes: int = common.arg(1, "images: Rademacher probes per step of Hutchinson's divergence estimate")
     gif: bool = common.arg(False, "also write flow.gif: the samples carried from x_0 to x_1, one frame per ODE step")
-    MODEL_FLAGS = ("data", "coupling", "cond", "width")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "coupling", "cond", "width", "image_size", "grey")
 
     def defaults(self, given):
         if self.data in common.IMAGE_DATA:
@@ -171,33 +173,45 @@ class ResBlock(nn.Module):
 
 class UNetVelocity(nn.Module):
     """v_theta(x, t, y) for images: 28x28 -> 14 -> 7 and back with skip connections by concatenation (000
-    section 5), t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null token."""
-    def __init__(self, width=16, n_classes=0):
+    section 5), t in [0, 1] embedded at 1000 t; with n_classes a label embedding, index n_classes = the null token.
+    Images (channels, size, size): 32 -> 16 -> 8 the same way; 64x64 has one more level at the top."""
+    def __init__(self, width=16, n_classes=0, channels=1, size=28):
         super().__init__()
         c1, c2, e = width, 2 * width, 4 * width
-        self.width, self.n_classes = width, n_classes
+        self.width, self.n_classes, self.shape = width, n_classes, (channels, size, size)
         self.t_mlp = nn.Sequential(nn.Linear(width, e), nn.SiLU(), nn.Linear(e, e))
         self.label = nn.Embedding(n_classes + 1, e) if n_classes else None
-        self.inp = nn.Conv2d(1, c1, 3, padding=1)
+        self.inp = nn.Conv2d(channels, c1, 3, padding=1)
         self.down1, self.pool1 = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)       # 28 -> 14
         self.down2, self.pool2 = ResBlock(c1, c2, e), nn.Conv2d(c2, c2, 3, 2, 1)       # 14 -> 7
         self.mid1, self.mid2 = ResBlock(c2, c2, e), ResBlock(c2, c2, e)
         self.up2 = ResBlock(2 * c2, c2, e)                                # 7 -> 14 after it
         self.up1 = ResBlock(c2 + c2, c1, e)                               # 14 -> 28 after it
         self.up0 = ResBlock(c1 + c1, c1, e)
-        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, channels, 3, padding=1))
+        self.top = size == 64                                            # 64x64: one more level, 64 -> 32 and back
+        if self.top:
+            self.down_top, self.pool_top = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)
+            self.up_top = ResBlock(c1 + c1, c1, e)
 
     def forward(self, x, t, y=None):
         emb = self.t_mlp(time_embedding(1000 * t, self.width))
         if self.label is not None:
             emb = emb + self.label(y if y is not None else torch.full_like(t, self.n_classes, dtype=torch.long))
-        h0 = self.down1(self.inp(x), emb)                                 # (B, c1, 28, 28)
+        h = self.inp(x)
+        if self.top:
+            h_top = self.down_top(h, emb)                                 # (B, c1, 64, 64)
+            h = self.pool_top(h_top)
+        h0 = self.down1(h, emb)                                           # (B, c1, 28, 28)
         h1 = self.down2(self.pool1(h0), emb)                              # (B, c2, 14, 14)
         h2 = self.pool2(h1)                                               # (B, c2, 7, 7)
         h = self.mid2(self.mid1(h2, emb), emb)
         h = F.interpolate(self.up2(torch.cat([h, h2], 1), emb), scale_factor=2.0)      # (B, c2, 14, 14)
         h = F.interpolate(self.up1(torch.cat([h, h1], 1), emb), scale_factor=2.0)      # (B, c1, 28, 28)
-        return self.out(self.up0(torch.cat([h, h0], 1), emb))
+        h = self.up0(torch.cat([h, h0], 1), emb)
+        if self.top:
+            h = self.up_top(torch.cat([F.interpolate(h, scale_factor=2.0), h_top], 1), emb)
+        return self.out(h)
 
 
 # ----------------------------------------------------------------------------- guidance and sampling
@@ -281,7 +295,7 @@ def bits_per_dim(cfg, model, device):
     mean, its standard error over the images, and the standard deviation of one image's estimate from two
     Hutchinson runs a, b: sqrt(E[(a - b)^2] / 2)."""
     gen, n = torch.Generator().manual_seed(2), min(cfg.n_samples, 200)
-    x = torch.round(common.load_images(cfg.data, "test", cfg.data_dir)[0][:n] * 255)
+    x = torch.round(common.load_data(cfg, "test")[0][:n] * 255)
     y = (2 * (x + torch.rand(x.shape, generator=gen)) / 256 - 1).to(device)
     d = y[0].numel()
     field = lambda x, t: velocity(model, x, t)
@@ -297,8 +311,8 @@ def evaluate(cfg, model, device, trajectory=None):
     """Samples x_1 (2-D points, or images in [0, 1]) and their metrics, by --solver with --sample-steps steps;
     `trajectory` (a list) collects x_0, ..., x_1 of the first 500."""
     gen, points = torch.Generator().manual_seed(1), cfg.data in common.POINT_DATA
-    y = torch.arange(cfg.n_samples, device=device) % 10 if cfg.cond else None
-    shape = (cfg.n_samples, 2) if points else (cfg.n_samples, 1, 28, 28)
+    y = torch.arange(cfg.n_samples, device=device) % model.n_classes if cfg.cond else None
+    shape = (cfg.n_samples, 2) if points else (cfg.n_samples,) + model.shape
     model.eval()
     x, calls = [], 0
     for i in range(0, cfg.n_samples, 500):
@@ -323,8 +337,8 @@ def evaluate_restoration(cfg, model, device, traj):
     """--coupling corrupt: integrate dx/dt = v_theta from corrupted test images (t = 0) to t = 1; the mean absolute
     pixel error (in [0, 1]) of the corrupted and of the restored images, the image metrics of the restorations
     (class_accuracy: the clean image's label); restoration.png, rows x_0, x_t at t = 1/4, 1/2, 3/4, x_1, clean."""
-    x_test, y_test = common.load_images(cfg.data, "test", cfg.data_dir)
-    clean = x_test[:cfg.n_samples] * 2 - 1                               # (N, 1, 28, 28) in [-1, 1]
+    x_test, y_test = common.load_data(cfg, "test")
+    clean = x_test[:cfg.n_samples] * 2 - 1                               # (N, C, S, S) in [-1, 1]
     gen = torch.Generator().manual_seed(1)
     x0 = corrupt(clean) + 0.1 * torch.randn(clean.shape, generator=gen)   # as in training
     model.eval()
@@ -440,7 +454,7 @@ def train(cfg, model, device, state=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)   # planned over --steps
     gen = torch.Generator().manual_seed(cfg.seed)                         # data, noise, t and the OT draws
     if not points:
-        x_train, y_train = common.load_images(cfg.data, "train", cfg.data_dir)
+        x_train, y_train = common.load_data(cfg, "train")
     history = []
     start = 0
     if state:                                                            # --resume: continue the saved run
@@ -459,7 +473,7 @@ def train(cfg, model, device, state=None):
                 if cfg.cond:
                     y = y_train[idx].to(device)
                     drop = torch.rand(len(y), generator=gen).to(device) < cfg.p_uncond
-                    y = torch.where(drop, torch.full_like(y, 10), y)
+                    y = torch.where(drop, torch.full_like(y, model.n_classes), y)   # the null token
 
             # x_0 ~ p_0 = N(0, I), paired with x_1 by the coupling
             x0 = torch.randn(x1.shape, generator=gen).to(device)
@@ -504,7 +518,14 @@ def main(argv=None):
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     points = cfg.data in common.POINT_DATA
-    model = (MLPVelocity(cfg.width) if points else UNetVelocity(cfg.width, 10 if cfg.cond else 0)).to(device)
+    if points:
+        model = MLPVelocity(cfg.width).to(device)
+    else:
+        x_train, y_train = common.load_data(cfg, "train")
+        common.check(not cfg.cond or common.labelled(y_train), "--cond needs labelled data: put each class's images "
+                     "in a subfolder of their own")
+        k = int(y_train.max()) + 1 if cfg.cond else 0                     # classes
+        model = UNetVelocity(cfg.width, k, x_train.shape[1], x_train.shape[-1]).to(device)
 
     # train, or load the trained model
     t0 = time.time()
@@ -529,7 +550,7 @@ def main(argv=None):
 
     # pictures; on 2-D data also the trajectories
     if not points:
-        labels = torch.arange(len(x[:100])) % 10 if cfg.cond else None           # evaluate() asks class i % 10
+        labels = torch.arange(len(x[:100])) % model.n_classes if cfg.cond else None   # evaluate() asks class i % k
         common.save_images(x[:100], os.path.join(cfg.out, "samples.png"), labels=labels)
     else:
         common.save_points(x[:2500], os.path.join(cfg.out, "samples.png"), ref=common.sample_2d(cfg.data, 2500),

@@ -49,7 +49,9 @@ class Config(common.Config):
     width: int = common.arg(256, "hidden units of the 2-D MLPs")
     n_samples: int = common.arg(5000, "samples drawn for the final metrics")
     gif: bool = common.arg(False, "2-D: also write training.gif, G's samples over D's surface at 50 steps of training")
-    MODEL_FLAGS = ("data", "z_dim", "width", "loss")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "z_dim", "width", "loss", "image_size", "grey")
 
     def defaults(self, given):                                           # image data: DCGAN steps fit the CPU
         if self.data in common.IMAGE_DATA:
@@ -63,7 +65,7 @@ def batch_sampler(cfg, gen):
     mapped from [0, 1] to [-1, 1]."""
     if cfg.data in common.POINT_DATA:
         return lambda: common.sample_2d(cfg.data, cfg.batch_size, gen)
-    x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    x = common.load_data(cfg, "train")[0]
     return lambda: x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1
 
 
@@ -73,18 +75,26 @@ def mlp(d_in, width, d_out):
                          nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d_out))
 
 
-def dcgan_generator(z_dim):
-    """z -> 128x7x7 -> 64x14x14 -> 1x28x28 in [-1, 1] with transposed (fractionally strided) convolutions."""
-    return nn.Sequential(nn.Linear(z_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)), nn.BatchNorm2d(128), nn.ReLU(),
-                         nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
-                         nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
+def dcgan_generator(z_dim, channels=1, size=28):
+    """z -> 128x7x7 -> 64x14x14 -> 1x28x28 in [-1, 1] with transposed (fractionally strided) convolutions; C x 32 x 32
+    from 8x8 the same way, and 64x64 through one more level (64 x 16 x 16 -> 64 x 32 x 32)."""
+    s0 = size // 8 if size == 64 else size // 4
+    extra = [nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU()] if size == 64 else []
+    return nn.Sequential(nn.Linear(z_dim, 128 * s0 * s0), nn.Unflatten(1, (128, s0, s0)), nn.BatchNorm2d(128),
+                         nn.ReLU(), nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(), *extra,
+                         nn.ConvTranspose2d(64, channels, 4, 2, 1), nn.Tanh())
 
 
-def dcgan_discriminator(batchnorm=True):
-    """1x28x28 -> 64x14x14 -> 128x7x7 -> one logit; no BatchNorm on the input layer (and none if batchnorm=False)."""
+def dcgan_discriminator(batchnorm=True, channels=1, size=28):
+    """1x28x28 -> 64x14x14 -> 128x7x7 -> one logit (32x32: 8x8 at the end; 64x64: one more level to 8x8); no
+    BatchNorm on the input layer (and none if batchnorm=False)."""
     norm = nn.BatchNorm2d(128) if batchnorm else nn.Identity()
-    return nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1), norm,
-                         nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+    s0 = size // 8 if size == 64 else size // 4
+    extra = []
+    if size == 64:                                                       # one more level, 32 -> 16 -> 8
+        extra = [nn.Conv2d(128, 128, 4, 2, 1), nn.BatchNorm2d(128) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2)]
+    return nn.Sequential(nn.Conv2d(channels, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1), norm,
+                         nn.LeakyReLU(0.2), *extra, nn.Flatten(), nn.Linear(128 * s0 * s0, 1))
 
 
 def make_nets(cfg, batchnorm=True):
@@ -93,7 +103,8 @@ def make_nets(cfg, batchnorm=True):
         z_dim = cfg.z_dim or 8
         return mlp(z_dim, cfg.width, 2), mlp(2, cfg.width, 1), z_dim
     z_dim = cfg.z_dim or 64
-    return dcgan_generator(z_dim), dcgan_discriminator(batchnorm), z_dim
+    channels, size = common.load_data(cfg, "train")[0].shape[1:3]
+    return dcgan_generator(z_dim, channels, size), dcgan_discriminator(batchnorm, channels, size), z_dim
 
 
 # ----------------------------------------------------------------------------- losses (l: D's logits)

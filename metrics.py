@@ -20,7 +20,7 @@ Lecture: 004 "Evaluation measures" (Borji's table: IS, FID, MMD, nearest neighbo
 The evaluator of the built-in digits ships in evaluators/ (its training is chaotic: every machine must score with
 the same net); for mnist, fashion and mnist10k it is trained once by the same recipe and cached.
 """
-import functools, math, os
+import functools, hashlib, math, os
 
 import torch
 import torch.nn as nn
@@ -30,25 +30,25 @@ from matplotlib.figure import Figure
 import common
 
 NOT_DIGIT = 10                           # the evaluator's 11th class: "not one of the ten" (see not_digits)
-CLASSIFIER_EPOCHS = {"digits": 1, "mnist": 3, "fashion": 5, "mnist10k": 20}  # >= 98% test accuracy
+CLASSIFIER_EPOCHS = {"digits": 1, "mnist": 3, "fashion": 5, "mnist10k": 20, "color-digits": 2}  # >= 98% test accuracy
 
 
 # ----------------------------------------------------------------------------- the evaluator's training data
 def gaussian_blur(x, sigma):
-    """x (N, 1, H, W) blurred by a Gaussian of std sigma[i] pixels per image (zero padding)."""
+    """x (N, C, H, W) blurred by a Gaussian of std sigma[i] pixels per image (zero padding)."""
     r = torch.arange(-8, 9, dtype=torch.float32)
     k = torch.exp(-r ** 2 / (2 * sigma[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)                                      # (N, 17)
-    n, _, h, w = x.shape
-    x = F.conv2d(x.reshape(1, n, h, w), k[:, None, None, :], padding=(0, 8), groups=n)  # along rows
-    x = F.conv2d(x, k[:, None, :, None], padding=(8, 0), groups=n)                     # along columns
-    return x.reshape(n, 1, h, w)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(x.shape[1], 0)   # (N * C, 17)
+    n, c, h, w = x.shape
+    x = F.conv2d(x.reshape(1, n * c, h, w), k[:, None, None, :], padding=(0, 8), groups=n * c)  # along rows
+    x = F.conv2d(x, k[:, None, :, None], padding=(8, 0), groups=n * c)                         # along columns
+    return x.reshape(n, c, h, w)
 
 
 def scribbles(n, gen, size=28):
-    """n images of 4-6 random straight strokes 1-2.5 px wide, anywhere in the central 22x22 px."""
+    """n images of 4-6 random straight strokes 1-2.5 px wide, anywhere but the 3 px at the border."""
     k = 6
-    p = 3 + 22 * torch.rand(n, k, 2, 2, generator=gen)                  # (N, strokes, ends, xy) in pixels
+    p = 3 + (size - 6) * torch.rand(n, k, 2, 2, generator=gen)                  # (N, strokes, ends, xy) in pixels
     r = torch.arange(size, dtype=torch.float32)
     grid = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(1, 1, -1, 2)  # (1, 1, H*W, 2): (x, y)
     a, b = p[:, :, None, 0], p[:, :, None, 1]                           # (N, k, 1, 2)
@@ -84,13 +84,15 @@ def not_digits(x, y, n, seed):
     r = torch.linspace(-1, 1, x.shape[-1])
     normal = 2 * math.pi * torch.rand(m, 1, 1, generator=gen)
     side = r[None, None, :] * normal.cos() + r[None, :, None] * normal.sin()            # (m, H, W)
-    ink = x[k, 0] / x[k, 0].sum((1, 2), keepdim=True).clamp(min=1e-6)
+    ink = x[k].mean(1) / x[k].mean(1).sum((1, 2), keepdim=True).clamp(min=1e-6)
     centre = (ink * side).sum((1, 2), keepdim=True)                      # the ink's centre along the normal
     fragment = x[k] * (side > centre + 0.2 * torch.rand(m, 1, 1, generator=gen) - 0.1)[:, None]
-    coarse = torch.rand(n - 4 * m, 1, 6, 6, generator=gen)
-    noise = F.pad(F.interpolate(coarse, size=20, mode="bicubic", align_corners=False), (4, 4, 4, 4))  # in 20x20
+    coarse = torch.rand(n - 4 * m, x.shape[1], 6, 6, generator=gen)
+    noise = F.interpolate(coarse, size=x.shape[-1] - 8, mode="bicubic", align_corners=False)
+    noise = F.pad(noise, (4, 4, 4, 4))                                  # a 4 px border
     noise = ((noise - 0.55) * 6).clamp(0, 1)
-    return torch.cat([ghost, blob, fragment, scribbles(m, gen, x.shape[-1]), noise]).clamp(0, 1)
+    scribble = scribbles(m, gen, x.shape[-1]).expand(-1, x.shape[1], -1, -1)
+    return torch.cat([ghost, blob, fragment, scribble, noise]).clamp(0, 1)
 
 
 def legible_variants(x, seed):
@@ -109,29 +111,29 @@ def legible_variants(x, seed):
     return torch.where(speckle, torch.rand(x.shape, generator=gen), x).clamp(0, 1)
 
 
-def with_negatives(x, y, fraction=0.2, seed=0):
+def with_negatives(x, y, fraction=0.2, seed=0, none=NOT_DIGIT):
     """The evaluator's training set: (x, y), legible_variants() of half of it, and fraction * len(x) not_digits()
-    labelled NOT_DIGIT."""
+    (at least 50) labelled none (the class after the data's own)."""
     half = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:len(x) // 2]
-    neg = not_digits(x, y, int(fraction * len(x)), seed)
-    labels = torch.cat([y, y[half], torch.full((len(neg),), NOT_DIGIT)])
+    neg = not_digits(x, y, max(int(fraction * len(x)), 50), seed)       # (at least 10 of each kind)
+    labels = torch.cat([y, y[half], torch.full((len(neg),), none)])
     return torch.cat([x, legible_variants(x[half], seed), neg]), labels
 
 
 # ----------------------------------------------------------------------------- the evaluator
-def make_classifier():
-    """Small CNN: 28x28 -> 14 -> 7 with strided convs, a 128-d feature layer net[:-1] (for fd), 11 logits
-    (ten classes and NOT_DIGIT)."""
-    return nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                         nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 49, 128), nn.ReLU(),
-                         nn.Linear(128, 11))
+def make_classifier(channels=1, size=28, classes=11):
+    """Small CNN: 28x28 -> 14 -> 7 (32 -> 8, 64 -> 16) with strided convs, a 128-d feature layer net[:-1] (for fd),
+    one logit per class: the data's classes, then the last, NOT_DIGIT (none of them)."""
+    return nn.Sequential(nn.Conv2d(channels, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 128),
+                         nn.ReLU(), nn.Linear(128, classes))
 
 
 def train_classifier(x, y, epochs, seed=0, batch_size=128):
     """Adam, random +-2 px shifts as augmentation; deterministic in seed (CPU)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = make_classifier()
+    net = make_classifier(x.shape[1], x.shape[-1], int(y.max()) + 1)
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * math.ceil(len(x) / batch_size))
     for _ in range(epochs):
@@ -158,23 +160,48 @@ def cached_classifier(path, make_data, epochs):
         with torch.random.fork_rng():                  # training it must not change the caller's random stream
             os.makedirs(os.path.dirname(path), exist_ok=True)
             common.save_checkpoint(path, **train_classifier(x, y, epochs).state_dict())
+    state = common.load_checkpoint(path)                               # a corrupt file: one line naming it
+    shape = state["0.weight"].shape[1], 4 * math.isqrt(state["7.weight"].shape[1] // 64), state["9.weight"].shape[0]
     with torch.random.fork_rng():                      # nor must building it (its random initial weights)
-        net = make_classifier()
-    net.load_state_dict(common.load_checkpoint(path))                  # a corrupt file: one line naming it
+        net = make_classifier(*shape)
+    net.load_state_dict(state)
     return net.eval()
 
 
-def get_classifier(data, data_dir=""):
-    """The shared evaluator for an image dataset: trained once on with_negatives() of its train split (the images,
-    legible variants of half of them, 20% as many not_digits()); shipped in evaluators/ for digits, else cached."""
-    path = os.path.join(common.CACHE, f"classifier_{data}_v2.pt")         # v2: bump it when the recipe changes
-    make_data = lambda: with_negatives(*common.load_images(data, "train", data_dir))
-    return cached_classifier(path, make_data, CLASSIFIER_EPOCHS[data])
+def get_classifier(data, data_dir="", size=0, channels=0):
+    """The shared evaluator for an image dataset (at size and channels: 0 = its own): trained once on
+    with_negatives() of its train split (the images, legible variants of half of them, 20% as many not_digits()
+    labelled as the class after the data's own); the colour digits' negatives are the grey digits' coloured.
+    Shipped in evaluators/ for digits and color-digits at their own shape, else cached (for cifar10 and folders,
+    under a hash of the training images)."""
+    own = (3, 32) if data == "color-digits" else (1, 28)
+    shape = (channels or own[0], size or own[1])
+    name = data if shape == own else f"{data}_{shape[1]}x{shape[0]}"
+    make_data = lambda: with_negatives(*common.load_images(data, "train", data_dir, size, channels))
+    if data in ("cifar10", "folder"):
+        x, y = common.load_images(data, "train", data_dir, size, channels)
+        name = f"{data}_{hashlib.md5(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:12]}"
+        make_data = lambda: with_negatives(x, y, none=int(y.max()) + 1)
+    elif name == "color-digits":
+        make_data = color_digits_with_negatives
+    path = os.path.join(common.CACHE, f"classifier_{name}_v2.pt")         # v2: bump it when the recipe changes
+    epochs = CLASSIFIER_EPOCHS[data] if data in CLASSIFIER_EPOCHS else min(30, math.ceil(500000 / len(x)))
+    net = cached_classifier(path, make_data, epochs)
+    net.file = os.path.basename(path)                                   # named in metrics.json
+    return net
+
+
+def color_digits_with_negatives():
+    """with_negatives() of the grey train digits padded to 32x32, coloured as common.color_digits colours them (the
+    first 60000 are the color-digits train split)."""
+    g, y = common.render_digits(60000, 0)
+    x, y = with_negatives(F.pad(g, (2, 2, 2, 2)), y)
+    return common.colorize(x, 0), y
 
 
 @torch.no_grad()
 def classify(net, x, batch_size=1000):
-    """(features (N, 128), class probabilities (N, 11), the last NOT_DIGIT) of images x (N, 1, 28, 28) in [0, 1]."""
+    """(features (N, 128), class probabilities (N, classes), the last NOT_DIGIT) of images x (N, C, S, S) in [0, 1]."""
     feats = torch.cat([net[:-1](b.float().cpu()) for b in x.split(batch_size)])
     return feats, net[-1](feats).softmax(1)
 
@@ -194,9 +221,12 @@ def frechet_distance(f1, f2):
 
 
 @functools.lru_cache(maxsize=4)
-def real_features(data, data_dir, n_real, cache):
-    """The evaluator's features of the first n_real test images, computed once per process (and cache folder)."""
-    return classify(get_classifier(data, data_dir), common.load_images(data, "test", data_dir)[0][:n_real])[0]
+def real_features(data, data_dir, n_real, cache, size=0, channels=0):
+    """The evaluator's features of the first n_real test images and its accuracy on them (over the data's classes),
+    computed once per process (and cache folder)."""
+    x, y = common.load_images(data, "test", data_dir, size, channels)
+    feats, probs = classify(get_classifier(data, data_dir, size, channels), x[:n_real])
+    return feats, float((probs.argmax(1) == y[:n_real]).float().mean())
 
 
 def inception_score(probs):
@@ -213,11 +243,12 @@ def class_entropy(probs):
     """Entropy (nats) of the histogram of the most likely class over the samples whose most likely class is a
     digit (those called NOT_DIGIT are left out: their share is not_digit); 0 if there are none. log 10 for equal
     shares, 0 for one class (004, "Mode collapse causes low output diversity")."""
+    none = probs.shape[1] - 1                                            # NOT_DIGIT
     top = probs.argmax(1)
-    top = top[top != NOT_DIGIT]
+    top = top[top != none]
     if len(top) == 0:
         return 0.0
-    hist = torch.bincount(top, minlength=NOT_DIGIT).float() / len(top)
+    hist = torch.bincount(top, minlength=none).float() / len(top)
     entropy = -(hist * hist.clamp(min=1e-12).log()).sum()
     return max(float(entropy), 0.0)                                      # not -0.0 for a single class
 
@@ -254,21 +285,29 @@ def class_spread(feats, labels, real_feats, real_labels, n=300):
 
 def image_metrics(x, data, labels=None, data_dir="", n_real=10000, out=""):
     """fd (vs held-out test images), digit_confidence, not_digit (the share whose most likely class is NOT_DIGIT),
-    class_entropy (over the others), inception_score (11 classes), nn_ratio; with labels (the classes asked for),
-    class_accuracy (NOT_DIGIT counts as wrong) and class_spread. With out, also writes out/scored.png."""
-    net = get_classifier(data, data_dir)
+    class_entropy (over the others), inception_score, nn_ratio; with labels (the classes asked for),
+    class_accuracy (NOT_DIGIT counts as wrong) and class_spread. With out, also writes out/scored.png. The data
+    is read at the shape of x. cifar10 and folders add the evaluator's file and its test accuracy; an unlabelled
+    folder has no evaluator: nn_ratio only."""
+    size, channels = x.shape[-1], x.shape[1]
+    x_train, y_train = common.load_images(data, "train", data_dir, size, channels)
+    x_test, y_test = common.load_images(data, "test", data_dir, size, channels)
+    if not common.labelled(y_train):
+        return {"nn_ratio": nn_ratio(x, x_train, x_test)}
+    net = get_classifier(data, data_dir, size, channels)
     feats, probs = classify(net, x)
     if out:
         save_scored(x, probs, os.path.join(out, "scored.png"))
-    real_feats = real_features(data, data_dir, n_real, common.CACHE)
-    x_train, _ = common.load_images(data, "train", data_dir)
-    x_test, y_test = common.load_images(data, "test", data_dir)
+    real_feats, accuracy = real_features(data, data_dir, n_real, common.CACHE, size, channels)
+    none = probs.shape[1] - 1                                            # NOT_DIGIT
     metrics = {"fd": frechet_distance(feats, real_feats),
-               "digit_confidence": float((probs[:, :NOT_DIGIT].max(1).values >= 0.9).float().mean()),
-               "not_digit": float((probs.argmax(1) == NOT_DIGIT).float().mean()),
+               "digit_confidence": float((probs[:, :none].max(1).values >= 0.9).float().mean()),
+               "not_digit": float((probs.argmax(1) == none).float().mean()),
                "class_entropy": class_entropy(probs),
                "inception_score": inception_score(probs),
                "nn_ratio": nn_ratio(x, x_train, x_test)}
+    if data in ("cifar10", "folder"):
+        metrics.update(evaluator=net.file, evaluator_accuracy=accuracy)
     if labels is not None:
         metrics["class_accuracy"] = float((probs.argmax(1) == labels.cpu()).float().mean())
         if torch.bincount(labels.cpu()).max() > 1:                      # two samples of one class to compare
@@ -280,7 +319,7 @@ def save_scored(x, probs, path, n=40):
     """n images of x spread evenly over the evaluator's ranking (most confident first), each titled with its most
     likely class ("not" = NOT_DIGIT) and that class's probability; a frame marks those digit_confidence counts
     (green) and those it does not (red). Drawn as one picture of pixels (fast), the titles as text."""
-    score = probs[:, :NOT_DIGIT].max(1).values
+    score = probs[:, :-1].max(1).values
     order = score.argsort(descending=True)
     pick = order[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long()]
     h, w = x.shape[-2:]
@@ -294,9 +333,9 @@ def save_scored(x, probs, path, n=40):
         left = (i % 10) * cell_w + 3
         frame = (0.17, 0.63, 0.17) if score[k] >= 0.9 else (0.84, 0.15, 0.16)   # tab:green, tab:red
         grid[top - 1:top + h + 1, left - 1:left + w + 1] = torch.tensor(frame)
-        grid[top:top + h, left:left + w] = x[k, 0].detach().float().cpu().clamp(0, 1)[:, :, None]   # grey -> RGB
+        grid[top:top + h, left:left + w] = x[k].detach().float().cpu().clamp(0, 1).permute(1, 2, 0)   # grey -> RGB
         c = int(probs[k].argmax())
-        ax.text(left + w / 2, top - 2, f"{'not' if c == NOT_DIGIT else c} {float(probs[k, c]):.2f}", fontsize=8,
+        ax.text(left + w / 2, top - 2, f"{'not' if c == len(probs[k]) - 1 else c} {float(probs[k, c]):.2f}", fontsize=8,
                 ha="center", va="bottom")
     ax.imshow(grid.numpy(), interpolation="nearest")
     ax.set_axis_off()

@@ -52,7 +52,7 @@ LUMA = torch.tensor([0.299, 0.587, 0.114])                               # grey 
 class Config(common.Config):
     task: str = common.arg("gradient", "experiment to run (001's experiments)", TASKS)
     net: str = common.arg("mmgn", "cmgn: cascaded; mmgn: modular (generate: cmgn unless given)", ["cmgn", "mmgn"])
-    data: str = common.arg("digits", "images for --task generate", common.IMAGE_DATA)
+    data: str = common.arg("digits", "images for --task generate", common.DIGIT_DATA)
     steps: int = common.arg(0, "Adam steps (0: the task's default, see TASK_DEFAULTS)")
     batch_size: int = common.arg(0, "points per step and per side (0: the task's default)")
     lr: float = common.arg(0.0, "Adam learning rate, cosine-decayed to 0 (0: the task's default)")

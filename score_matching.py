@@ -62,7 +62,9 @@ class Config(common.Config):
     nll_steps: int = common.arg(50, "2-D: midpoint steps of the probability-flow ODE for the likelihood (0: none)")
     gif: bool = common.arg(False, "also write sde_ode.gif (the SDE beside the ODE from the same X_t0; --demo "
                                   "langevin: langevin.gif, the chains)")
-    MODEL_FLAGS = ("data", "path", "weight", "width")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "path", "weight", "width", "image_size", "grey")
 
     def defaults(self, given):
         if self.data in common.IMAGE_DATA:
@@ -140,30 +142,42 @@ class ResBlock(nn.Module):
 
 
 class UNetScore(nn.Module):
-    """s_theta(x, t) for images: 28x28 -> 14 -> 7 and back, skips by concatenation (000 section 5), t at 1000 t."""
-    def __init__(self, width=16):
+    """s_theta(x, t) for images: 28x28 -> 14 -> 7 and back, skips by concatenation (000 section 5), t at 1000 t.
+    Images (channels, size, size): 32 -> 16 -> 8 the same way; 64x64 has one more level at the top."""
+    def __init__(self, width=16, channels=1, size=28):
         super().__init__()
         c1, c2, e = width, 2 * width, 4 * width
-        self.width = width
+        self.width, self.shape = width, (channels, size, size)
         self.t_mlp = nn.Sequential(nn.Linear(width, e), nn.SiLU(), nn.Linear(e, e))
-        self.inp = nn.Conv2d(1, c1, 3, padding=1)
+        self.inp = nn.Conv2d(channels, c1, 3, padding=1)
         self.down1, self.pool1 = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)       # 28 -> 14
         self.down2, self.pool2 = ResBlock(c1, c2, e), nn.Conv2d(c2, c2, 3, 2, 1)       # 14 -> 7
         self.mid1, self.mid2 = ResBlock(c2, c2, e), ResBlock(c2, c2, e)
         self.up2 = ResBlock(2 * c2, c2, e)                                # 7 -> 14 after it
         self.up1 = ResBlock(c2 + c2, c1, e)                               # 14 -> 28 after it
         self.up0 = ResBlock(c1 + c1, c1, e)
-        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, channels, 3, padding=1))
+        self.top = size == 64                                            # 64x64: one more level, 64 -> 32 and back
+        if self.top:
+            self.down_top, self.pool_top = ResBlock(c1, c1, e), nn.Conv2d(c1, c1, 3, 2, 1)
+            self.up_top = ResBlock(c1 + c1, c1, e)
 
     def forward(self, x, t):
         emb = self.t_mlp(time_embedding(1000 * t, self.width))
-        h0 = self.down1(self.inp(x), emb)                                 # (B, c1, 28, 28)
+        h = self.inp(x)
+        if self.top:
+            h_top = self.down_top(h, emb)                                 # (B, c1, 64, 64)
+            h = self.pool_top(h_top)
+        h0 = self.down1(h, emb)                                           # (B, c1, 28, 28)
         h1 = self.down2(self.pool1(h0), emb)                              # (B, c2, 14, 14)
         h2 = self.pool2(h1)                                               # (B, c2, 7, 7)
         h = self.mid2(self.mid1(h2, emb), emb)
         h = F.interpolate(self.up2(torch.cat([h, h2], 1), emb), scale_factor=2.0)      # (B, c2, 14, 14)
         h = F.interpolate(self.up1(torch.cat([h, h1], 1), emb), scale_factor=2.0)      # (B, c1, 28, 28)
-        return self.out(self.up0(torch.cat([h, h0], 1), emb))
+        h = self.up0(torch.cat([h, h0], 1), emb)
+        if self.top:
+            h = self.up_top(torch.cat([F.interpolate(h, scale_factor=2.0), h_top], 1), emb)
+        return self.out(h)
 
 
 # ----------------------------------------------------------------------------- score <-> velocity, samplers
@@ -203,11 +217,11 @@ def sample(s_theta, x, steps, kind="linear", sigma=0.5, t0=0.05, gen=None, traje
 def evaluate(cfg, model, device):
     """--n-samples samples (2-D points, or images in [0, 1]) by --sampler from --t0, and their metrics."""
     gen, points = torch.Generator().manual_seed(1), cfg.data in common.POINT_DATA
-    shape = (2,) if points else (1, 28, 28)
+    shape = (2,) if points else model.shape
     if points:                                                           # E[x_1]: of 100 000 fresh points
         mean = common.sample_2d(cfg.data, 100000, torch.Generator().manual_seed(0)).mean(0).to(device)
     else:                                                                # or of the training images in [-1, 1]
-        mean = (common.load_images(cfg.data, "train", cfg.data_dir)[0].mean(0) * 2 - 1).to(device)
+        mean = (common.load_data(cfg, "train")[0].mean(0) * 2 - 1).to(device)
     model.eval()
     field = lambda x, t: model(x, torch.full((len(x),), float(t), device=x.device))
     x = []
@@ -394,7 +408,7 @@ def train(cfg, model, device, state=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)   # planned over --steps
     gen = torch.Generator().manual_seed(cfg.seed)                         # data, noise and t
     if not points:
-        x_train = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+        x_train = common.load_data(cfg, "train")[0]
     history = []
     start = 0
     if state:                                                            # --resume: continue the saved run
@@ -442,7 +456,11 @@ def main(argv=None):
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     points = cfg.data in common.POINT_DATA
-    model = (MLPScore(cfg.width) if points else UNetScore(cfg.width)).to(device)
+    if points:
+        model = MLPScore(cfg.width).to(device)
+    else:
+        c, size = common.load_data(cfg, "train")[0].shape[1:3]
+        model = UNetScore(cfg.width, c, size).to(device)
 
     # train, or load the trained model
     t0 = time.time()

@@ -8,8 +8,9 @@ Run: `python stylegan_lite.py` (digits at 28x28), `--data mnist10k --data-dir ..
                   = A(w), a learned affine map of w per layer                       (002, "AdaIN", "Architecture")
     mapping       w = f(z): PixelNorm(z) = z / sqrt(mean z^2), then --map-layers linear+LeakyReLU layers whose
                   learning rate is 0.01 times the synthesis network's (Karras et al. 2019, Appendix C)
-    synthesis     learned constant 7x7 -> blocks 7, 14, 28; each layer: (upsample), 3x3 conv with bias,
-                  + noise B, LeakyReLU(0.2), AdaIN with its own style; two layers per block; toRGB (1x1 conv)
+    synthesis     learned constant 7x7 -> blocks 7, 14, 28 (colour data: 8, 16, 32, and 64); each layer:
+                  (upsample), 3x3 conv with bias, + noise B, LeakyReLU(0.2), AdaIN with its own style; two layers
+                  per block; toRGB (1x1 conv)
     noise B       x <- x + b * n, n ~ N(0, 1) one single-channel image per layer broadcast to all channels
                   (002, "Noise input are single channel images"), b a per-channel scale initialised to 0
     mixing        with probability --mix-prob two latents: layers before a random crossover use w_1, the others w_2
@@ -43,7 +44,7 @@ import metrics
 
 @dataclasses.dataclass
 class Config(common.Config):
-    data: str = common.arg("digits", "image dataset (28x28)", common.IMAGE_DATA)
+    data: str = common.arg("digits", "image dataset", common.IMAGE_DATA)
     steps: int = common.arg(9000, "training steps (one D and one G update each)")
     batch_size: int = common.arg(16, "images per step")
     lr: float = common.arg(4e-3, "G's Adam learning rate (the mapping network's: 0.01 x this)")
@@ -61,18 +62,20 @@ class Config(common.Config):
     n_samples: int = common.arg(5000, "samples for the final metrics")
     gif: bool = common.arg(False, "also write style_walk.gif: a walk in W from style_mixing.png's sources A to B, "
                                   "then the crossover moving back")
-    MODEL_FLAGS = ("data", "z_dim", "map_layers", "width", "ndf")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "z_dim", "map_layers", "width", "ndf", "image_size", "grey")
 
 
 # ----------------------------------------------------------------------------- data
 def batch_sampler(cfg, gen):
-    """() -> a batch (B, 1, 28, 28) in [-1, 1] drawn by gen."""
-    x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    """() -> a batch (B, C, S, S) in [-1, 1] drawn by gen."""
+    x = common.load_data(cfg, "train")[0]
     return lambda: x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1
 
 
 def to_image(x):
-    """Generator output (B, 1, 28, 28) in about [-1, 1] -> [0, 1]."""
+    """Generator output (B, C, S, S) in about [-1, 1] -> [0, 1]."""
     return ((x + 1) / 2).clamp(0, 1)
 
 
@@ -153,20 +156,24 @@ class StyleLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- model: generator and critic
 class Generator(nn.Module):
-    """Mapping f, synthesis g from a learned constant; 6 style layers (two per resolution 7, 14, 28)."""
-    def __init__(self, z_dim=128, map_layers=4, ch=64):
+    """Mapping f, synthesis g from a learned constant; 6 style layers (two per resolution 7, 14, 28); 32x32 images
+    start from 8x8, and 64x64 ones have two more layers (a block at 64, ch / 4 channels)."""
+    def __init__(self, z_dim=128, map_layers=4, ch=64, channels=1, size=28):
         super().__init__()
+        s0 = 7 if size == 28 else 8
         self.mapping = MappingNetwork(z_dim, map_layers)
-        self.const = nn.Parameter(torch.randn(1, ch, 7, 7))
-        chans = [ch, ch, ch // 2, ch // 2, ch // 4, ch // 4]             # resolutions 7 7 14 14 28 28
+        self.const = nn.Parameter(torch.randn(1, ch, s0, s0))
+        chans = [ch, ch, ch // 2, ch // 2, ch // 4, ch // 4] + [ch // 4, ch // 4] * (size == 64)   # 7 7 14 14 28 28
+        self.resolutions = [s0 * 2 ** (i // 2) for i in range(len(chans))]
         self.layers = nn.ModuleList(StyleLayer(c_in, c_out, z_dim, upsample=(i % 2 == 0 and i > 0))
                                     for i, (c_in, c_out) in enumerate(zip([ch] + chans[:-1], chans)))
-        self.to_rgb = EqConv2d(chans[-1], 1, 1)
+        self.to_rgb = EqConv2d(chans[-1], channels, 1)
         self.register_buffer("w_avg", torch.zeros(z_dim))               # running mean of w, for truncation
 
     def styles(self, z, z2=None, crossover=None, psi=1.0):
-        """Per-layer styles (B, 6, w_dim): w = f(z) (002, "Architecture of Style Gan"), or w_1 before the crossover
-        layer and w_2 from it on; then truncation w' = w_bar + psi (w - w_bar) (Karras et al. 2019)."""
+        """Per-layer styles (B, L, w_dim), L layers (6; 8 at 64x64): w = f(z) (002, "Architecture of Style Gan"), or
+        w_1 before the crossover layer and w_2 from it on; then truncation w' = w_bar + psi (w - w_bar) (Karras et al.
+        2019)."""
         w = self.mapping(z)[:, None].repeat(1, len(self.layers), 1)      # (B, L, w_dim)
         if z2 is not None:
             w[:, crossover:] = self.mapping(z2)[:, None]                 # style mixing
@@ -176,16 +183,20 @@ class Generator(nn.Module):
         x = self.const.expand(len(ws), -1, -1, -1)                       # (B, ch, 7, 7)
         for i, layer in enumerate(self.layers):
             x = layer(x, ws[:, i], None if noise is None else noise[i])
-        return self.to_rgb(x)                                            # (B, 1, 28, 28)
+        return self.to_rgb(x)                                            # (B, C, S, S)
 
     def forward(self, z, z2=None, crossover=None, psi=1.0, noise=None):
         return self.synthesis(self.styles(z, z2, crossover, psi), noise)
 
 
-def discriminator(ndf=64):
-    """D(x) as a logit: (1, 28, 28) -> (ndf, 14, 14) -> (2 ndf, 7, 7) -> 1, no BatchNorm on the input layer (DCGAN)."""
-    return nn.Sequential(nn.Conv2d(1, ndf, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ndf, 2 * ndf, 4, 2, 1),
-                         nn.BatchNorm2d(2 * ndf), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(2 * ndf * 7 * 7, 1))
+def discriminator(ndf=64, channels=1, size=28):
+    """D(x) as a logit: (1, 28, 28) -> (ndf, 14, 14) -> (2 ndf, 7, 7) -> 1, no BatchNorm on the input layer (DCGAN);
+    32x32 ends at 8x8, and 64x64 passes one more 2 ndf level to 8x8."""
+    s0 = size // 8 if size == 64 else size // 4
+    extra = [nn.Conv2d(2 * ndf, 2 * ndf, 4, 2, 1), nn.BatchNorm2d(2 * ndf), nn.LeakyReLU(0.2)] if size == 64 else []
+    return nn.Sequential(nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ndf, 2 * ndf, 4, 2, 1),
+                         nn.BatchNorm2d(2 * ndf), nn.LeakyReLU(0.2), *extra, nn.Flatten(),
+                         nn.Linear(2 * ndf * s0 * s0, 1))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -210,7 +221,7 @@ def r1_penalty(D, x):
 
 # ----------------------------------------------------------------------------- sampling and pictures
 def sample_latents(G, n, device, mix_prob):
-    """z_1 and, with probability mix_prob, z_2 with a random crossover layer in 1..5 (style mixing)."""
+    """z_1 and, with probability mix_prob, z_2 with a random crossover layer in 1..L-1 (style mixing)."""
     z = torch.randn(n, G.w_avg.numel(), device=device)
     if torch.rand(()) < mix_prob:
         return z, torch.randn_like(z), int(torch.randint(1, len(G.layers), ()))
@@ -234,7 +245,8 @@ def style_mixing_grid(G, n=5, seed=1, coarse=2):
     dev = G.w_avg.device
     zA, zB = (torch.randn(n, G.w_avg.numel(), generator=gen).to(dev) for _ in range(2))
     wA, wB = G.styles(zA), G.styles(zB)
-    rows = [torch.cat([torch.ones(1, 1, 28, 28), to_image(G.synthesis(wA)).cpu()])]
+    first = to_image(G.synthesis(wA)).cpu()
+    rows = [torch.cat([torch.ones(1, *first.shape[1:]), first])]
     for i in range(n):
         ws = wA.clone()
         ws[:, :coarse] = wB[i:i + 1, :coarse]                            # coarse styles from B_i
@@ -246,16 +258,16 @@ def style_mixing_grid(G, n=5, seed=1, coarse=2):
 def style_walk(G, n=5, seed=1, steps=24):
     """The film of --gif: the sources A and B of style_mixing_grid (same seed), one noise draw for all frames.
     Frames 0..steps: a straight walk in W, w = (1 - t) w_A + t w_B, t = k/steps; then the crossover moving back,
-    c = 5, ..., 0: layers < c from B, the others from A (c = 2 is style_mixing.png's diagonal; c = 0: A again).
-    Returns (frames, n, 1, 28, 28) images in [0, 1]."""
+    c = L - 1, ..., 0: layers < c from B, the others from A (c = 2 is style_mixing.png's diagonal; c = 0: A again).
+    Returns (frames, n, C, S, S) images in [0, 1]."""
     gen = torch.Generator().manual_seed(seed)
     dev = G.w_avg.device
     zA, zB = (torch.randn(n, G.w_avg.numel(), generator=gen).to(dev) for _ in range(2))
     wA, wB = G.styles(zA), G.styles(zB)
     gen = torch.Generator().manual_seed(4)
-    noise = [torch.randn(1, 1, r, r, generator=gen).to(dev).expand(n, -1, -1, -1) for r in (7, 7, 14, 14, 28, 28)]
+    noise = [torch.randn(1, 1, r, r, generator=gen).to(dev).expand(n, -1, -1, -1) for r in G.resolutions]
     frames = [G.synthesis((1 - k / steps) * wA + k / steps * wB, noise) for k in range(steps + 1)]   # walk in W
-    for c in range(5, -1, -1):                                           # the crossover moving
+    for c in range(len(G.layers) - 1, -1, -1):                           # the crossover moving
         ws = wA.clone()
         ws[:, :c] = wB[:, :c]
         frames.append(G.synthesis(ws, noise))
@@ -281,8 +293,8 @@ def save_noise_figure(G, path, n_w=4, n_draws=6, n_std=32, seed=3):
     for i in range(n_w):
         x = to_image(G(z[i:i + 1].repeat(n_std, 1))).cpu()              # the same w, n_std noise draws
         for j in range(n_draws):
-            axes[i, j].imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[i, -1].imshow(x.std(0)[0].numpy(), cmap="magma")
+            axes[i, j].imshow(common.image_grid(x[j:j + 1], 1)[2:-2, 2:-2], cmap="gray", vmin=0, vmax=1)
+        axes[i, -1].imshow(x.std(0).mean(0).numpy(), cmap="magma")
         for ax in axes[i]:
             ax.set(xticks=[], yticks=[])
     axes[0, -1].set_title("std over draws", fontsize=8)
@@ -352,8 +364,9 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     # channels_last: the channel index fastest in memory, images laid out (B, H, W, C), weights (C_out, k, k, C_in);
     # the same function, and the CPU's convolutions run faster so
-    G = Generator(cfg.z_dim, cfg.map_layers, cfg.width).to(device, memory_format=torch.channels_last)
-    D = discriminator(cfg.ndf).to(device, memory_format=torch.channels_last)
+    c, size = common.load_data(cfg, "train")[0].shape[1:3]
+    G = Generator(cfg.z_dim, cfg.map_layers, cfg.width, c, size).to(device, memory_format=torch.channels_last)
+    D = discriminator(cfg.ndf, c, size).to(device, memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G)
 
     # train, or load the trained networks

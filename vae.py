@@ -16,7 +16,7 @@ Run: `python vae.py` (digits), `python vae.py --latent-dim 2` (latent map),
     IW bound       log p(x) >= E[log 1/K sum_k p(x, z_k) / q(z_k|x)], z_k ~ q  (002, "Importance sampling ...");
                    the bound holds in expectation over the draws, not for each draw
 The loss is -ELBO in nats per image: summed over pixels and latent dimensions, averaged over the batch.
-Networks: MLPs 784 -> width -> width -> 2J (encoder) and J -> width -> width -> 784 (decoder), ReLU.
+Networks: MLPs D -> width -> width -> 2J (encoder) and J -> width -> width -> D (decoder), ReLU; D = C S^2 pixels.
 "Samples" (samples.png/.pt and the image metrics) are the decoder means E[x|z], z ~ p(z), not draws from p(x|z).
 Differences from the slides: the Gaussian log-likelihood keeps the -1/2 log(2 pi) constant (the slide drops it,
 and its second form has the sign flipped, i.e. it is -log p), so the nats are true log-densities. With gray
@@ -49,7 +49,9 @@ class Config(common.Config):
     n_eval: int = common.arg(2000, "test images for test_nelbo, test_nll_iw and test_mse")
     n_samples: int = common.arg(5000, "samples drawn for the image metrics")
     gif: bool = common.arg(False, "also write latent_walk.gif: g(z) along lines through mu(x) of a 0, 1, ..., 9, 0")
-    MODEL_FLAGS = ("data", "latent_dim", "width", "likelihood", "sigma_x")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "latent_dim", "width", "likelihood", "sigma_x", "image_size", "grey")
 
 
 # ----------------------------------------------------------------------------- model
@@ -59,9 +61,10 @@ def mlp(d_in, width, d_out):
 
 
 class VAE(nn.Module):
-    def __init__(self, latent_dim=20, width=512, likelihood="bernoulli", sigma_x=0.0, d=784):
+    def __init__(self, latent_dim=20, width=512, likelihood="bernoulli", sigma_x=0.0, shape=(1, 28, 28)):
         super().__init__()
-        self.likelihood, self.sigma_x = likelihood, sigma_x
+        self.likelihood, self.sigma_x, self.shape = likelihood, sigma_x, shape
+        d = math.prod(shape)                                             # D pixels (784 for 28x28 grey)
         learned_var = likelihood == "gaussian" and sigma_x == 0
         self.encoder = mlp(d, width, 2 * latent_dim)                      # -> (mu, log sigma^2)
         self.decoder = mlp(latent_dim, width, 2 * d if learned_var else d)
@@ -81,9 +84,9 @@ class VAE(nn.Module):
         return torch.sigmoid(mean), logvar.clamp(min=-9.0)               # sigma >= 0.011: no variance collapse
 
     def mean(self, z):
-        """E[x|z] as images (B, 1, 28, 28) in [0, 1]."""
+        """E[x|z] as images (B, C, S, S) in [0, 1]."""
         out = self.decode(z)
-        return (torch.sigmoid(out) if self.likelihood == "bernoulli" else out[0]).view(-1, 1, 28, 28)
+        return (torch.sigmoid(out) if self.likelihood == "bernoulli" else out[0]).view(-1, *self.shape)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -176,13 +179,13 @@ def pictures(model, cfg, x_test, y_test, device):
 @torch.no_grad()
 def latent_walk(model, x_test, y_test, device, per_segment=8):
     """The film of --gif: g(z) for z on straight lines through mu(x) of the first test image of each class, 0, 1, ...,
-    9 and back to 0 (per_segment frames a line): (10 per_segment + 1, 1, 28, 28). Frame 0 and the last are g(mu(x)) of
-    the first 0: its reconstruction."""
-    firsts = torch.stack([x_test[y_test == c][0] for c in range(10)]).to(device)
+    9 and back to 0 (per_segment frames a line): (10 per_segment + 1, C, S, S). Frame 0 and the last are g(mu(x)) of
+    the first 0: its reconstruction. (Other labelled data: one image of each of its classes.)"""
+    firsts = torch.stack([x_test[y_test == c][0] for c in y_test.unique()]).to(device)
     mu = model.encode(firsts)[0]
     mu = torch.cat([mu, mu[:1]])                                         # (11, J): back to the start
     t = torch.arange(per_segment, device=device)[:, None] / per_segment
-    z = torch.cat([(1 - t) * mu[c] + t * mu[c + 1] for c in range(10)] + [mu[:1]])
+    z = torch.cat([(1 - t) * mu[c] + t * mu[c + 1] for c in range(len(firsts))] + [mu[:1]])
     return model.mean(z).cpu()
 
 
@@ -231,14 +234,16 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    x_train, _ = common.load_images(cfg.data, "train", cfg.data_dir)
-    x_test, y_test = common.load_images(cfg.data, "test", cfg.data_dir)
+    x_train, _ = common.load_data(cfg, "train")
+    x_test, y_test = common.load_data(cfg, "test")
+    common.check(not cfg.gif or common.labelled(y_test), "--gif walks through one image per class: it needs labelled "
+                 "data (a folder with one subfolder per class)")
     x_eval = x_test[:cfg.n_eval]
     if cfg.binarize:
         x_eval = torch.bernoulli(x_eval, generator=torch.Generator().manual_seed(1234))
 
     # train, or load the trained model
-    model = VAE(cfg.latent_dim, cfg.width, cfg.likelihood, cfg.sigma_x).to(device)
+    model = VAE(cfg.latent_dim, cfg.width, cfg.likelihood, cfg.sigma_x, x_train.shape[1:]).to(device)
     t0 = time.time()
     history = {}
     if state:

@@ -5,17 +5,17 @@ Lecture: 002 "Learning discrete distributions: VQ-VAE" (loss function, stop-grad
 its note: "the model requires additional steps", the prior). vae.py holds the continuous VAE.
 Run: `python vqvae.py` (digits: the VQ-VAE, then its prior, then samples), `python vqvae.py --no-revive`.
 
-    encoder     z_e(x): a conv net from 28x28 to a 7x7 grid of D-dim vectors
+    encoder     z_e(x): a conv net from 28x28 to a 7x7 grid of D-dim vectors (32x32 and 64x64 images: 8x8)
     quantize    z_q(x)_i = e_k, k = argmin_j |z_e(x)_i - e_j|, the nearest of the K codebook entries
     loss        L = |x - Dec(z_q(x))|^2 + |sg(z_e(x)) - z_q(x)|^2 + beta |z_e(x) - sg(z_q(x))|^2  (002, "Loss function")
                   the first term trains decoder and encoder, the second the codebook, the third the encoder
     gradient    grad_{z_e} |x - Dec(z_q)|^2 := grad_{z_q} |x - Dec(z_q)|^2  (straight-through; 002, "Gradients"):
                   in code z_e + sg(z_q - z_e), which is z_q forwards and passes the gradient to z_e backwards
-    prior       p(k) = prod_i p(k_i | k_<i) over the 49 code indices in raster order, a PixelCNN (van den Oord
+    prior       p(k) = prod_i p(k_i | k_<i) over the 49 (64) code indices in raster order, a PixelCNN (van den Oord
                 et al. 2016) with residual blocks: masked convolutions, so that output i sees the inputs < i (all
                 of them: no blind spot); trained by cross-entropy on the codes of the training images, computed
                 once with the VQ-VAE frozen
-    sampling    k_1, ..., k_49 drawn one after the other from p(k_i | k_<i), then x = Dec(e_k)
+    sampling    k_1, k_2, ... drawn one after the other from p(k_i | k_<i), then x = Dec(e_k)
 Training: the first --steps minus --prior-steps steps train the VQ-VAE, the last --prior-steps the prior.
 Beyond the slides: unused codes are re-initialised from encoder outputs every 100 steps of the first half of the
 VQ-VAE's training (--revive, a common remedy for dead codes); the prior is not on the slides (its note says the
@@ -49,29 +49,38 @@ class Config(common.Config):
     prior_layers: int = common.arg(6, "residual blocks of the prior after its first layer (5 reach the top row)")
     n_eval: int = common.arg(2000, "test images for test_mse and the codebook statistics")
     n_samples: int = common.arg(5000, "samples drawn for the image metrics")
-    MODEL_FLAGS = ("data", "codes", "code_dim", "prior_width", "prior_layers")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "codes", "code_dim", "prior_width", "prior_layers", "image_size", "grey")
 
 
 # ----------------------------------------------------------------------------- the VQ-VAE
 class VQVAE(nn.Module):
-    r"""z_e(x): a conv encoder to a 7x7 grid of D-dim vectors; z_q(x): each replaced by its nearest entry of the
-    codebook e (K x D); Dec: transposed convolutions back to 28x28 (002 "Learning discrete distributions")."""
-    def __init__(self, K, D):
+    r"""z_e(x): a conv encoder to a grid of D-dim vectors (7x7 from 28x28, 8x8 from 32x32, and from 64x64 by one
+    more stride-2 layer); z_q(x): each replaced by its nearest entry of the codebook e (K x D); Dec: transposed
+    convolutions back to the image (002 "Learning discrete distributions"). Images (channels, size, size)."""
+    def __init__(self, K, D, channels=1, size=28):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+        extra = size == 64                                               # one more level down and up
+        self.grid = size // 8 if extra else size // 4                    # the code grid's side
+        self.encoder = nn.Sequential(nn.Conv2d(channels, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1),
+                                     nn.ReLU(), *([nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU()] if extra else []),
                                      nn.Conv2d(64, D, 1))
         self.codebook = nn.Embedding(K, D)
         nn.init.uniform_(self.codebook.weight, -1 / K, 1 / K)
-        self.decoder = nn.Sequential(nn.Conv2d(D, 64, 3, 1, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1),
-                                     nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Sigmoid())
+        self.decoder = nn.Sequential(nn.Conv2d(D, 64, 3, 1, 1), nn.ReLU(),
+                                     *([nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU()] if extra else []),
+                                     nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+                                     nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Sigmoid())
 
     def quantize(self, z_e):
         """(k, z_q): k the index of the nearest code at each position, k = argmin_j |z_e - e_j| (B, 7, 7), and z_q = e_k
-        (B, D, 7, 7) (002, "Learning discrete distributions: VQ-VAE")."""
+        (B, D, 7, 7) (002, "Learning discrete distributions: VQ-VAE"); 8x8 for 32x32 and 64x64 images."""
+        g = self.grid
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])         # (B * 49, D)
         k = torch.cdist(flat, self.codebook.weight).argmin(1)
-        z_q = self.codebook(k).view(len(z_e), 7, 7, -1).permute(0, 3, 1, 2)   # (B, D, 7, 7)
-        return k.view(-1, 7, 7), z_q
+        z_q = self.codebook(k).view(len(z_e), g, g, -1).permute(0, 3, 1, 2)   # (B, D, 7, 7)
+        return k.view(-1, g, g), z_q
 
 
 def squared_error(x, x_hat):
@@ -150,20 +159,21 @@ class PixelPrior(nn.Module):
 
 
 @torch.no_grad()
-def sample_codes(prior, n, device):
-    """k_1, ..., k_49 drawn one after the other from p(k_i | k_<i) in raster order: ancestral sampling of the prior
-    p(k) = prod_i p(k_i | k_<i) (002, VQ-VAE "additional steps": the prior)."""
-    k = torch.zeros(n, 7, 7, dtype=torch.long, device=device)
-    for i in range(49):
-        r, c = divmod(i, 7)
+def sample_codes(prior, n, device, g=7):
+    """k_1, ..., k_49 (g x g) drawn one after the other from p(k_i | k_<i) in raster order: ancestral sampling of the
+    prior p(k) = prod_i p(k_i | k_<i) (002, VQ-VAE "additional steps": the prior)."""
+    k = torch.zeros(n, g, g, dtype=torch.long, device=device)
+    for i in range(g * g):
+        r, c = divmod(i, g)
         k[:, r, c] = torch.multinomial(prior(k)[:, :, r, c].softmax(1), 1)[:, 0]
     return k
 
 
 @torch.no_grad()
 def sample(model, prior, n, device):
-    """x = Dec(e_k), k ~ p(k): (n, 1, 28, 28) in [0, 1]."""
-    z_q = model.codebook(sample_codes(prior, n, device)).permute(0, 3, 1, 2)   # (n, 7, 7, D) -> (n, D, 7, 7)
+    """x = Dec(e_k), k ~ p(k): (n, C, S, S) in [0, 1]."""
+    k = sample_codes(prior, n, device, model.grid)
+    z_q = model.codebook(k).permute(0, 3, 1, 2)                          # (n, 7, 7, D) -> (n, D, 7, 7)
     return model.decoder(z_q)
 
 
@@ -178,7 +188,7 @@ def evaluate(model, cfg, x):
     return {"test_mse": float(squared_error(x, x_hat).mean()),
             "codebook_perplexity": float(torch.exp(-(p * p.clamp(min=1e-12).log()).sum())),
             "codes_used_frac": float((p > 0).float().mean()),
-            "recon_digit_confidence": recon["digit_confidence"], "recon_fd": recon["fd"]}
+            **{"recon_" + key: recon[key] for key in ("digit_confidence", "fd") if key in recon}}   # with an evaluator
 
 
 # ----------------------------------------------------------------------------- training
@@ -250,9 +260,9 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     device = common.get_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    x_train, _ = common.load_images(cfg.data, "train", cfg.data_dir)
-    x_eval = common.load_images(cfg.data, "test", cfg.data_dir)[0][:cfg.n_eval]
-    model = VQVAE(cfg.codes, cfg.code_dim).to(device)
+    x_train, _ = common.load_data(cfg, "train")
+    x_eval = common.load_data(cfg, "test")[0][:cfg.n_eval]
+    model = VQVAE(cfg.codes, cfg.code_dim, x_train.shape[1], x_train.shape[-1]).to(device)
     prior = PixelPrior(cfg.codes, cfg.prior_width, cfg.prior_layers).to(device)
 
     # train, or load the trained networks

@@ -53,7 +53,9 @@ class Config(common.Config):
     decay: bool = common.arg(True, "decay both learning rates linearly to 0 over the run")
     exact_every: int = common.arg(500, "2-D: compute the exact W_1 every this many steps (0: never)")
     gif: bool = common.arg(False, "2-D: also write training.gif, G's samples over the critic at 50 steps of training")
-    MODEL_FLAGS = ("data", "z_dim", "width")
+    image_size: int = common.arg(0, common.IMAGE_SIZE_HELP)
+    grey: bool = common.arg(False, "read colour images as grey (one channel)")
+    MODEL_FLAGS = ("data", "z_dim", "width", "image_size", "grey")
 
     def defaults(self, given):
         if self.lipschitz == "clip":                                     # Algorithm 1: alpha = 5e-5, constant
@@ -72,7 +74,7 @@ def batch_sampler(cfg, gen):
     mapped from [0, 1] to [-1, 1]."""
     if cfg.data in common.POINT_DATA:
         return lambda: common.sample_2d(cfg.data, cfg.batch_size, gen)
-    x = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    x = common.load_data(cfg, "train")[0]
     return lambda: x[torch.randint(len(x), (cfg.batch_size,), generator=gen)] * 2 - 1
 
 
@@ -84,16 +86,22 @@ def mlp(d_in, width, d_out):
 
 def make_nets(cfg):
     """(generator g, critic f, z_dim): MLPs for 2-D data; for images a DCGAN generator (z -> 128x7x7 -> 64x14x14
-    -> 1x28x28, tanh) and a DCGAN-like critic with no BatchNorm and no sigmoid: f(x) is any real number."""
+    -> 1x28x28, tanh) and a DCGAN-like critic with no BatchNorm and no sigmoid: f(x) is any real number. C x 32 x 32
+    images start from 8x8; 64x64 ones pass one more 64-channel level (G) and 128-channel level (critic)."""
     if cfg.data in common.POINT_DATA:
         z_dim = cfg.z_dim or 8
         return mlp(z_dim, cfg.width, 2), mlp(2, cfg.width, 1), z_dim
     z_dim = cfg.z_dim or 64
-    G = nn.Sequential(nn.Linear(z_dim, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)), nn.BatchNorm2d(128), nn.ReLU(),
+    c, size = common.load_data(cfg, "train")[0].shape[1:3]
+    s0 = size // 8 if size == 64 else size // 4
+    extra = size == 64
+    G = nn.Sequential(nn.Linear(z_dim, 128 * s0 * s0), nn.Unflatten(1, (128, s0, s0)), nn.BatchNorm2d(128), nn.ReLU(),
                       nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
-                      nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
-    critic = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1),
-                           nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+                      *([nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU()] if extra else []),
+                      nn.ConvTranspose2d(64, c, 4, 2, 1), nn.Tanh())
+    critic = nn.Sequential(nn.Conv2d(c, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1),
+                           nn.LeakyReLU(0.2), *([nn.Conv2d(128, 128, 4, 2, 1), nn.LeakyReLU(0.2)] if extra else []),
+                           nn.Flatten(), nn.Linear(128 * s0 * s0, 1))
     return G, critic, z_dim
 
 

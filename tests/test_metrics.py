@@ -122,7 +122,7 @@ def test_class_spread_one_for_real_digits_zero_for_one_image_per_class():
     x, y = common.load_images("digits", "test")
     varied = metrics.image_metrics(x[5000:6000], "digits", labels=y[5000:6000])   # not the images compared with
     assert 0.9 < varied["class_spread"] < 1.1
-    real = metrics.real_features("digits", "", 10000, common.CACHE)             # what image_metrics compares with
+    real = metrics.real_features("digits", "", 10000, common.CACHE)[0]          # what image_metrics compares with
     spread = lambda images, labels: metrics.class_spread(metrics.classify(metrics.get_classifier("digits"), images)[0],
                                                         labels, real, y)
     first = torch.stack([x[5000:][y[5000:] == c][0] for c in range(10)])        # (10, 1, 28, 28): one image a class
