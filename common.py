@@ -335,14 +335,20 @@ def square(im, size):
     im = im[:, (h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
     return F.interpolate(im[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
-def load_folder(path, size):
-    """Every .png/.jpg under path as (x (N, 3, size, size), y (N,)): y is the class (the subfolder, in sorted order)
-    when every image sits in one of two or more subfolders, else -1 (no labels). Files in sorted path order."""
+def image_files(path):
+    """The .png/.jpg files under path (relative, sorted), with their modification times."""
     check(path and os.path.isdir(path), f"--data folder needs --data-dir PATH, a folder of .png/.jpg images; got "
           f"{path!r}")
     files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names
                    if f.lower().endswith((".png", ".jpg", ".jpeg")))
     check(len(files) >= 2, f"{os.path.abspath(path)} holds {len(files)} .png/.jpg images; it needs at least two")
+    return tuple((f, os.path.getmtime(os.path.join(path, f))) for f in files)
+
+@functools.lru_cache(maxsize=1)
+def load_folder(path, size, stamped_files):
+    """The images stamped_files (from image_files) under path as (x (N, 3, size, size), y (N,)): y is the class (the
+    subfolder, in sorted order) when every image sits in one of two or more subfolders, else -1 (no labels)."""
+    files = [f for f, _ in stamped_files]
     classes = sorted({f.split(os.sep)[0] for f in files})
     labelled = len(classes) >= 2 and all(f.count(os.sep) == 1 for f in files)
     x = torch.stack([square(read_rgb(os.path.join(path, f), grey_ok=True)[0].permute(2, 0, 1), size) for f in files])
@@ -381,10 +387,11 @@ def load_images(name, split="train", data_dir="", size=0, channels=0):
     check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
     check(size in (0,) + SIZES, f"--image-size {size} is not supported: the networks are built for "
           f"{', '.join(map(str, SIZES))} (0: the data's own)")
-    return _load_images(name, split, data_dir, size, channels)
+    files = image_files(data_dir) if name == "folder" else ()           # a changed folder is read again
+    return _load_images(name, split, data_dir, size, channels, files)
 
 @functools.lru_cache(maxsize=8)
-def _load_images(name, split, data_dir, size, channels):
+def _load_images(name, split, data_dir, size, channels, files):
     seed, n = (0, 60000) if split == "train" else (1, 10000)
     if name == "digits":
         x, y = render_digits(n, seed)
@@ -395,7 +402,7 @@ def _load_images(name, split, data_dir, size, channels):
     elif name == "cifar10":
         x, y = load_cifar10(split, data_dir)
     else:
-        x, y = load_folder_split(data_dir, size or 32, split)
+        x, y = load_folder_split(data_dir, size or 32, split, files)
     grey = (x[:, :1] == x).all()
     if channels == 1 or (channels == 0 and grey):
         x = x if x.shape[1] == 1 else (x * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
@@ -405,17 +412,12 @@ def _load_images(name, split, data_dir, size, channels):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     return x.contiguous(), y
 
-@functools.lru_cache(maxsize=2)
-def load_folder_split(path, size, split):
-    x, y = _read_folder(path, size)
+def load_folder_split(path, size, split, files):
+    x, y = load_folder(path, size, files)
     is_test = torch.zeros(len(x), dtype=torch.bool)
     is_test[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[::10]] = True
     keep = is_test if split == "test" else ~is_test
     return x[keep], y[keep]
-
-@functools.lru_cache(maxsize=1)
-def _read_folder(path, size):
-    return load_folder(path, size)
 
 def load_digit_set(name, split, data_dir):
     if name == "mnist10k":

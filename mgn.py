@@ -3,7 +3,8 @@ convex by construction, used to learn gradients of convex functions and optimal 
 
 Lecture: 001 "Final project - Learning Gradients of Convex Functions with Monotone Gradient Networks": its
 experiments are the --task values (docs/mgn.md sets its numbers beside ours); experiment 4, colorization (001:
-CIFAR-10, grey -> RGB), is --task colorize on a photograph's pixels. 000 Part B section 2 (optimal transport).
+CIFAR-10, grey -> RGB), is --task colorize on a photograph's pixels, or with --data on the pixels of an image
+dataset (color-digits, cifar10, a folder). 000 Part B section 2 (optimal transport).
 Run: `python mgn.py --task gradient|ot-gaussian|ot-banana|generate|recolor|colorize [--net cmgn|mmgn]`.
 
 C-MGN (cascaded), one weight W (h, d) shared by all layers, sigma = tanh (nondecreasing) everywhere:
@@ -52,7 +53,8 @@ LUMA = torch.tensor([0.299, 0.587, 0.114])                               # grey 
 class Config(common.Config):
     task: str = common.arg("gradient", "experiment to run (001's experiments)", TASKS)
     net: str = common.arg("mmgn", "cmgn: cascaded; mmgn: modular (generate: cmgn unless given)", ["cmgn", "mmgn"])
-    data: str = common.arg("digits", "images for --task generate", common.DIGIT_DATA)
+    data: str = common.arg("", "generate: the images (empty: digits); colorize: colour images whose test images are "
+                               "coloured (empty: the photograph --source)", ("",) + common.IMAGE_DATA)
     steps: int = common.arg(0, "Adam steps (0: the task's default, see TASK_DEFAULTS)")
     batch_size: int = common.arg(0, "points per step and per side (0: the task's default)")
     lr: float = common.arg(0.0, "Adam learning rate, cosine-decayed to 0 (0: the task's default)")
@@ -60,7 +62,7 @@ class Config(common.Config):
     depth: int = common.arg(0, "layers L (C-MGN) or modules K (M-MGN) (0: the task's default)")
     eps: float = common.arg(0.0, "Sinkhorn epsilon in standardised units, cost |x - y|^2 (0: the task's default)")
     n_eval: int = common.arg(10000, "held-out points for the metrics (recolor: n_eval / 5 pixels for each S_eps)")
-    MODEL_FLAGS = ("task", "net", "width", "depth")
+    MODEL_FLAGS = ("task", "net", "width", "depth", "data")
     source: str = common.arg("", "recolor, colorize: source image (default matplotlib's grace_hopper.jpg)")
     target: str = common.arg("", "recolor: target image (default matplotlib's Minduka_Present_Blue_Pack.png); "
                                  "colorize: the image whose colours are learned, empty: the source's own")
@@ -69,6 +71,7 @@ class Config(common.Config):
         for name, value in TASK_DEFAULTS[self.task].items():            # 0: the task's default
             setattr(self, name, getattr(self, name) or value)
         self.net = self.net if "--net" in given or self.task != "generate" else "cmgn"
+        self.data = self.data or ("digits" if self.task == "generate" else "")
 
 
 # ----------------------------------------------------------------------------- data
@@ -238,6 +241,8 @@ def task_data(cfg):
         y = common.load_images(cfg.data, "train", cfg.data_dir)[0].flatten(1)            # (N, 784)
         return (lambda gen: torch.randn(b, 784, generator=gen)), \
             (lambda gen: y[torch.randint(len(y), (b,), generator=gen)]), torch.randn(n, 784, generator=gen_test), y
+    if cfg.task == "colorize" and cfg.data:                              # grey pixels of colour images -> colours
+        return colorize_data(cfg)
     data = os.path.join(matplotlib.get_data_path(), "sample_data")       # recolor, colorize: pixels as RGB points
     x, xs = common.read_rgb(cfg.source or os.path.join(data, "grace_hopper.jpg"))
     pick = lambda z, gen: z[torch.randint(len(z), (b,), generator=gen)]
@@ -247,6 +252,23 @@ def task_data(cfg):
         return (lambda gen: pick(xs @ LUMA, gen)[:, None].expand(-1, 3)), (lambda gen: pick(y, gen)), grey, (x, y)
     y_image, y = common.read_rgb(cfg.target or os.path.join(data, "Minduka_Present_Blue_Pack.png"))
     return (lambda gen: pick(xs, gen)), (lambda gen: pick(y, gen)), x, (y_image, y)
+
+
+def colorize_data(cfg):
+    """colorize on an image dataset: T learns from the training images' pixels (grey levels in, colours out, not
+    paired); it colours a mosaic of the first 64 test images, shown and scored as one photograph."""
+    images = common.load_images(cfg.data, "train", cfg.data_dir)[0]
+    common.check(images.shape[1] == 3, f"--task colorize needs colour images: --data {cfg.data} is grey")
+    test = common.load_images(cfg.data, "test", cfg.data_dir)[0][:64]
+    k = math.isqrt(len(test))
+    s = test.shape[-1]
+    x = test[:k * k].view(k, k, 3, s, s).permute(0, 3, 1, 4, 2).reshape(k * s, k * s, 3)   # (H, W, 3), k x k images
+    where = lambda n, gen: [torch.randint(m, (n,), generator=gen) for m in (len(images), s, s)]
+    pixels = lambda n, gen: (lambda i, r, c: images[i, :, r, c])(*where(n, gen))               # (n, 3) colours
+    y = pixels(200000, torch.Generator().manual_seed(cfg.seed + 1000))                      # target colours
+    grey = (x @ LUMA)[..., None].expand(-1, -1, 3)
+    b = cfg.batch_size
+    return (lambda gen: (pixels(b, gen) @ LUMA)[:, None].expand(-1, 3)), (lambda gen: pixels(b, gen)), grey, (x, y)
 
 
 def train(cfg, T, sample_x, sample_y, device, state=None):
@@ -358,14 +380,16 @@ def recolor_metrics(cfg, T, x, target):
 
 def colorize_metrics(cfg, T, grey, target):
     """001 experiment 4: the colourised photograph against its true colours (RMSE per channel, in [0, 1]) and
-    S_eps of its colours to the learned ones, beside the grey input and the best fixed colour map E[rgb | l]: each
-    of 256 grey levels l coloured with its pixels' mean true colour, the least-squares best of any map of l alone."""
+    S_eps of its colours to the learned ones y, beside the grey input and the best fixed colour map E[rgb | l]:
+    each of 256 grey levels l coloured with the mean of the colours y of that level. For the photograph's own
+    colours that is the least-squares best of any map of l alone; for a dataset, fitted on its training pixels."""
     (x, y), gs, truth = target, grey.reshape(-1, 3), target[0].reshape(-1, 3)
     with torch.no_grad():
         out = torch.cat([T(c) for c in gs.split(65536)]).clamp(0, 1)
     level = (gs[:, 0] * 255).round().long()
-    count = torch.bincount(level, minlength=256)
-    level_mean = torch.zeros(256, 3).index_add_(0, level, truth) / count.clamp(min=1)[:, None]   # E[rgb | l]
+    y_level = (y @ LUMA * 255).round().long()
+    count = torch.bincount(y_level, minlength=256)
+    level_mean = torch.zeros(256, 3).index_add_(0, y_level, y) / count.clamp(min=1)[:, None]   # E[rgb | l]
     best = level_mean[level]
     gen = torch.Generator().manual_seed(cfg.seed + 3000)
     i = torch.randint(len(truth), (cfg.n_eval // 5,), generator=gen)
@@ -396,6 +420,9 @@ def main(argv=None):
     common.check(cfg.width > 0 and cfg.depth > 0 and cfg.eps > 0 and cfg.n_eval >= 200,
                  "--width, --depth and --eps must be positive and --n-eval at least 200")
     state = common.load_run(cfg, "mgn") if cfg.sample_only or cfg.resume else None   # flags from the checkpoint
+    common.check(cfg.task != "generate" or cfg.data in common.DIGIT_DATA, f"--task generate is for 28x28 grey "
+                 f"digits ({', '.join(common.DIGIT_DATA)}), not --data {cfg.data}")
+    common.check(cfg.data == "" or cfg.task in ("generate", "colorize"), "--data is for --task generate or colorize")
 
     # the task's data and the map T (its fixed scalings from 8 batches)
     common.seed_all(cfg.seed)

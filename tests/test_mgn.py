@@ -113,11 +113,46 @@ def test_colorize_metrics_best_fixed_map_is_each_grey_levels_mean_colour(tmp_pat
     assert scores["monotone_violations"] == 0
 
 
+def test_colorize_on_a_dataset_colours_a_mosaic_of_its_test_images(tmp_path):
+    """The test images laid out k x k in order (tile (i, j) = test image k i + j); the best fixed map is fitted on
+    the training colours: where the training set has one colour per grey level it is exact on the test images."""
+    import matplotlib.image
+    colours = torch.tensor([[0.9, 0.2, 0.1], [0.1, 0.6, 0.9], [0.2, 0.9, 0.3]])   # three grey levels, one colour each
+    for i in range(30):
+        im = colours[i % 3].expand(32, 32, 3).clone()
+        im[8:16, :] = colours[(i + 1) % 3]
+        os.makedirs(tmp_path / "data", exist_ok=True)
+        matplotlib.image.imsave(str(tmp_path / "data" / f"{i}.png"), im.numpy())
+    argv = ["--task", "colorize", "--data", "folder", "--data-dir", str(tmp_path / "data"), "--steps", "3",
+            "--n-eval", "200", "--out", str(tmp_path / "out")]
+    mgn.main(argv)
+    test = common.load_images("folder", "test", str(tmp_path / "data"))[0]          # 3 images: a 1 x 1 mosaic
+    cfg = common.parse_config(mgn.Config, argv, "mgn")
+    grey, (x, y) = mgn.colorize_data(cfg)[2:]
+    assert torch.equal(x, test[0].permute(1, 2, 0)) and torch.equal(grey[..., 0], x @ mgn.LUMA)
+    scores = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert scores["rmse_best_fixed_map"] < 1e-3 < 0.1 < scores["rmse_grey"]
+    assert torch.load(tmp_path / "out" / "samples.pt").shape == (32, 32, 3)
+
+
+def test_colorize_mosaic_order():
+    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    k, s = 2, 2
+    x = images.view(k, k, 3, s, s).permute(0, 3, 1, 4, 2).reshape(k * s, k * s, 3)
+    for i in range(k):
+        for j in range(k):
+            assert torch.equal(x[i * s:(i + 1) * s, j * s:(j + 1) * s], images[k * i + j].permute(1, 2, 0))
+
+
 def test_bad_input_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="image not found: .*missing.png"):
         mgn.main(["--task", "recolor", "--source", str(tmp_path / "missing.png"), "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--width, --depth and --eps must be positive"):
         mgn.main(["--eps", "-1", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="needs colour images"):
+        mgn.main(["--task", "colorize", "--data", "digits", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="generate is for 28x28 grey digits"):
+        mgn.main(["--task", "generate", "--data", "color-digits", "--out", str(tmp_path)])
 
 
 def test_cmgn_and_mmgn_forward_by_hand():
