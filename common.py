@@ -1,8 +1,8 @@
 r"""common.py - the plumbing every script shares: errors and the command line, device and seed, data, output
 files, checkpoints, --resume and Ctrl-C, the moving average of weights, progress lines, 2-D pictures. No model,
 no loss and no metric lives here (metrics.py scores the samples).
-Image tensors are float32 (N, 1, 28, 28) with pixels in [0, 1]; each script maps to its own model range
-(e.g. [-1, 1]) and back before saving or evaluating. 2-D data are float32 (N, 2).
+Image tensors are float32 (N, C, S, S) with pixels in [0, 1] (C = 1 or 3; S = 28, 32 or 64); each script maps
+to its own model range (e.g. [-1, 1]) and back before saving or evaluating. 2-D data are float32 (N, 2).
 """
 import argparse, dataclasses, functools, glob, gzip, hashlib, json, math, os, pickle, random, shlex, signal, struct
 import sys, tarfile, threading, time, urllib.request
@@ -313,6 +313,7 @@ def load_cifar10(split, data_dir=""):
                     if m.isfile() and os.path.basename(m.name) in missing:
                         with open(os.path.join(folder, os.path.basename(m.name)), "wb") as out:
                             out.write(t.extractfile(m).read())
+            os.remove(tar)                                               # 163 MB not needed any more
         except OSError as e:
             raise UserError(f"cifar10: the download failed ({e}); put the python version's batches in a folder and "
                             f"pass --data-dir FOLDER, or use --data color-digits, which needs no files")

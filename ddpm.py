@@ -5,7 +5,8 @@ Lectures: 002 "Denoising Diffusion Probabilistic Models" (forward kernel, diffus
 "Training and sampling algorithms", "Implementation", "Comments"); 000 Part B section 1 (closed form,
 eps-prediction and the score, DDPM and DDIM samplers, classifier-free guidance); 000 section 5 (U-Net).
 Run: `python ddpm.py` (digits), `python ddpm.py --device cuda`, `python ddpm.py --cond --guidance 2`,
-`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50), `--param eps` (Algorithm 1).
+`python ddpm.py --compare` (DDPM-1000, DDIM-50, DDIM-10 and naive ancestral-50), `--param eps` (Algorithm 1),
+`--data color-digits`, `--data cifar10`, `--data folder --data-dir PATH` (colour images: docs/data.md).
 
 Time: t in {1, ..., T}; arrays are indexed by t, index 0 meaning "no noise" (alpha_bar_0 = 1). ab = alpha_bar.
     schedule   beta_t linear from 1e-4 to 0.02 (002, --schedule linear), or cosine (default; 000 1.1):

@@ -230,3 +230,17 @@ def test_a_64_pixel_run_builds_one_more_level(colour_folder, tmp_path):
     assert torch.load(tmp_path / "samples.pt").shape[1:] == (1, 64, 64)
     state = common.load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert "down_top.conv1.weight" in state["model"] and state["config"]["image_size"] == 64
+
+
+@pytest.mark.slow
+def test_the_shipped_colour_digits_evaluator_is_what_its_recipe_trains(tmp_path, monkeypatch):
+    """Retrained from its recipe (about a minute): the same calls as the shipped net on nearly every test image."""
+    monkeypatch.setattr(common, "EVALUATORS", str(tmp_path / "none"))
+    monkeypatch.setattr(common, "CACHE", str(tmp_path))
+    fresh = metrics.get_classifier("color-digits")
+    monkeypatch.undo()
+    shipped = metrics.get_classifier("color-digits")
+    x, y = common.load_images("color-digits", "test")
+    called = [metrics.classify(net, x)[1].argmax(1) for net in (fresh, shipped)]
+    assert (called[0] == called[1]).float().mean() >= 0.99
+    assert min((c == y).float().mean() for c in called) >= 0.98
