@@ -59,7 +59,7 @@ def test_posterior_mean_update_is_the_slide_formula():
 
 class Oracle(torch.nn.Module):
     """eps_theta for data that is a single known point x0: the true noise eps = (x_t - sqrt(ab) x0)/sqrt(1 - ab)."""
-    n_classes = 0
+    n_classes, shape = 0, (1, 28, 28)                                    # the U-Net's interface
 
     def __init__(self, sch, x0):
         super().__init__()
@@ -161,7 +161,7 @@ def test_bad_input(tmp_path):
 class GaussianOracle(torch.nn.Module):
     """The exact eps_theta when every pixel of x_0 is N(m, s^2): x_t ~ N(sqrt(ab) m, ab s^2 + 1 - ab) and
     E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) m) / (ab s^2 + 1 - ab)."""
-    n_classes = 0
+    n_classes, shape = 0, (1, 28, 28)
 
     def __init__(self, sch, m, s):
         super().__init__()
