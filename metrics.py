@@ -17,8 +17,9 @@ Lecture: 004 "Evaluation measures" (Borji's table: IS, FID, MMD, nearest neighbo
     likelihood       a 2-D model's test NLL, and where the data's density is known in closed form (log_density_2d)
                      its entropy H(p) and KL(p || p_theta) = NLL - H (nats)
     assignment       exact min-cost assignment by Bertsekas' auction; w_exact = W_p of two equal clouds by it
-The evaluator of the built-in digits ships in evaluators/ (its training is chaotic: every machine must score with
-the same net); for mnist, fashion and mnist10k it is trained once by the same recipe and cached.
+The evaluators of the built-in digits and colour digits ship in evaluators/ (training is chaotic: every machine must
+score with the same net); for mnist, fashion, mnist10k, cifar10 and labelled folders one is trained once by the same
+recipe and cached (an unlabelled folder gets nn_ratio only).
 """
 import functools, hashlib, math, os
 
@@ -48,7 +49,7 @@ def gaussian_blur(x, sigma):
 def scribbles(n, gen, size=28):
     """n images of 4-6 random straight strokes 1-2.5 px wide, anywhere but the 3 px at the border."""
     k = 6
-    p = 3 + (size - 6) * torch.rand(n, k, 2, 2, generator=gen)                  # (N, strokes, ends, xy) in pixels
+    p = 3 + (size - 6) * torch.rand(n, k, 2, 2, generator=gen)          # (N, strokes, ends, xy) in pixels
     r = torch.arange(size, dtype=torch.float32)
     grid = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(1, 1, -1, 2)  # (1, 1, H*W, 2): (x, y)
     a, b = p[:, :, None, 0], p[:, :, None, 1]                           # (N, k, 1, 2)
@@ -180,7 +181,9 @@ def get_classifier(data, data_dir="", size=0, channels=0):
     make_data = lambda: with_negatives(*common.load_images(data, "train", data_dir, size, channels))
     if data in ("cifar10", "folder"):
         x, y = common.load_images(data, "train", data_dir, size, channels)
-        name = f"{data}_{hashlib.md5(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:12]}"
+        digest = hashlib.md5(x.numpy())                                  # (the buffers, not copies)
+        digest.update(y.numpy())
+        name = f"{data}_{digest.hexdigest()[:12]}"
         make_data = lambda: with_negatives(x, y, none=int(y.max()) + 1)
     elif name == "color-digits":
         make_data = color_digits_with_negatives
