@@ -66,3 +66,14 @@ def test_ddpm_compile_matches_eager_on_cuda(tmp_path):
     h_e = torch.load(tmp_path / "eager" / "checkpoint.pt")["history"]["loss"]
     h_c = torch.load(tmp_path / "compiled" / "checkpoint.pt")["history"]["loss"]
     assert h_c == pytest.approx(h_e, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "flow_matching", "stylegan_lite", "vqvae"])
+def test_colour_digits_train_on_cuda(name, tmp_path):
+    """The colour path on the GPU: 3x32x32 images through a few steps, CPU samples of that shape."""
+    import importlib
+    from test_image_data import SCRIPTS
+    rec = importlib.import_module(name).main(SCRIPTS[name] + CUDA + ["--data", "color-digits", "--out", str(tmp_path)])
+    assert rec["device"] == "cuda" and math.isfinite(rec["fd"])
+    x = torch.load(tmp_path / "samples.pt")
+    assert x.device.type == "cpu" and x.shape[1:] == (3, 32, 32)
