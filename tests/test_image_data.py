@@ -223,6 +223,29 @@ def test_an_unlabelled_folder_is_scored_by_nn_ratio_only(tmp_path):
     assert "nn_ratio" in scores and "fd" not in scores and "evaluator" not in scores
 
 
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64), (1, 64)])
+def test_every_network_takes_and_gives_images_of_the_data_shape(channels, size):
+    import cgan, ddpm, flow_matching, gan, score_matching, stylegan_lite, vae, vqvae
+    torch.manual_seed(0)
+    x, t, y = torch.rand(2, channels, size, size) * 2 - 1, torch.tensor([0.3, 0.7]), torch.tensor([1, 2])
+    z = torch.randn(2, 16)
+    assert vae.VAE(4, 32, shape=(channels, size, size)).mean(torch.randn(2, 4)).shape == x.shape
+    vq = vqvae.VQVAE(8, 4, channels, size)
+    k, z_q = vq.quantize(vq.encoder(x))
+    assert vq.decoder(z_q).shape == x.shape and k.shape == ((2, 7, 7) if size == 28 else (2, 8, 8))
+    assert gan.dcgan_generator(16, channels, size).eval()(z).shape == x.shape
+    assert gan.dcgan_discriminator(True, channels, size)(x).shape == (2, 1)
+    assert cgan.Generator(16, 4, 3, channels, size).eval()(z, y).shape == x.shape
+    for cond in ("input", "every", "projection"):
+        assert cgan.Discriminator(3, cond, 8, channels, size)(x, y).shape == (2, 1)
+    G = stylegan_lite.Generator(16, 2, 8, channels, size)
+    assert G(z).shape == x.shape and len(G.layers) == (8 if size == 64 else 6)
+    assert stylegan_lite.discriminator(8, channels, size)(x).shape == (2, 1)
+    assert ddpm.UNet(8, True, 3, channels, size)(x, (1000 * t).long(), y).shape == x.shape
+    assert flow_matching.UNetVelocity(8, 3, channels, size)(x, t, y).shape == x.shape
+    assert score_matching.UNetScore(8, channels, size)(x, t).shape == x.shape
+
+
 def test_a_64_pixel_run_builds_one_more_level(colour_folder, tmp_path):
     import flow_matching
     flow_matching.main(SCRIPTS["flow_matching"] + ["--data", "folder", "--data-dir", colour_folder, "--image-size",
