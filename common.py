@@ -393,11 +393,8 @@ def load_images(name, split="train", data_dir="", size=0, channels=0):
 
 @functools.lru_cache(maxsize=8)
 def _load_images(name, split, data_dir, size, channels, files):
-    seed, n = (0, 60000) if split == "train" else (1, 10000)
-    if name == "digits":
-        x, y = render_digits(n, seed)
-    elif name == "color-digits":
-        x, y = color_digits(n, seed)
+    if name in ("digits", "color-digits"):
+        x, y = built_in(name, split)
     elif name in DIGIT_DATA:
         x, y = load_digit_set(name, split, data_dir)
     elif name == "cifar10":
@@ -412,6 +409,12 @@ def _load_images(name, split, data_dir, size, channels, files):
     if size and size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     return x.contiguous(), y
+
+@functools.lru_cache(maxsize=4)
+def built_in(name, split):
+    """The rendered digits or colour digits (kept apart from the files' cache: rendering takes seconds)."""
+    seed, n = (0, 60000) if split == "train" else (1, 10000)
+    return render_digits(n, seed) if name == "digits" else color_digits(n, seed)
 
 def load_folder_split(path, size, split, files):
     x, y = load_folder(path, size, files)
