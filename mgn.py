@@ -263,8 +263,14 @@ def colorize_data(cfg):
     k = math.isqrt(len(test))
     s = test.shape[-1]
     x = test[:k * k].view(k, k, 3, s, s).permute(0, 3, 1, 4, 2).reshape(k * s, k * s, 3)   # (H, W, 3), k x k images
-    where = lambda n, gen: [torch.randint(m, (n,), generator=gen) for m in (len(images), s, s)]
-    pixels = lambda n, gen: (lambda i, r, c: images[i, :, r, c])(*where(n, gen))               # (n, 3) colours
+
+    def pixels(n, gen):
+        """n random pixels of the training images: their colours (n, 3)."""
+        i = torch.randint(len(images), (n,), generator=gen)
+        row = torch.randint(s, (n,), generator=gen)
+        col = torch.randint(s, (n,), generator=gen)
+        return images[i, :, row, col]
+
     y = pixels(200000, torch.Generator().manual_seed(cfg.seed + 1000))                      # target colours
     grey = (x @ LUMA)[..., None].expand(-1, -1, 3)
     b = cfg.batch_size
